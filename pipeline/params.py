@@ -1,0 +1,284 @@
+"""Typed schema of params.yaml.
+
+Each section of params.yaml loads into a frozen pydantic model that rejects unknown keys, wrong
+types and out-of-range values. `load_params` turns pydantic's errors into one `ParamsError` whose
+lines name the dotted key, what was wrong and what is allowed. Cross-key checks (the seed's
+validation rules) live in `pipeline.rules`, not here: this module only knows single values.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Defaults of the model code itself (not of params.yaml): the validation rules compare the
+# configured values with these, as the seed's report does ("the code's HyperLoRAConfig uses
+# scaling 0.1"; "RLANConfig default hyperlora_init_scale 0.1").
+HYPERLORA_CODE_DEFAULTS = {"init_scale": 0.1, "scaling": 0.1}
+
+
+class ParamsError(ValueError):
+    """params.yaml failed the schema; `problems` holds one line per bad key."""
+
+    def __init__(self, problems: list[str], source: str = "params.yaml"):
+        self.problems = problems
+        super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _prob(**kw: Any) -> Any:
+    return Field(ge=0.0, le=1.0, **kw)
+
+
+class DataParams(_Section):
+    source: Literal["arc-agi-1", "arc-agi-2"]
+    max_tasks: int | None = Field(ge=1)
+
+
+class AugmentParams(_Section):
+    seed: int = Field(ge=0, le=2**32 - 1)
+    samples_per_task: int = Field(ge=1, le=100_000)
+    dihedral: bool
+    color_permutation_prob: float = _prob()
+    translation: bool
+    track_augmentation: bool
+    max_tries_factor: int = Field(ge=1, le=100)
+
+
+class ModelParams(_Section):
+    hidden_dim: int = Field(ge=8, le=4096)
+    max_clues: int = Field(ge=1, le=64)
+    num_solver_steps: int = Field(ge=1, le=64)
+    dsc_num_heads: int = Field(ge=1, le=64)
+    msre_encoding_dim: int = Field(ge=4, le=1024)
+    msre_num_freq: int = Field(ge=1, le=64)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    spatial_downsample: int = Field(ge=1, le=30)
+    use_cross_attention_context: bool
+    use_solver_context: bool
+    solver_context_heads: int = Field(ge=1, le=64)
+    use_gumbel_softmax: bool
+    task_conditioned_clues: bool
+    use_hyperlora: bool
+    hyperlora_rank: int = Field(ge=1, le=256)
+    hyperlora_scaling: float = Field(gt=0.0, le=100.0)
+    hyperlora_dropout: float = Field(ge=0.0, lt=1.0)
+    hyperlora_init_scale: float = Field(gt=0.0, le=10.0)
+
+
+class LooParams(_Section):
+    enabled: bool
+    loss_weight: float = Field(ge=0.0, le=100.0)
+    # The rule `loo-min-pairs` asks for >= 2 (one pair held out, at least one left as context).
+    min_pairs_for_loo: int = Field(ge=1, le=10)
+
+
+class EquivarianceParams(_Section):
+    enabled: bool
+    loss_weight: float = Field(ge=0.0, le=100.0)
+    num_augmentations: int = Field(ge=1, le=7)
+
+
+class TrainParams(_Section):
+    seed: int = Field(ge=0, le=2**32 - 1)
+    device: Literal["auto", "cpu", "cuda"]
+    epochs: int = Field(ge=1, le=1_000_000)
+    steps_per_epoch: int | None = Field(ge=1)
+    batch_size: int = Field(ge=1, le=65_536)
+    grad_accumulation_steps: int = Field(ge=1, le=1024)
+    learning_rate: float = Field(gt=0.0, le=1.0)
+    lr_schedule: Literal["constant", "cosine"]
+    beta1: float = Field(ge=0.0, lt=1.0)
+    beta2: float = Field(ge=0.0, lt=1.0)
+    weight_decay: float = Field(ge=0.0, le=10.0)
+    gradient_clip: float = Field(gt=0.0, le=1e6)
+    hyperlora_lr_multiplier: float = Field(gt=0.0, le=1000.0)
+    ema_decay: float = Field(ge=0.0, lt=1.0)
+    temperature_start: float = Field(gt=0.0, le=100.0)
+    temperature_end: float = Field(gt=0.0, le=100.0)
+    entropy_on_raw_logits: bool
+    lambda_kl_consistency: float = Field(ge=0.0, le=100.0)
+    lambda_entropy: float = Field(ge=0.0, le=100.0)
+    lambda_sparsity: float = Field(ge=0.0, le=100.0)
+    min_clues: float = Field(ge=0.0, le=64.0)
+    min_clue_weight: float = Field(ge=0.0, le=100.0)
+    ponder_weight: float = Field(ge=0.0, le=100.0)
+    use_best_step_selection: bool
+    meta_learning_start_epoch: int = Field(ge=0)
+    loo_training: LooParams
+    equivariance_training: EquivarianceParams
+    eval_every: int = Field(ge=1)
+    save_every: int = Field(ge=1)
+    heldout_tasks: int = Field(ge=0, le=10_000)
+    max_consecutive_nonfinite: int = Field(ge=1, le=100_000)
+    precision: Literal["bf16", "fp32"]
+
+
+class EvaluateParams(_Section):
+    seed: int = Field(ge=0, le=2**32 - 1)
+    use_trm_style_eval: bool
+    num_augmented_views: int = Field(ge=1, le=8)
+    num_color_perms: int = Field(ge=1, le=1000)
+    use_voting: bool
+    use_inverse_aug: bool
+    use_best_step_selection: bool
+    pass_ks: tuple[int, ...] = Field(min_length=1)
+    max_tasks: int | None = Field(ge=1)
+    batch_size: int = Field(ge=1, le=65_536)
+
+    @field_validator("pass_ks", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("pass_ks")
+    @classmethod
+    def _ks_positive_increasing(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 1 for k in v) or list(v) != sorted(set(v)):
+            raise ValueError("must be distinct positive integers in increasing order")
+        return v
+
+
+class MonitoringParams(_Section):
+    exact_match_gap_warning: float = _prob()
+    exact_match_gap_critical: float = _prob()
+    relative_gap_warning: float = Field(ge=0.0, le=100.0)
+    relative_gap_critical: float = Field(ge=0.0, le=100.0)
+    entropy_ratio_warning: float = Field(ge=1.0, le=1e6)
+    entropy_ratio_critical: float = Field(ge=1.0, le=1e6)
+    stop_value_gap_warning: float = _prob()
+    stop_value_gap_critical: float = _prob()
+    loss_ratio_warning: float = Field(ge=1.0, le=1e6)
+    loss_ratio_critical: float = Field(ge=1.0, le=1e6)
+    lora_magnitude_min: float = Field(ge=0.0)
+    lora_magnitude_max: float = Field(gt=0.0)
+    lora_diversity_min: float = Field(ge=0.0)
+    loo_accuracy_min: float = _prob()
+    loo_skipped_ratio_max: float = _prob()
+    equiv_delta_norm_max: float = Field(gt=0.0)
+    num_task_pictures: int = Field(ge=0, le=100)
+
+
+class TrackingParams(_Section):
+    experiment_name: str = Field(min_length=1, max_length=200)
+    tracking_uri: str | None = Field(min_length=1)
+
+
+class Params(_Section):
+    data: DataParams
+    augment: AugmentParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    monitoring: MonitoringParams
+    tracking: TrackingParams
+
+    def flat(self) -> dict[str, Any]:
+        """All values with dotted keys (`train.loo_training.loss_weight`), for logging."""
+        return flatten(self.model_dump())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+# --- loading and error reporting ----------------------------------------------------------
+
+
+def _field_at(loc: tuple[Any, ...]) -> Any:
+    """The pydantic FieldInfo at a location path, or None."""
+    model: Any = Params
+    info = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        model = info.annotation
+    return info
+
+
+def _allowed(loc: tuple[Any, ...]) -> str:
+    """A readable statement of what the field at `loc` accepts."""
+    info = _field_at(loc)
+    if info is None:
+        return ""
+    bounds = []
+    for meta in info.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            val = getattr(meta, attr, None)
+            if val is not None:
+                bounds.append(f"{sym} {val}")
+    ann = info.annotation
+    text = "allowed: " + (ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", ""))
+    if bounds:
+        text += ", " + " and ".join(bounds)
+    return text
+
+
+def _problem_lines(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or e["type"] == "extra_forbidden")
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            parent = _field_at(loc[:-1]) if len(loc) > 1 else None
+            model = parent.annotation if parent is not None else Params
+            known = ", ".join(getattr(model, "model_fields", {}))
+            lines.append(f"{key}: unknown key (known keys here: {known})")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: missing (every hyperparameter must be set in params.yaml)")
+        else:
+            allowed = _allowed(loc)
+            got = e.get("input")
+            lines.append(f"{key}: {e['msg']}, got {got!r}" + (f" ({allowed})" if allowed else ""))
+    # one line per key: union types report each alternative; keep the first message per key
+    seen, unique = set(), []
+    for line in lines:
+        k = line.split(":", 1)[0]
+        if k not in seen:
+            seen.add(k)
+            unique.append(line)
+    return unique
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    _reject_nonfinite(raw, "", source)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_problem_lines(err), source) from None
+
+
+def _reject_nonfinite(tree: dict[str, Any], prefix: str, source: str) -> None:
+    bad = [k for k, v in flatten(tree, prefix).items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise ParamsError([f"{k}: must be a finite number" for k in bad], source)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raises ParamsError naming every bad key."""
+    path = Path(path)
+    with path.open() as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ParamsError([f"not valid YAML: {err}"], str(path)) from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,322 @@
+"""Cross-key validation rules for params.yaml, taken from the two seed documents.
+
+The schema (`pipeline.params`) checks each value alone; a rule checks how values fit together:
+the stable configuration's validation report (seed 000) and the train/eval-gap analysis with
+its fixed configuration (seed 004). Each rule has an id, a severity and a message; `check_rules`
+returns the violations and `render_report` the readable report of the `validate_params` stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.params import HYPERLORA_CODE_DEFAULTS, Params
+
+Severity = Literal["error", "warning"]
+
+# Samples in the cache per data source when data.max_tasks is null (400+400, 1000+120 tasks).
+_TASKS_PER_SOURCE = {"arc-agi-1": (400, 400), "arc-agi-2": (1000, 120)}
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    severity: Severity
+    keys: tuple[str, ...]
+    summary: str  # what must hold
+    source: str  # where the rule comes from
+    check: Callable[[Params], str | None]  # the problem when violated, else None
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: Rule
+    message: str
+
+    @property
+    def severity(self) -> Severity:
+        return self.rule.severity
+
+    def __str__(self) -> str:
+        return f"[{self.rule.severity}] {self.rule.id} ({', '.join(self.rule.keys)}): {self.message}"
+
+
+def _when(cond: bool, message: str) -> str | None:
+    return message if cond else None
+
+
+def _optimizer_steps_per_epoch(p: Params) -> int:
+    if p.train.steps_per_epoch is not None:
+        return p.train.steps_per_epoch
+    n_train, n_eval = _TASKS_PER_SOURCE[p.data.source]
+    if p.data.max_tasks is not None:
+        n_train, n_eval = min(n_train, p.data.max_tasks), min(n_eval, p.data.max_tasks)
+    samples = (n_train + n_eval) * p.augment.samples_per_task
+    return max(1, samples // (p.train.batch_size * p.train.grad_accumulation_steps))
+
+
+def _ema_lag(p: Params) -> str | None:
+    horizon = 1.0 / (1.0 - p.train.ema_decay)
+    between = _optimizer_steps_per_epoch(p) * p.train.eval_every
+    return _when(
+        horizon > between,
+        f"EMA with decay {p.train.ema_decay} averages over ~{horizon:.0f} optimizer steps, more than "
+        f"the ~{between} steps between two evaluations: the evaluated EMA weights lag the trained ones "
+        "(seed 004 §6; the fixed configuration uses 0.99)",
+    )
+
+
+def _threshold_order(p: Params) -> str | None:
+    m = p.monitoring
+    pairs = [
+        ("exact_match_gap", m.exact_match_gap_warning, m.exact_match_gap_critical),
+        ("relative_gap", m.relative_gap_warning, m.relative_gap_critical),
+        ("entropy_ratio", m.entropy_ratio_warning, m.entropy_ratio_critical),
+        ("stop_value_gap", m.stop_value_gap_warning, m.stop_value_gap_critical),
+        ("loss_ratio", m.loss_ratio_warning, m.loss_ratio_critical),
+    ]
+    bad = [f"monitoring.{n}_warning={w} > monitoring.{n}_critical={c}" for n, w, c in pairs if w > c]
+    return "; ".join(bad) or None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "hyperlora-init-scale-negligible", "error", ("model.hyperlora_init_scale",),
+        "HyperLoRA's first deltas are large enough to give a meta-learning signal (init scale > 0.01)",
+        "seed 000, issue #1",
+        lambda p: _when(
+            p.model.use_hyperlora and p.model.hyperlora_init_scale <= 0.01,
+            f"model.hyperlora_init_scale={p.model.hyperlora_init_scale}: at 0.01 the adaptation effect was "
+            f"a 0.0001 loss delta (negligible); the model's default is {HYPERLORA_CODE_DEFAULTS['init_scale']}",
+        ),
+    ),
+    Rule(
+        "hyperlora-init-scale-default", "warning", ("model.hyperlora_init_scale",),
+        "HyperLoRA init scale agrees with the model's default",
+        "seed 000, issue #1",
+        lambda p: _when(
+            p.model.use_hyperlora and p.model.hyperlora_init_scale != HYPERLORA_CODE_DEFAULTS["init_scale"],
+            f"model.hyperlora_init_scale={p.model.hyperlora_init_scale} differs from the model's default "
+            f"{HYPERLORA_CODE_DEFAULTS['init_scale']} (the validated value)",
+        ),
+    ),
+    Rule(
+        "hyperlora-scaling-default", "warning", ("model.hyperlora_scaling",),
+        "HyperLoRA scaling agrees with the model's default, or LoRA magnitudes are watched",
+        "seed 000 §3",
+        lambda p: _when(
+            p.model.use_hyperlora and p.model.hyperlora_scaling != HYPERLORA_CODE_DEFAULTS["scaling"],
+            f"model.hyperlora_scaling={p.model.hyperlora_scaling} is {p.model.hyperlora_scaling / HYPERLORA_CODE_DEFAULTS['scaling']:g}x "
+            f"the model's default {HYPERLORA_CODE_DEFAULTS['scaling']}: watch lora_magnitude_* for explosions",
+        ),
+    ),
+    Rule(
+        "train-last-step", "error", ("train.use_best_step_selection",),
+        "training takes the last solver step (best-step selection only at inference)",
+        "seed 000 §1",
+        lambda p: _when(
+            p.train.use_best_step_selection,
+            "train.use_best_step_selection must be false: entropy-based selection adds noise to the "
+            "gradients; use evaluate.use_best_step_selection at inference instead",
+        ),
+    ),
+    Rule(
+        "loo-min-pairs", "error", ("train.loo_training.min_pairs_for_loo",),
+        "leave-one-out needs at least 2 pairs (one held out, one left as context)",
+        "seed 000 §4",
+        lambda p: _when(
+            p.train.loo_training.enabled and p.train.loo_training.min_pairs_for_loo < 2,
+            f"train.loo_training.min_pairs_for_loo={p.train.loo_training.min_pairs_for_loo}: holding one "
+            "pair out of fewer than 2 leaves no context",
+        ),
+    ),
+    Rule(
+        "equivariance-needs-hyperlora", "error",
+        ("train.equivariance_training.enabled", "model.use_hyperlora"),
+        "the equivariance loss compares HyperLoRA deltas, so HyperLoRA must be on",
+        "seed 000 §5",
+        lambda p: _when(
+            p.train.equivariance_training.enabled and not p.model.use_hyperlora,
+            "train.equivariance_training.enabled is true but model.use_hyperlora is false: there are no "
+            "LoRA deltas to compare",
+        ),
+    ),
+    Rule(
+        "augmentation-tracked", "error",
+        ("augment.track_augmentation", "augment.color_permutation_prob", "augment.dihedral", "augment.translation"),
+        "every augmentation applied to the cache is recorded",
+        "seed 000 §6",
+        lambda p: _when(
+            not p.augment.track_augmentation
+            and (p.augment.dihedral or p.augment.color_permutation_prob > 0 or p.augment.translation),
+            "augment.track_augmentation must be true when any augmentation is on "
+            f"(dihedral={p.augment.dihedral}, color_permutation_prob={p.augment.color_permutation_prob}, "
+            f"translation={p.augment.translation}): inverse augmentation needs the record",
+        ),
+    ),
+    Rule(
+        "color-permutation-inverse-aug", "error",
+        ("augment.color_permutation_prob", "evaluate.use_inverse_aug"),
+        "a model trained on recoloured versions is evaluated with inverse augmentation",
+        "seed 000 §6",
+        lambda p: _when(
+            p.augment.color_permutation_prob > 0 and not p.evaluate.use_inverse_aug,
+            f"augment.color_permutation_prob={p.augment.color_permutation_prob} requires "
+            "evaluate.use_inverse_aug: true (predictions must be mapped back before comparison)",
+        ),
+    ),
+    Rule(
+        "eval-views-inverse-aug", "error",
+        ("evaluate.num_augmented_views", "evaluate.num_color_perms", "evaluate.use_inverse_aug"),
+        "augmented evaluation views are mapped back before comparison",
+        "seed 004 §4",
+        lambda p: _when(
+            (p.evaluate.num_augmented_views > 1 or p.evaluate.num_color_perms > 1)
+            and not p.evaluate.use_inverse_aug,
+            f"{p.evaluate.num_augmented_views} dihedral x {p.evaluate.num_color_perms} colour views without "
+            "evaluate.use_inverse_aug compares predictions in augmented space with the original answer",
+        ),
+    ),
+    Rule(
+        "eval-dihedral-group", "warning", ("evaluate.num_augmented_views",),
+        "8 augmented views means the whole dihedral group; fewer take the first k transforms",
+        "seed 000 §7",
+        lambda p: _when(
+            1 < p.evaluate.num_augmented_views < 8,
+            f"evaluate.num_augmented_views={p.evaluate.num_augmented_views} uses dihedral ids "
+            f"0..{p.evaluate.num_augmented_views - 1} only, not the whole group (8)",
+        ),
+    ),
+    Rule(
+        "eval-dihedral-trained", "warning", ("evaluate.num_augmented_views", "augment.dihedral"),
+        "dihedral evaluation views are views the model was trained on",
+        "seed 004 §4",
+        lambda p: _when(
+            p.evaluate.num_augmented_views > 1 and not p.augment.dihedral,
+            "evaluation uses dihedral views but augment.dihedral is false: the model never saw them",
+        ),
+    ),
+    Rule(
+        "eval-voting-views", "warning", ("evaluate.use_voting",),
+        "voting has more than one view to pool",
+        "seed 004 §5",
+        lambda p: _when(
+            p.evaluate.use_voting and p.evaluate.num_augmented_views * p.evaluate.num_color_perms == 1,
+            "evaluate.use_voting with a single view pools nothing",
+        ),
+    ),
+    Rule(
+        "eval-trm-style", "warning", ("evaluate.use_trm_style_eval",),
+        "views and voting apply only with TRM-style evaluation",
+        "seed 000 §7",
+        lambda p: _when(
+            not p.evaluate.use_trm_style_eval
+            and p.evaluate.num_augmented_views * p.evaluate.num_color_perms > 1,
+            "evaluate.use_trm_style_eval is false: only the identity view is evaluated and "
+            "num_augmented_views / num_color_perms are ignored",
+        ),
+    ),
+    Rule(
+        "fixed-constant-temperature", "error",
+        ("model.use_gumbel_softmax", "train.temperature_start", "train.temperature_end"),
+        "without Gumbel noise the temperature is constant (train like eval)",
+        "seed 004 §8",
+        lambda p: _when(
+            not p.model.use_gumbel_softmax and p.train.temperature_start != p.train.temperature_end,
+            f"model.use_gumbel_softmax is false but the temperature decays {p.train.temperature_start} -> "
+            f"{p.train.temperature_end}: set train.temperature_start == train.temperature_end",
+        ),
+    ),
+    Rule(
+        "gumbel-entropy-raw", "warning", ("model.use_gumbel_softmax", "train.entropy_on_raw_logits"),
+        "with Gumbel noise the attention entropy is measured on the raw softmax",
+        "seed 004 §7 fix 2",
+        lambda p: _when(
+            p.model.use_gumbel_softmax and not p.train.entropy_on_raw_logits,
+            "train.entropy_on_raw_logits is false with Gumbel noise on: the entropy term measures the noise "
+            "(train entropy 0.02 against 3.82 in evaluation)",
+        ),
+    ),
+    Rule(
+        "kl-needs-gumbel", "warning", ("train.lambda_kl_consistency", "model.use_gumbel_softmax"),
+        "the noisy-versus-clean KL term has noise to act on",
+        "seed 004 §7 fix 1C",
+        lambda p: _when(
+            p.train.lambda_kl_consistency > 0 and not p.model.use_gumbel_softmax,
+            f"train.lambda_kl_consistency={p.train.lambda_kl_consistency} has no effect without Gumbel noise "
+            "(noisy and clean attention are equal)",
+        ),
+    ),
+    Rule(
+        "temperature-decays", "warning", ("train.temperature_start", "train.temperature_end"),
+        "the temperature does not grow during training",
+        "seed 004 §2",
+        lambda p: _when(
+            p.train.temperature_end > p.train.temperature_start,
+            f"train.temperature_end={p.train.temperature_end} > temperature_start={p.train.temperature_start}",
+        ),
+    ),
+    Rule(
+        "ema-lag", "warning", ("train.ema_decay", "train.eval_every"),
+        "the EMA weights that are evaluated are not far behind the trained weights",
+        "seed 004 §6",
+        _ema_lag,
+    ),
+    Rule(
+        "meta-learning-starts", "warning", ("train.meta_learning_start_epoch", "train.epochs"),
+        "LOO and equivariance losses start before training ends",
+        "seed 000 §4",
+        lambda p: _when(
+            (p.train.loo_training.enabled or p.train.equivariance_training.enabled)
+            and p.train.meta_learning_start_epoch >= p.train.epochs,
+            f"train.meta_learning_start_epoch={p.train.meta_learning_start_epoch} >= train.epochs="
+            f"{p.train.epochs}: the meta-learning losses never run",
+        ),
+    ),
+    Rule(
+        "monitoring-threshold-order", "error",
+        ("monitoring.*_warning", "monitoring.*_critical"),
+        "each warning threshold is at most its critical threshold",
+        "seed 004 §7 fix 5",
+        _threshold_order,
+    ),
+)
+
+
+def check_rules(params: Params, rules: tuple[Rule, ...] = RULES) -> list[Violation]:
+    """Every violated rule with its message, errors first, in rule order."""
+    found = [Violation(r, msg) for r in rules if (msg := r.check(params)) is not None]
+    return sorted(found, key=lambda v: v.severity != "error")
+
+
+def summary(violations: list[Violation], rules: tuple[Rule, ...] = RULES) -> dict[str, int]:
+    errors = sum(v.severity == "error" for v in violations)
+    warnings = len(violations) - errors
+    return {"errors": errors, "warnings": warnings, "rules_checked": len(rules),
+            "rules_passed": len(rules) - len(violations)}
+
+
+def render_report(violations: list[Violation], rules: tuple[Rule, ...] = RULES) -> str:
+    """Markdown report: the verdict, the violations, then every rule with its status."""
+    s = summary(violations, rules)
+    verdict = "FAILED" if s["errors"] else "passed"
+    by_id = {v.rule.id: v for v in violations}
+    lines = [
+        "# params.yaml validation",
+        "",
+        f"**{verdict}**: {s['errors']} error(s), {s['warnings']} warning(s), "
+        f"{s['rules_passed']} of {s['rules_checked']} rules passed.",
+        "",
+    ]
+    if violations:
+        lines += ["## Problems", ""]
+        lines += [f"- **{v.severity}** `{v.rule.id}`: {v.message}" for v in violations]
+        lines.append("")
+    lines += ["## Rules", "", "| id | severity | keys | rule | source | status |", "|---|---|---|---|---|---|"]
+    for r in rules:
+        status = by_id[r.id].severity.upper() if r.id in by_id else "ok"
+        keys = ", ".join(f"`{k}`" for k in r.keys)
+        lines.append(f"| `{r.id}` | {r.severity} | {keys} | {r.summary} | {r.source} | {status} |")
+    return "\n".join(lines) + "\n"

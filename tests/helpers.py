@@ -1,0 +1,103 @@
+"""Test helpers: small synthetic ARC tasks, parameter overrides and a temporary repository copy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline.arc import Task
+from pipeline.params import Params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def grid(rows: list[list[int]]) -> np.ndarray:
+    return np.array(rows, dtype=np.uint8)
+
+
+def random_task(rng: np.random.Generator, task_id: str, split: str, n_demo: int = 3, n_test: int = 1,
+                max_side: int = 8) -> Task:
+    def g() -> np.ndarray:
+        h, w = rng.integers(1, max_side + 1, 2)
+        return rng.integers(0, 10, (h, w)).astype(np.uint8)
+    return Task(task_id, split, tuple((g(), g()) for _ in range(n_demo)), tuple((g(), g()) for _ in range(n_test)))
+
+
+def tiny_task_set() -> list[Task]:
+    """Four training and three evaluation tasks with random grids."""
+    rng = np.random.default_rng(7)
+    tasks = [random_task(rng, f"tr{i:02d}", "train", n_demo=2 + i % 3, n_test=1 + i % 2) for i in range(4)]
+    tasks += [random_task(rng, f"ev{i:02d}", "eval", n_demo=2 + i, n_test=1 + i % 2) for i in range(3)]
+    return tasks
+
+
+def raw_params() -> dict[str, Any]:
+    with (REPO / "params.yaml").open() as f:
+        return yaml.safe_load(f)
+
+
+def set_key(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    node = raw
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return raw
+
+
+def params_with(**overrides: Any) -> Params:
+    """The repository's params.yaml with overrides given as section__key=value."""
+    raw = raw_params()
+    for key, value in overrides.items():
+        set_key(raw, key.replace("__", "."), value)
+    return parse_params(raw)
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for running python/dvc of this interpreter in a subprocess."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "1"
+    for k, v in {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                 "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}.items():
+        env.setdefault(k, v)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repository's files (tracked and untracked-but-not-ignored) in a fresh git repository."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    run(["git", "init", "-q", "-b", "main"], dest)
+    return dest
+
+
+def commit_all(repo: Path, message: str = "snapshot") -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", message], repo)
+
+
+def write_params(repo: Path, **overrides: Any) -> None:
+    raw = raw_params()
+    for key, value in overrides.items():
+        set_key(raw, key.replace("__", "."), value)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
