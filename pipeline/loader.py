@@ -101,3 +101,55 @@ def _transformed_offset(r0, c0, h, w, d):
     a_i, a_j = transformed_coords(r0, c0, n, n, d)
     b_i, b_j = transformed_coords(r0 + h - 1, c0 + w - 1, n, n, d)
     return np.minimum(a_i, b_i), np.minimum(a_j, b_j)
+
+
+Pair = tuple[np.ndarray, np.ndarray]
+
+
+def batch_from_pairs(examples: list[tuple[list[Pair], np.ndarray, np.ndarray | None]]) -> dict[str, torch.Tensor]:
+    """Padded tensors, in `AugmentedCache.batch`'s format, for examples given as grids:
+    (context pairs, query input, query output or None). Every grid sits at the canvas origin.
+    Evaluation builds its views with this, after transforming the grids."""
+    B = len(examples)
+    D = max(max(len(ctx) for ctx, _, _ in examples), 1)
+    canv = np.zeros((2 * B * D + 2 * B, CANVAS, CANVAS), np.uint8)
+    grids, slots = [], []
+    demo_mask = np.zeros((B, D), bool)
+    q_hw = np.zeros((B, 2), np.int64)
+    for b, (ctx, q_in, q_out) in enumerate(examples):
+        for j, (gi, go) in enumerate(ctx):
+            grids += [gi, go]
+            slots += [b * D + j, B * D + b * D + j]
+            demo_mask[b, j] = True
+        grids.append(q_in)
+        slots.append(2 * B * D + b)
+        if q_out is not None:
+            grids.append(q_out)
+            slots.append(2 * B * D + B + b)
+            q_hw[b] = q_out.shape
+    h = np.array([g.shape[0] for g in grids])
+    w = np.array([g.shape[1] for g in grids])
+    zeros = np.zeros(len(grids), np.int64)
+    cells = np.concatenate([np.ascontiguousarray(g, np.uint8).ravel() for g in grids])
+    place_grids(canv, np.array(slots), cells, h, w, zeros, zeros)
+    t = torch.from_numpy(canv)
+    return {
+        "demo_in": t[: B * D].view(B, D, CANVAS, CANVAS),
+        "demo_out": t[B * D : 2 * B * D].view(B, D, CANVAS, CANVAS),
+        "demo_mask": torch.from_numpy(demo_mask),
+        "query_in": t[2 * B * D : 2 * B * D + B],
+        "query_out": t[2 * B * D + B :],
+        "query_offset": torch.zeros(B, 2, dtype=torch.int64),
+        "query_hw": torch.from_numpy(q_hw),
+    }
+
+
+def crop_canvas(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """The batch on a smaller canvas (the model works at any canvas size): for small grids at the
+    origin, where nothing lies beyond `size`. Used for fast CPU runs on small tasks."""
+    out = dict(batch)
+    for k in ("demo_in", "demo_out", "query_in", "query_out"):
+        if (batch[k][..., size:, :] != 0).any() or (batch[k][..., :, size:] != 0).any():
+            raise ValueError(f"{k}: grids extend beyond a {size}x{size} canvas")
+        out[k] = batch[k][..., :size, :size]
+    return out

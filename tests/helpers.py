@@ -101,3 +101,45 @@ def write_params(repo: Path, **overrides: Any) -> None:
     for key, value in overrides.items():
         set_key(raw, key.replace("__", "."), value)
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+TINY_MODEL = dict(model__hidden_dim=16, model__num_solver_steps=2, model__max_clues=2, model__spatial_downsample=2,
+                  model__dsc_num_heads=2, model__solver_context_heads=2, model__msre_encoding_dim=8,
+                  model__msre_num_freq=2, model__hyperlora_rank=2)
+
+
+def example_batch(n: int = 3, seed: int = 0, demos: int = 3, max_side: int = 5):
+    """A batch from random grids (context pairs, query), every grid at the canvas origin."""
+    from pipeline.loader import batch_from_pairs
+
+    rng = np.random.default_rng(seed)
+
+    def g():
+        return rng.integers(0, 10, tuple(rng.integers(1, max_side + 1, 2))).astype(np.uint8)
+
+    return batch_from_pairs([([(g(), g()) for _ in range(demos)], g(), g()) for _ in range(n)])
+
+
+TINY_TRAIN = dict(train__epochs=3, train__steps_per_epoch=2, train__batch_size=3, train__grad_accumulation_steps=2,
+                  train__heldout_tasks=2, train__meta_learning_start_epoch=1, train__eval_every=1, train__save_every=1,
+                  train__device="cpu", train__equivariance_training__num_augmentations=1, augment__samples_per_task=6)
+
+
+def tiny_workspace(root: Path, **overrides: Any) -> dict[str, Path]:
+    """A raw table and cache of the tiny tasks plus a params file for a tiny training run."""
+    from pipeline.arc import write_raw
+    from pipeline.cache import build_cache
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "raw").mkdir(exist_ok=True)
+    write_raw(tiny_task_set(), root / "raw" / "pairs.parquet")
+    settings = {**TINY_MODEL, **TINY_TRAIN, "tracking__tracking_uri": f"sqlite:///{root / 'mlflow.db'}", **overrides}
+    write_params(root, **settings)
+    build_cache(tiny_task_set(), params_with(**settings).augment, root / "cache")
+    return {"root": root, "params": root / "params.yaml", "raw": root / "raw", "cache": root / "cache"}
+
+
+def train_cmd(ws: dict[str, Path], out: Path) -> list[str]:
+    return [sys.executable, "-m", "stages.train", "--params", str(ws["params"]), "--cache", str(ws["cache"]),
+            "--raw", str(ws["raw"]), "--checkpoints", str(out / "ckpt"), "--model", str(out / "model.pt"),
+            "--metrics", str(out / "train.json"), "--plots", str(out / "plots")]

@@ -1,0 +1,82 @@
+"""HyperLoRA: task-specific low-rank weight deltas predicted from the pooled context.
+
+For each target layer t with input size n_in and output size n_out, small heads predict
+A (B, n_out, r) and B (B, n_in, r) from the pooled context; the layer computes
+W x + scaling * (A B^T) x, with scaling = `hyperlora_scaling`. The heads are initialised so that
+the first deltas have magnitude `hyperlora_init_scale`, where the magnitude of a delta is
+||delta_W||_F / sqrt(n_out): its root-mean-square gain on a unit-variance input. The targets are
+the GRU reset, update and candidate gates and the output head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.params import HYPERLORA_CODE_DEFAULTS, ModelParams
+
+TARGETS = ("gru_reset", "gru_update", "gru_candidate", "output_head")
+DEFAULT_INIT_SCALE = HYPERLORA_CODE_DEFAULTS["init_scale"]
+DEFAULT_SCALING = HYPERLORA_CODE_DEFAULTS["scaling"]
+
+
+@dataclass
+class LoRA:
+    """Per-sample low-rank deltas: a[t] (B, n_out, r), b[t] (B, n_in, r)."""
+
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+    scaling: float
+
+    def apply(self, target: str, x: torch.Tensor) -> torch.Tensor:
+        """scaling * delta_W x for a (B, n_in, H, W) map -> (B, n_out, H, W)."""
+        u = torch.einsum("bir,bihw->brhw", self.b[target], x)
+        return self.scaling * torch.einsum("bor,brhw->bohw", self.a[target], u)
+
+    def magnitudes(self) -> dict[str, torch.Tensor]:
+        """(B,) ||A B^T||_F / sqrt(n_out) per target, from r x r Gram matrices (no n_out x n_in product)."""
+        out = {}
+        for t, a in self.a.items():
+            sq = ((a.transpose(1, 2) @ a) * (self.b[t].transpose(1, 2) @ self.b[t])).sum((1, 2))
+            out[t] = sq.clamp_min(0).sqrt() / math.sqrt(a.shape[1])
+        return out
+
+    def diversity(self) -> torch.Tensor:
+        """Root-mean-square distance of each sample's delta from the batch mean, in magnitude units,
+        averaged over the targets: 0 when every task gets the same delta."""
+        vals = []
+        for t, a in self.a.items():
+            b = self.b[t]
+            gram = torch.einsum("bor,cos,bir,cis->bc", a, a, b, b)  # <dW_b, dW_c>_F
+            var = gram.diagonal().mean() - gram.mean()
+            vals.append(var.clamp_min(0).sqrt() / math.sqrt(a.shape[1]))
+        return torch.stack(vals).mean()
+
+
+class HyperLoRA(nn.Module):
+    def __init__(self, cfg: ModelParams, dims: dict[str, tuple[int, int]]):
+        """dims: target -> (n_in, n_out)."""
+        super().__init__()
+        H, r = cfg.hidden_dim, cfg.hyperlora_rank
+        self.rank, self.scaling, self.dims = r, cfg.hyperlora_scaling, dims
+        self.trunk = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, H), nn.GELU(), nn.Dropout(cfg.hyperlora_dropout),
+                                   nn.LayerNorm(H))
+        self.head_a = nn.ModuleDict({t: nn.Linear(H, n_out * r) for t, (_, n_out) in dims.items()})
+        self.head_b = nn.ModuleDict({t: nn.Linear(H, n_in * r) for t, (n_in, _) in dims.items()})
+        # z = trunk(ctx) has unit mean square per sample (final LayerNorm), so with these weights
+        # A has entries of variance init_scale^2 and B of 1 / (r n_in): E||A B^T||_F^2 = n_out init_scale^2.
+        for t, (n_in, _) in dims.items():
+            nn.init.normal_(self.head_a[t].weight, std=cfg.hyperlora_init_scale / math.sqrt(H))
+            nn.init.normal_(self.head_b[t].weight, std=1.0 / math.sqrt(H * r * n_in))
+            nn.init.zeros_(self.head_a[t].bias)
+            nn.init.zeros_(self.head_b[t].bias)
+
+    def forward(self, pooled: torch.Tensor) -> LoRA:
+        z = self.trunk(pooled)
+        B = pooled.shape[0]
+        a = {t: self.head_a[t](z).view(B, n_out, self.rank) for t, (_, n_out) in self.dims.items()}
+        b = {t: self.head_b[t](z).view(B, n_in, self.rank) for t, (n_in, _) in self.dims.items()}
+        return LoRA(a, b, self.scaling)

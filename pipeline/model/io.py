@@ -1,0 +1,54 @@
+"""Saving and loading a trained model: EMA weights, the model section of params and metadata,
+in a file that loads with `torch.load(weights_only=True)`."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from pipeline.io import atomic_path
+from pipeline.model.rlan import RLAN
+from pipeline.params import ModelParams
+
+FORMAT = 1
+
+
+class ModelFileError(RuntimeError):
+    """A model or checkpoint file that is missing, corrupt or of another format."""
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """torch.load(weights_only=True) with one clear error for a missing, truncated or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ModelFileError(f"{path}: corrupt or not a model file ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, dict) or "format" not in obj:
+        raise ModelFileError(f"{path}: not a file written by this pipeline")
+    return obj
+
+
+def save_model(path: str | Path, model: RLAN, meta: dict[str, Any]) -> None:
+    obj = {"format": FORMAT, "model_params": model.cfg.model_dump(), "state_dict": model.state_dict(), "meta": meta}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RLAN, dict[str, Any]]:
+    obj = safe_load(path, map_location)
+    if obj["format"] != FORMAT:
+        raise ModelFileError(f"{path}: model format {obj['format']}, this code reads {FORMAT}")
+    try:
+        model = RLAN(ModelParams.model_validate(obj["model_params"]))
+        model.load_state_dict(obj["state_dict"])
+    except (RuntimeError, ValidationError, KeyError, TypeError) as err:
+        raise ModelFileError(f"{path}: weights do not fit the recorded model ({err})") from None
+    return model.to(map_location), obj["meta"]

@@ -1,0 +1,1 @@
+"""Training RLAN: losses, schedules, checkpoints and the loop."""

@@ -1,0 +1,266 @@
+"""The training loop: one loop with commented phases, on one device (CUDA when present)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from pipeline import monitor
+from pipeline.arc import Task
+from pipeline.io import write_json, write_text
+from pipeline.loader import AugmentedCache, batch_from_pairs
+from pipeline.model import RLAN
+from pipeline.model.io import save_model
+from pipeline.params import Params, TrainParams
+from pipeline.runtime import autocast, resolve_device, seed_everything, to_device
+from pipeline.tracking import Tracker
+from pipeline.train import checkpoint, schedule
+from pipeline.train.losses import evaluation_measures, training_losses
+
+log = logging.getLogger(__name__)
+
+# Logged every epoch, to MLflow and metrics/train/epochs.tsv, under exactly these names.
+EPOCH_METRICS = (
+    "loss_total", "loss_task", "loss_loo", "loss_equiv", "loss_entropy", "loss_kl", "loss_sparsity",
+    "train_exact_match", "train_pixel_accuracy",
+    "lora_magnitude_gru_reset", "lora_magnitude_gru_update", "lora_magnitude_gru_candidate",
+    "lora_magnitude_output_head", "lora_diversity", "loo_accuracy", "loo_skipped_ratio", "equiv_delta_norm",
+    "attention_entropy_train", "attention_entropy_eval", "stop_value_train", "stop_value_eval",
+    "temperature", "learning_rate", "nonfinite_steps", "heldout_exact_match", "heldout_loss",
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN or Inf loss."""
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    cache: Path
+    checkpoints: Path
+    model: Path
+    metrics: Path
+    plots: Path
+
+
+class Meter:
+    """Per-epoch means of logged values, ignoring steps where a value was not measured."""
+
+    def __init__(self) -> None:
+        self.sum: dict[str, float] = defaultdict(float)
+        self.n: dict[str, int] = defaultdict(int)
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            if v is not None and math.isfinite(v):
+                self.sum[k] += v
+                self.n[k] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sum[k] / self.n[k] for k in self.sum}
+
+
+def build_optimizer(model: RLAN, tp: TrainParams) -> torch.optim.AdamW:
+    """AdamW; HyperLoRA learns at hyperlora_lr_multiplier x the rate; no decay on biases and norms."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = defaultdict(list)
+    for name, p in model.named_parameters():
+        groups[(name.startswith("hyperlora."), p.dim() >= 2)].append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "lr_mult": tp.hyperlora_lr_multiplier if hyper else 1.0,
+          "weight_decay": tp.weight_decay if decay else 0.0} for (hyper, decay), ps in sorted(groups.items())],
+        lr=tp.learning_rate, betas=(tp.beta1, tp.beta2))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def heldout_examples(tasks: list[Task], n_tasks: int, seed: int):
+    """Test pairs of `n_tasks` evaluation tasks (a seeded choice), each with all its demonstrations."""
+    pool = sorted((t for t in tasks if t.split == "eval"), key=lambda t: t.id)
+    if n_tasks == 0 or not pool:
+        return []
+    pick = np.random.default_rng([seed, 1]).permutation(len(pool))[: n_tasks]
+    return [(list(t.demos), q_in, q_out) for i in sorted(pick) for t in [pool[i]] for q_in, q_out in t.tests]
+
+
+@torch.no_grad()
+def measure_heldout(model: RLAN, examples, temperature: float, batch_size: int, device, precision) -> dict[str, float]:
+    if not examples:
+        return {}
+    model.eval()
+    acc: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for i in range(0, len(examples), batch_size):
+        batch = to_device(batch_from_pairs(examples[i : i + batch_size]), device)
+        with autocast(device, precision):
+            m = evaluation_measures(model, batch, temperature)
+        for k in ("loss", "exact", "attention_entropy", "stop_value", "pixel"):
+            acc[k].append(m[k].float().cpu())
+    mean = {k: float(torch.cat(v).mean()) for k, v in acc.items()}
+    return {"heldout_exact_match": mean["exact"], "heldout_loss": mean["loss"],
+            "heldout_pixel_accuracy": mean["pixel"], "attention_entropy_eval": mean["attention_entropy"],
+            "stop_value_eval": mean["stop_value"]}
+
+
+def epoch_checks(row: dict[str, Any], params: Params) -> list[monitor.Check]:
+    checks = monitor.lora_checks(row, params.monitoring)
+    train = [row[k] for k in ("train_exact_match", "attention_entropy_train", "stop_value_train", "loss_task")]
+    ev = [row[k] for k in ("heldout_exact_match", "attention_entropy_eval", "stop_value_eval", "heldout_loss")]
+    if None not in train + ev:  # an epoch with a held-out measurement and at least one finite step
+        checks += monitor.gap_checks(monitor.Side(*train), monitor.Side(*ev), params.monitoring)
+    return checks
+
+
+def write_series(history: list[dict[str, Any]], plots_dir: Path) -> None:
+    cols = ["epoch", *EPOCH_METRICS]
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    w.writerow(cols)
+    for row in history:
+        w.writerow(["" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
+                    for c in cols])
+    write_text(plots_dir / "epochs.tsv", buf.getvalue())
+
+
+def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last value of every metric (eval-side ones from the last epoch that measured them)."""
+    out: dict[str, Any] = {"epochs": len(history)}
+    for name in EPOCH_METRICS:
+        vals = [r[name] for r in history if r.get(name) is not None]
+        out[name] = vals[-1] if vals else None
+    return out
+
+
+def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker) -> dict[str, Any]:
+    tp = params.train
+    device = resolve_device(tp.device)
+    seed_everything(tp.seed)
+    cache = AugmentedCache(paths.cache)
+    heldout = heldout_examples(tasks, tp.heldout_tasks, tp.seed)
+    model = RLAN(params.model).to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema_decay), use_buffers=True)
+    opt = build_optimizer(model, tp)
+    per_step = tp.batch_size * tp.grad_accumulation_steps
+    steps_per_epoch = tp.steps_per_epoch or max(1, len(cache) // per_step)
+    total_steps = steps_per_epoch * tp.epochs
+    log.info("training on %s: %d parameters, %d samples, %d steps per epoch, %d epochs", device,
+             sum(p.numel() for p in model.parameters()), len(cache), steps_per_epoch, tp.epochs)
+
+    # -- resume from the last checkpoint of the same run, if any
+    fp = checkpoint.fingerprint(params)
+    start_epoch, history, consecutive_bad, run_id = 0, [], 0, None
+    state = checkpoint.load_resumable(paths.checkpoints, fp, tp.epochs)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_torch"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        start_epoch, history = state["epoch"], state["history"]
+        consecutive_bad, run_id = state["consecutive_nonfinite"], state["mlflow_run_id"]
+    run_id = tracker.start(run_id=run_id)
+
+    for epoch in range(start_epoch, tp.epochs):
+        model.train()
+        meter, bad_steps, t0 = Meter(), 0, time.perf_counter()
+        order = epoch_order(len(cache), tp.seed, epoch)
+        meta = schedule.meta_learning_active(tp, epoch)
+        for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tp.epochs}", unit="step",
+                         mininterval=5.0, leave=False):
+            # -- schedules
+            progress = (epoch * steps_per_epoch + step) / max(total_steps - 1, 1)
+            tau = schedule.temperature(tp, progress)
+            lr = schedule.learning_rate(tp, progress)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+
+            # -- forward and backward over the micro-batches
+            finite = True
+            for micro in range(tp.grad_accumulation_steps):
+                first = (step * tp.grad_accumulation_steps + micro) * tp.batch_size
+                ids = np.take(order, np.arange(first, first + tp.batch_size), mode="wrap")
+                key = [tp.seed, epoch, step, micro]
+                batch = to_device(cache.batch(ids, np.random.default_rng(key)), device)
+                equiv = []
+                if meta and tp.equivariance_training.enabled and params.model.use_hyperlora:
+                    d_rng = np.random.default_rng([*key, 1])
+                    for _ in range(tp.equivariance_training.num_augmentations):
+                        ds = d_rng.integers(1, 8, len(ids))
+                        equiv.append(to_device(cache.batch(ids, np.random.default_rng(key), dihedral=ds), device))
+                with autocast(device, tp.precision):
+                    loss, logs = training_losses(model, batch, tau, tp, meta, equiv)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                (loss / tp.grad_accumulation_steps).backward()
+                meter.add(logs)
+
+            # -- skip a step with a non-finite loss; stop after too many in a row
+            if not finite:
+                opt.zero_grad(set_to_none=True)
+                bad_steps += 1
+                consecutive_bad += 1
+                log.warning("epoch %d step %d: non-finite loss, step skipped", epoch, step)
+                if consecutive_bad >= tp.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{consecutive_bad} consecutive optimizer steps with a NaN/Inf loss (epoch {epoch}, step "
+                        f"{step}); train.max_consecutive_nonfinite={tp.max_consecutive_nonfinite}")
+                continue
+            consecutive_bad = 0
+
+            # -- clip, step, EMA
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tp.gradient_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update_parameters(model)
+
+        # -- end of epoch: means, held-out measures in eval mode, health checks, logging
+        elapsed = time.perf_counter() - t0
+        row: dict[str, Any] = {"epoch": epoch, **{k: None for k in EPOCH_METRICS}, **meter.means(),
+                               "temperature": tau, "learning_rate": lr, "nonfinite_steps": bad_steps}
+        if (epoch + 1) % tp.eval_every == 0 or epoch + 1 == tp.epochs:
+            row.update(measure_heldout(ema.module, heldout, tau, tp.batch_size, device, tp.precision))
+        row = {k: row.get(k) for k in ["epoch", *EPOCH_METRICS]}
+        history.append(row)
+        checks = epoch_checks(row, params)
+        for c in checks:
+            if c.status != "ok":
+                log.warning("epoch %d: %s %s: %s", epoch, c.name, c.status, c.message)
+        tracker.log_metrics({**{k: v for k, v in row.items() if k != "epoch"},
+                             **{f"gap_{c.name}": c.value for c in checks if c.name not in row},
+                             "samples_per_second": steps_per_epoch * per_step / elapsed}, step=epoch)
+        tracker.set_tags({f"health.{c.name}": f"epoch {epoch}: {c.status}: {c.message}"
+                          for c in checks if c.status != "ok"})
+        write_series(history, paths.plots)
+        log.info("epoch %d: loss %.4f, train exact %.3f, held-out exact %s, %.1f samples/s", epoch,
+                 row["loss_total"] or math.nan, row["train_exact_match"] or 0.0, row["heldout_exact_match"],
+                 steps_per_epoch * per_step / elapsed)
+
+        # -- checkpoint
+        if (epoch + 1) % tp.save_every == 0 or epoch + 1 == tp.epochs:
+            checkpoint.save(paths.checkpoints, {
+                "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "rng_torch": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                "history": history, "consecutive_nonfinite": consecutive_bad, "mlflow_run_id": run_id,
+                "params": params.model_dump()})
+
+    # -- the EMA weights are the trained model
+    final = final_metrics(history)
+    save_model(paths.model, ema.module, {"temperature": schedule.temperature(tp, 1.0), "epochs": tp.epochs,
+                                         "fingerprint": fp, "mlflow_run_id": run_id})
+    write_json(paths.metrics, final)
+    return final

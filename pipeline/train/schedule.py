@@ -1,0 +1,26 @@
+"""Schedules as pure functions of training progress (0 at the first step, 1 at the last)."""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.params import TrainParams
+
+
+def temperature(tp: TrainParams, progress: float) -> float:
+    """DSC temperature, linear from temperature_start to temperature_end."""
+    p = min(max(progress, 0.0), 1.0)
+    return tp.temperature_start + (tp.temperature_end - tp.temperature_start) * p
+
+
+def learning_rate(tp: TrainParams, progress: float) -> float:
+    """Base learning rate: constant, or cosine decay to 10% of it."""
+    if tp.lr_schedule == "constant":
+        return tp.learning_rate
+    p = min(max(progress, 0.0), 1.0)
+    return tp.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def meta_learning_active(tp: TrainParams, epoch: int) -> bool:
+    """LOO and equivariance losses run from epoch `meta_learning_start_epoch` on (epochs count from 0)."""
+    return epoch >= tp.meta_learning_start_epoch
