@@ -30,6 +30,7 @@ test: setup
 ## bench: the speed and memory benchmarks (prints tables)
 bench: setup
 	python -m benchmarks.augment
+	python -m benchmarks.train
 
 clean-venv:
 	rm -rf $(VENV)

@@ -42,9 +42,10 @@ def dir_size_gb(path: Path) -> float:
 
 def print_table(title: str, rows: list[Row]) -> None:
     print(f"\n{title}")
-    print(f"| {'measure':<44} | {'value':>12} | {'unit':<10} | {'target':<10} | ok  |")
-    print(f"|{'-' * 46}|{'-' * 14}|{'-' * 12}|{'-' * 12}|-----|")
+    width = max(44, *(len(r.name) for r in rows))
+    print(f"| {'measure':<{width}} | {'value':>12} | {'unit':<10} | {'target':<10} | ok  |")
+    print(f"|{'-' * (width + 2)}|{'-' * 14}|{'-' * 12}|{'-' * 12}|-----|")
     for r in rows:
         ok = "" if r.ok is None else ("yes" if r.ok else "NO")
         value = f"{r.value:,.0f}" if abs(r.value) >= 1000 else f"{r.value:.3f}"
-        print(f"| {r.name:<44} | {value:>12} | {r.unit:<10} | {r.target:<10} | {ok:<3} |")
+        print(f"| {r.name:<{width}} | {value:>12} | {r.unit:<10} | {r.target:<10} | {ok:<3} |")

@@ -184,6 +184,19 @@ class Params(_Section):
         """All values with dotted keys (`train.loo_training.loss_weight`), for logging."""
         return flatten(self.model_dump())
 
+    def override(self, changes: dict[str, Any]) -> Params:
+        """A validated copy with dotted keys set, like `dvc exp run -S key=value`."""
+        raw = self.model_dump()
+        for dotted, value in changes.items():
+            node = raw
+            *parents, last = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            if last not in node:
+                raise ParamsError([f"{dotted}: unknown key"])
+            node[last] = list(value) if isinstance(value, tuple) else value
+        return parse_params(raw)
+
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}

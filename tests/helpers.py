@@ -54,10 +54,7 @@ def set_key(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 def params_with(**overrides: Any) -> Params:
     """The repository's params.yaml with overrides given as section__key=value."""
-    raw = raw_params()
-    for key, value in overrides.items():
-        set_key(raw, key.replace("__", "."), value)
-    return parse_params(raw)
+    return parse_params(raw_params()).override({k.replace("__", "."): v for k, v in overrides.items()})
 
 
 def tool_env() -> dict[str, str]:

@@ -89,7 +89,7 @@ def _paths(out):
 
 
 def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
-    ws = tiny_workspace(tmp_path)
+    ws = tiny_workspace(tmp_path, monitoring__lora_magnitude_max=1e-3)  # so that the explosion warning fires
     params = load_params(ws["params"])
     tracker = Tracker(params)
     final = loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), tracker)
@@ -113,6 +113,7 @@ def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
     assert run.data.params["model.hyperlora_init_scale"] == "0.1"
     assert run.data.params["train.loo_training.loss_weight"] == "0.5"
     assert run.data.tags["mlflow.runName"] == "workspace" and "git_commit" in run.data.tags
+    assert run.data.tags["health.lora_explosion"].startswith("epoch 2: critical")
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
