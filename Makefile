@@ -31,6 +31,7 @@ test: setup
 bench: setup
 	python -m benchmarks.augment
 	python -m benchmarks.train
+	python -m benchmarks.evaluate
 
 clean-venv:
 	rm -rf $(VENV)

@@ -123,6 +123,7 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     seed: int = Field(ge=0, le=2**32 - 1)
+    device: Literal["auto", "cpu", "cuda"]
     use_trm_style_eval: bool
     num_augmented_views: int = Field(ge=1, le=8)
     num_color_perms: int = Field(ge=1, le=1000)

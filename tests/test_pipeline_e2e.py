@@ -19,7 +19,8 @@ pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
 
 
-TINY = {**TINY_MODEL, **TINY_TRAIN, "data__max_tasks": 3, "augment__samples_per_task": 8}
+TINY = {**TINY_MODEL, **TINY_TRAIN, "data__max_tasks": 3, "augment__samples_per_task": 8, "evaluate__max_tasks": 2,
+        "evaluate__batch_size": 64, "evaluate__device": "cpu"}
 
 
 def stages_run(output: str) -> list[str]:
@@ -36,12 +37,17 @@ def repo(tmp_path_factory):
 
 def test_repro_runs_stages_in_order_then_nothing(repo):
     out = run(DVC + ["repro"], repo).stdout
-    assert stages_run(out) == ["validate_params", "prepare", "augment", "train"]
+    assert stages_run(out) == ["validate_params", "prepare", "augment", "train", "evaluate"]
     assert json.loads((repo / "metrics/augment.json").read_text())["samples"] == 6 * 8
     assert json.loads((repo / "metrics/params_validation.json").read_text())["errors"] == 0
     assert json.loads((repo / "metrics/train.json").read_text())["epochs"] == 3
     assert (repo / "models/model.pt").exists() and (repo / "mlflow.db").exists()
-    assert "loss_total" in run(DVC + ["metrics", "show"], repo).stdout
+    ev = json.loads((repo / "metrics/eval.json").read_text())
+    assert set(ev) == {"eval", "train"} and ev["eval"]["tasks"] == 2 and ev["eval"]["views"] >= 64
+    sub = json.loads((repo / "metrics/submission.json").read_text())
+    assert len(sub) == 2 and all("attempt_1" in e and "attempt_2" in e for v in sub.values() for e in v)
+    shown = run(DVC + ["metrics", "show"], repo).stdout
+    assert "loss_total" in shown and "eval.pass@2" in shown
     run(DVC + ["plots", "show", "-o", "plots_html"], repo)
     assert (repo / "plots_html" / "index.html").exists()
     assert "up to date" in run(DVC + ["status"], repo).stdout
@@ -61,7 +67,7 @@ def test_bad_param_stops_before_compute(repo):
 
 def test_exp_run_reruns_only_what_the_key_touches(repo):
     out = run(DVC + ["exp", "run", "-n", "small", "-S", "train.learning_rate=0.001"], repo).stdout
-    assert stages_run(out) == ["validate_params", "train"]
+    assert stages_run(out) == ["validate_params", "train", "evaluate"]
     shown = run(DVC + ["exp", "show", "--json"], repo).stdout
     assert "small" in shown
 

