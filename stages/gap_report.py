@@ -1,0 +1,89 @@
+"""Stage `gap_report`: train/eval gaps graded by the monitor, with plots and task pictures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline import arc, monitor
+from pipeline.gap import gap_checks, gap_metrics
+from pipeline.io import atomic_path, read_json, write_json
+from pipeline.model.io import safe_load
+from pipeline.params import load_params
+from pipeline.report import plot_curves, read_series, task_picture
+from pipeline.stage import parser, setup_logging
+from pipeline.tracking import Tracker
+
+log = logging.getLogger("gap_report")
+
+
+def pick_pictures(candidates: dict, n: int) -> list[tuple[str, int]]:
+    """A few evaluation test inputs, solved ones first, then by task id."""
+    items = [(e["truth_rank"] is None, tid, e["test_index"]) for tid, es in candidates.items() for e in es]
+    return [(tid, idx) for _, tid, idx in sorted(items)[:n]]
+
+
+def render_markdown(checks, evaluation, train, figures, pictures) -> str:
+    lines = ["# Train/eval gap report", "",
+             f"Overall status: **{monitor.overall(checks)}**", "",
+             "Both sides measured by the evaluation stage with the same protocol (voting over augmented views): "
+             "`train` = test pairs of the training tasks, `eval` = the evaluation tasks.", "",
+             "| measure | value | status | detail |", "|---|---|---|---|"]
+    lines += [f"| {c.name} | {c.value:.4f} | {c.status} | {c.message} |" for c in checks]
+    lines += ["", "| metric | train side | eval side |", "|---|---|---|"]
+    for k in evaluation["eval"]:
+        lines.append(f"| {k} | {evaluation['train'][k]:.4g} | {evaluation['eval'][k]:.4g} |")
+    lines += ["", f"Training: {train.get('epochs')} epochs; last held-out exact match "
+              f"{train.get('heldout_exact_match')}, train exact match {train.get('train_exact_match')}.", ""]
+    lines += ["## Curves", ""] + [f"![{title}]({name})" for name, title in figures]
+    lines += ["", "## Tasks", ""] + [f"![{name}]({name})" for name in pictures]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--eval-metrics", required=True, help="metrics of the evaluate stage (JSON)")
+    ap.add_argument("--candidates", required=True, help="top candidates per test input (JSON)")
+    ap.add_argument("--train-metrics", required=True, help="final training metrics (JSON)")
+    ap.add_argument("--series", required=True, help="per-epoch training series (TSV)")
+    ap.add_argument("--raw", required=True, help="raw tasks (stage prepare), for the pictures")
+    ap.add_argument("--model", required=True, help="the model file, for its MLflow run")
+    ap.add_argument("--metrics", required=True, help="gap metrics (JSON)")
+    ap.add_argument("--report", required=True, help="report directory (Markdown and PNG)")
+    args = ap.parse_args()
+    setup_logging()
+    params = load_params(args.params)
+
+    evaluation = read_json(args.eval_metrics)
+    checks = gap_checks(evaluation, params.monitoring)
+    for c in checks:
+        (log.warning if c.status != "ok" else log.info)("%s = %.4f: %s (%s)", c.name, c.value, c.status, c.message)
+    metrics = gap_metrics(checks)
+
+    tasks = {t.id: t for t in arc.read_raw(Path(args.raw) / "pairs.parquet")}
+    candidates = read_json(args.candidates)["eval"]
+    with atomic_path(args.report) as tmp:
+        tmp.mkdir(parents=True)
+        figures = plot_curves({"run": read_series(args.series)}, tmp)
+        pictures = []
+        for tid, idx in pick_pictures(candidates, params.monitoring.num_task_pictures):
+            entry = next(e for e in candidates[tid] if e["test_index"] == idx)
+            name = f"task_{tid}_{idx}.png"
+            task_picture(tasks[tid], idx, entry["candidates"], entry["truth_rank"], tmp / name)
+            pictures.append(name)
+        (tmp / "report.md").write_text(render_markdown(checks, evaluation, read_json(args.train_metrics),
+                                                       figures, pictures))
+    write_json(args.metrics, metrics)
+
+    tracker = Tracker(params)
+    run_id = safe_load(args.model).get("meta", {}).get("mlflow_run_id")
+    if tracker.attach(run_id):
+        tracker.log_metrics({f"gap.{k}": v for k, v in metrics.items()}, step=0)
+        tracker.set_tags({"gap.overall_status": monitor.overall(checks)})
+        tracker.log_artifact(args.metrics, "gap_report")
+        for f in sorted(Path(args.report).iterdir()):
+            tracker.log_artifact(f, "gap_report")
+
+
+if __name__ == "__main__":
+    main()
