@@ -37,7 +37,7 @@ def repo(tmp_path_factory):
 
 def test_repro_runs_stages_in_order_then_nothing(repo):
     out = run(DVC + ["repro"], repo).stdout
-    assert stages_run(out) == ["validate_params", "prepare", "augment", "train", "evaluate"]
+    assert stages_run(out) == ["validate_params", "prepare", "augment", "train", "evaluate", "gap_report"]
     assert json.loads((repo / "metrics/augment.json").read_text())["samples"] == 6 * 8
     assert json.loads((repo / "metrics/params_validation.json").read_text())["errors"] == 0
     assert json.loads((repo / "metrics/train.json").read_text())["epochs"] == 3
@@ -47,7 +47,10 @@ def test_repro_runs_stages_in_order_then_nothing(repo):
     sub = json.loads((repo / "metrics/submission.json").read_text())
     assert len(sub) == 2 and all("attempt_1" in e and "attempt_2" in e for v in sub.values() for e in v)
     shown = run(DVC + ["metrics", "show"], repo).stdout
-    assert "loss_total" in shown and "eval.pass@2" in shown
+    assert "loss_total" in shown and "eval.pass@2" in shown and "overall_status" in shown
+    report = (repo / "metrics/gap_report/report.md").read_text()
+    assert "exact_match_gap" in report and (repo / "metrics/gap_report/attention_entropy.png").exists()
+    assert list((repo / "metrics/gap_report").glob("task_*.png"))
     run(DVC + ["plots", "show", "-o", "plots_html"], repo)
     assert (repo / "plots_html" / "index.html").exists()
     assert "up to date" in run(DVC + ["status"], repo).stdout
@@ -67,7 +70,7 @@ def test_bad_param_stops_before_compute(repo):
 
 def test_exp_run_reruns_only_what_the_key_touches(repo):
     out = run(DVC + ["exp", "run", "-n", "small", "-S", "train.learning_rate=0.001"], repo).stdout
-    assert stages_run(out) == ["validate_params", "train", "evaluate"]
+    assert stages_run(out) == ["validate_params", "train", "evaluate", "gap_report"]
     shown = run(DVC + ["exp", "show", "--json"], repo).stdout
     assert "small" in shown
 
