@@ -81,18 +81,23 @@ class AugmentedCache(CacheReader):
         if dihedral is not None:
             swap = np.isin(np.asarray(dihedral), (1, 3, 6, 7))
             q_hw = np.where(swap[:, None], q_hw[:, ::-1], q_hw)
-        t = torch.from_numpy(canv)
-        return {
-            "demo_in": t[: B * D].view(B, D, CANVAS, CANVAS),
-            "demo_out": t[B * D : 2 * B * D].view(B, D, CANVAS, CANVAS),
-            "demo_mask": torch.from_numpy(demo_mask),
-            "query_in": t[2 * B * D : 2 * B * D + B],
-            "query_out": t[2 * B * D + B :],
-            "query_offset": torch.from_numpy(np.ascontiguousarray(q_off)),
-            "query_hw": torch.from_numpy(np.ascontiguousarray(q_hw)),
-            "query_is_test": torch.from_numpy(has_test.copy()),
-            "sample": torch.from_numpy(ids.copy()),
-        }
+        return {**_tensors(canv, demo_mask, q_off, q_hw),
+                "query_is_test": torch.from_numpy(has_test.copy()), "sample": torch.from_numpy(ids.copy())}
+
+
+def _tensors(canv: np.ndarray, demo_mask: np.ndarray, q_off: np.ndarray, q_hw: np.ndarray) -> dict[str, torch.Tensor]:
+    """The batch's tensors from its canvases, laid out [demo_in (B*D) | demo_out (B*D) | query_in (B) | query_out (B)]."""
+    B, D = demo_mask.shape
+    t = torch.from_numpy(canv)
+    return {
+        "demo_in": t[: B * D].view(B, D, CANVAS, CANVAS),
+        "demo_out": t[B * D : 2 * B * D].view(B, D, CANVAS, CANVAS),
+        "demo_mask": torch.from_numpy(demo_mask),
+        "query_in": t[2 * B * D : 2 * B * D + B],
+        "query_out": t[2 * B * D + B :],
+        "query_offset": torch.from_numpy(np.ascontiguousarray(q_off, np.int64)),
+        "query_hw": torch.from_numpy(np.ascontiguousarray(q_hw, np.int64)),
+    }
 
 
 def _transformed_offset(r0, c0, h, w, d):
@@ -132,16 +137,7 @@ def batch_from_pairs(examples: list[tuple[list[Pair], np.ndarray, np.ndarray | N
     zeros = np.zeros(len(grids), np.int64)
     cells = np.concatenate([np.ascontiguousarray(g, np.uint8).ravel() for g in grids])
     place_grids(canv, np.array(slots), cells, h, w, zeros, zeros)
-    t = torch.from_numpy(canv)
-    return {
-        "demo_in": t[: B * D].view(B, D, CANVAS, CANVAS),
-        "demo_out": t[B * D : 2 * B * D].view(B, D, CANVAS, CANVAS),
-        "demo_mask": torch.from_numpy(demo_mask),
-        "query_in": t[2 * B * D : 2 * B * D + B],
-        "query_out": t[2 * B * D + B :],
-        "query_offset": torch.zeros(B, 2, dtype=torch.int64),
-        "query_hw": torch.from_numpy(q_hw),
-    }
+    return _tensors(canv, demo_mask, np.zeros((B, 2), np.int64), q_hw)
 
 
 def crop_canvas(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:

@@ -119,6 +119,11 @@ class TrainParams(_Section):
     heldout_tasks: int = Field(ge=0, le=10_000)
     max_consecutive_nonfinite: int = Field(ge=1, le=100_000)
     precision: Literal["bf16", "fp32"]
+    nproc_per_node: int = Field(ge=1, le=1024)
+    nnodes: int = Field(ge=1, le=100_000)
+    rdzv_endpoint: str = Field(min_length=1, pattern=r"^[^:\s]+:\d{1,5}$")
+    rdzv_id: str = Field(min_length=1, max_length=100)
+    dist_timeout_s: int = Field(ge=10, le=86_400)
 
 
 class EvaluateParams(_Section):

@@ -276,6 +276,19 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        "distributed-accumulation", "error",
+        ("train.grad_accumulation_steps", "train.nproc_per_node", "train.nnodes"),
+        "the micro-batches of an optimizer step divide evenly over the processes",
+        "issue: distributed training",
+        lambda p: _when(
+            p.train.grad_accumulation_steps % (p.train.nnodes * p.train.nproc_per_node) != 0,
+            f"train.grad_accumulation_steps={p.train.grad_accumulation_steps} is not a multiple of the "
+            f"{p.train.nnodes * p.train.nproc_per_node} processes: each process runs grad_accumulation_steps / "
+            "world size micro-batches of batch_size, so that the effective batch stays batch_size x "
+            "grad_accumulation_steps",
+        ),
+    ),
+    Rule(
         "monitoring-threshold-order", "error",
         ("monitoring.*_warning", "monitoring.*_critical"),
         "each warning threshold is at most its critical threshold",

@@ -9,14 +9,13 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import arc
+from pipeline import arc, distributed
 from pipeline.evaluation import submission
 from pipeline.evaluation.predictor import model_predictor
 from pipeline.evaluation.runner import SideResult, evaluate_side
 from pipeline.io import write_json, write_text
 from pipeline.model.io import ModelFileError, load_model
 from pipeline.params import load_params
-from pipeline.runtime import resolve_device
 from pipeline.stage import fail, parser, setup_logging
 from pipeline.tracking import Tracker
 
@@ -47,21 +46,30 @@ def main() -> None:
     setup_logging()
     params = load_params(args.params)
     ep = params.evaluate
+    distributed.relaunch_under_torchrun(params.train, "stages.evaluate")
+    world = distributed.init(params.train, ep.device)
+    if not world.is_main:
+        setup_logging(logging.WARNING)
 
-    device = resolve_device(ep.device)
     try:
-        model, meta = load_model(args.model, device)
+        model, meta = load_model(args.model, world.device)
     except ModelFileError as err:
         fail(str(err))
         return
-    predict = model_predictor(model, meta["temperature"], ep.use_best_step_selection, device)
+    predict = model_predictor(model, meta["temperature"], ep.use_best_step_selection, world.device)
     tasks = arc.read_raw(Path(args.raw) / "pairs.parquet")
 
     results = {}
-    for side, split in SIDES.items():
-        chosen = arc.select([t for t in tasks if t.split == split], ep.max_tasks)
-        results[side] = evaluate_side(chosen, predict, ep, desc=f"evaluate {side}")
-        log.info("%s side: %s", side, {k: round(v, 4) for k, v in results[side].metrics.items()})
+    try:
+        for side, split in SIDES.items():
+            chosen = arc.select([t for t in tasks if t.split == split], ep.max_tasks)
+            results[side] = evaluate_side(chosen, predict, ep, desc=f"evaluate {side}", world=world)
+    finally:
+        distributed.shutdown(world)
+    if not world.is_main:
+        return  # only rank 0 writes outputs and logs to MLflow
+    for side, r in results.items():
+        log.info("%s side: %s", side, {k: round(v, 4) for k, v in r.metrics.items()})
 
     sub = submission.build(results["eval"].ranked)
     submission.validate(sub, arc.select([t for t in tasks if t.split == "eval"], ep.max_tasks))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline import arc
+from pipeline import arc, distributed
 from pipeline.params import load_params
 from pipeline.stage import parser, setup_logging
 from pipeline.tracking import Tracker
@@ -25,15 +25,23 @@ def main() -> None:
     args = ap.parse_args()
     setup_logging()
     params = load_params(args.params)
+    distributed.relaunch_under_torchrun(params.train, "stages.train")
+    world = distributed.init(params.train, params.train.device)
+    if not world.is_main:
+        setup_logging(logging.WARNING)
 
-    tracker = Tracker(params)
+    tracker = Tracker(params, enabled=world.is_main)  # only rank 0 writes outputs and logs to MLflow
     paths = TrainPaths(Path(args.cache), Path(args.checkpoints), Path(args.model), Path(args.metrics),
                        Path(args.plots))
     try:
-        final = train(params, arc.read_raw(Path(args.raw) / "pairs.parquet"), paths, tracker)
+        final = train(params, arc.read_raw(Path(args.raw) / "pairs.parquet"), paths, tracker, world)
     except BaseException:
         tracker.end("FAILED")
         raise
+    finally:
+        distributed.shutdown(world)
+    if final is None:
+        return
     tracker.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step=final["epochs"])
     for f in (args.params, args.metrics, Path(args.plots) / "epochs.tsv"):
         tracker.log_artifact(f)

@@ -102,7 +102,7 @@ def test_lora_magnitude_and_diversity_match_explicit_deltas():
     assert torch.allclose(lora.diversity(), explicit_div, rtol=1e-3)
     same = example_batch(1)
     rep = {k: v.repeat(4, *[1] * (v.dim() - 1)) for k, v in same.items()}
-    assert float(tiny().eval().encode_context(rep["demo_in"], rep["demo_out"], rep["demo_mask"]).lora.diversity()) < 1e-5
+    assert float(tiny().eval().encode_context(rep["demo_in"], rep["demo_out"], rep["demo_mask"]).lora.diversity().detach()) < 1e-5
 
 
 def test_best_step_picks_the_most_confident_step():

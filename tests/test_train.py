@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import pipeline.train.loop as loop
+from pipeline.train import losses
 from pipeline.arc import read_raw
 from pipeline.loader import batch_from_pairs, crop_canvas
 from pipeline.model import RLAN
@@ -119,7 +120,7 @@ def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     ws = tiny_workspace(tmp_path, train__max_consecutive_nonfinite=3)
     params = load_params(ws["params"])
-    real = loop.training_losses
+    real = losses.training_losses
     calls = {"n": 0}
 
     def every_other_nan(*a, **k):
@@ -127,11 +128,12 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] % 4 == 1 else loss), logs
 
-    monkeypatch.setattr(loop, "training_losses", every_other_nan)
+    monkeypatch.setattr(losses, "training_losses", every_other_nan)
     final = loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
     assert final["nonfinite_steps"] == 1  # the first step of every epoch (2 micro-batches per step)
 
-    monkeypatch.setattr(loop, "training_losses", lambda *a, **k: (torch.tensor(float("inf")), {}))
+    monkeypatch.setattr(losses, "training_losses",
+                        lambda *a, **k: (torch.tensor(float("inf"), requires_grad=True), {}))
     (tmp_path / "ckpt" / "last.pt").unlink()
     with pytest.raises(loop.NonFiniteLossError, match="3 consecutive optimizer steps"):
         loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))

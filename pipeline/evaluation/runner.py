@@ -14,6 +14,7 @@ from tqdm import tqdm
 from pipeline.arc import Task
 from pipeline.augment import inverse_grid
 from pipeline.canvas import decode_canvas
+from pipeline.distributed import World, gather_to_main, single
 from pipeline.evaluation.predictor import Predictor
 from pipeline.evaluation.views import View, render, views_of
 from pipeline.evaluation.voting import Ranked, Voting, pass_at_k, task_mean
@@ -50,21 +51,32 @@ def plan_views(tasks: list[Task], ep: EvaluateParams) -> list[tuple[Task, View]]
 
 
 def evaluate_side(tasks: list[Task], predict: Predictor, ep: EvaluateParams, desc: str = "evaluate",
-                  plan: list[tuple[Task, View]] | None = None) -> SideResult:
-    """Predict every view of every test input of `tasks` and vote. `plan` restricts the views
-    (distributed evaluation hands each rank a share and merges with `merge_side`)."""
-    plan = plan_views(tasks, ep) if plan is None else plan
-    outcomes = predict_views(plan, predict, ep, desc)
+                  world: World | None = None) -> SideResult | None:
+    """Predict every view of every test input of `tasks` and vote. With several processes, rank r
+    predicts batches r, r + W, ... (the very batches a single process would form, so every number
+    is the same), the outcomes meet on rank 0, which votes; other ranks return None."""
+    world = world or single()
+    plan = plan_views(tasks, ep)
+    n_batches = -(-len(plan) // ep.batch_size)
+    local = predict_views(plan, predict, ep, range(world.rank, n_batches, world.size), desc, world.is_main)
+    parts = gather_to_main(world, local)
+    if parts is None:
+        return None
+    outcomes = [o for _, o in sorted((i, o) for part in parts for i, o in part.items())]
     return vote(tasks, outcomes, ep)
 
 
-def predict_views(plan: list[tuple[Task, View]], predict: Predictor, ep: EvaluateParams,
-                  desc: str = "evaluate") -> list[dict[str, Any]]:
-    """Per view: the grid mapped back to the task's frame, its confidence and the measures."""
-    out: list[dict[str, Any]] = []
-    done_tasks: set[str] = set()
-    with tqdm(total=len({t.id for t, _ in plan}), desc=desc, unit="task", mininterval=2.0) as bar:
-        for start in range(0, len(plan), ep.batch_size):
+def predict_views(plan: list[tuple[Task, View]], predict: Predictor, ep: EvaluateParams, batches: range,
+                  desc: str = "evaluate", progress: bool = True) -> dict[int, dict[str, Any]]:
+    """Per view (by its index in the plan), for the given batches of the plan: the grid mapped back to
+    the task's frame, its confidence and the measures."""
+    out: dict[int, dict[str, Any]] = {}
+    tasks_of = [{t.id for t, _ in plan[b * ep.batch_size : (b + 1) * ep.batch_size]} for b in batches]
+    with tqdm(total=len(set().union(*tasks_of)) if tasks_of else 0, desc=desc, unit="task", mininterval=2.0,
+              disable=not progress) as bar:
+        done: set[str] = set()
+        for b, ids in zip(batches, tasks_of):
+            start = b * ep.batch_size
             chunk = plan[start : start + ep.batch_size]
             pred = predict(batch_from_pairs([render(t, v) for t, v in chunk]))
             for i, (task, view) in enumerate(chunk):
@@ -72,13 +84,12 @@ def predict_views(plan: list[tuple[Task, View]], predict: Predictor, ep: Evaluat
                 conf = confidence(grid, pred.logp[i])
                 if ep.use_inverse_aug and grid.size:
                     grid = inverse_grid(grid, view.dihedral, view.cmap)
-                out.append({"task_id": task.id, "test_index": view.test_index, "identity": view.is_identity,
-                            "grid": grid, "confidence": conf, "loss": float(pred.loss[i]),
-                            "attention_entropy": float(pred.attention_entropy[i]),
-                            "stop_value": float(pred.stop_value[i])})
-            new = {t.id for t, _ in chunk} - done_tasks
-            done_tasks |= new
-            bar.update(len(new))
+                out[start + i] = {"task_id": task.id, "test_index": view.test_index, "identity": view.is_identity,
+                                  "grid": grid, "confidence": conf, "loss": float(pred.loss[i]),
+                                  "attention_entropy": float(pred.attention_entropy[i]),
+                                  "stop_value": float(pred.stop_value[i])}
+            bar.update(len(ids - done))
+            done |= ids
     return out
 
 

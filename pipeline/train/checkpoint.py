@@ -21,9 +21,15 @@ FORMAT = 1
 LAST = "last.pt"
 
 
+# How many processes train, and how they meet, does not change the result: a run resumes on any world size.
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id", "dist_timeout_s")
+
+
 def fingerprint(params: Params) -> str:
-    """Hash of the sections that shape the trained weights: data, augment, model, train."""
+    """Hash of what shapes the trained weights: data, augment, model and train (less LAUNCH_KEYS)."""
     keep = {k: params.model_dump()[k] for k in ("data", "augment", "model", "train")}
+    for k in LAUNCH_KEYS:
+        keep["train"].pop(k)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

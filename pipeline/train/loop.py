@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -14,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from pipeline import monitor
+from pipeline import distributed, monitor
 from pipeline.arc import Task
 from pipeline.io import write_json, write_text
 from pipeline.loader import AugmentedCache, batch_from_pairs
@@ -27,7 +29,7 @@ from pipeline.params import Params, TrainParams
 from pipeline.runtime import autocast, resolve_device, seed_everything, to_device
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint, schedule
-from pipeline.train.losses import evaluation_measures, training_losses
+from pipeline.train.losses import Objective, evaluation_measures
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,13 @@ class Meter:
 
     def means(self) -> dict[str, float]:
         return {k: self.sum[k] / self.n[k] for k in self.sum}
+
+    def global_means(self, world: distributed.World) -> dict[str, float]:
+        """Means over the values of every rank (each rank may have measured different keys)."""
+        keys = distributed.union_keys(world, set(self.sum))
+        totals = distributed.sum_all(world, {**{f"s:{k}": self.sum.get(k, 0.0) for k in keys},
+                                             **{f"n:{k}": float(self.n.get(k, 0)) for k in keys}})
+        return {k: totals[f"s:{k}"] / totals[f"n:{k}"] for k in keys if totals[f"n:{k}"] > 0}
 
 
 def build_optimizer(model: RLAN, tp: TrainParams) -> torch.optim.AdamW:
@@ -143,9 +152,27 @@ def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker) -> dict[str, Any]:
+def micro_seed(seed: int, epoch: int, step: int, micro: int) -> int:
+    """The seed of one micro-batch: its Gumbel noise and dropout depend on nothing else, so any
+    split of the micro-batches over processes, and any resume point, gives the same numbers."""
+    return int(np.random.SeedSequence([seed, epoch, step, micro]).generate_state(1)[0])
+
+
+def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker,
+          world: distributed.World | None = None) -> dict[str, Any] | None:
+    """Train; returns the final metrics on rank 0 (None on other ranks).
+
+    Distributed rule: an optimizer step is `grad_accumulation_steps` micro-batches of `batch_size`
+    whatever the world size; rank r runs micro-batches r*k .. r*k + k - 1 with k =
+    grad_accumulation_steps / world size, synchronising gradients only on the last (`no_sync`).
+    """
     tp = params.train
-    device = resolve_device(tp.device)
+    world = world or distributed.single(resolve_device(tp.device))
+    device = world.device
+    if tp.grad_accumulation_steps % world.size:
+        raise ValueError(f"train.grad_accumulation_steps={tp.grad_accumulation_steps} is not a multiple of the "
+                         f"world size {world.size}")
+    local_micro = tp.grad_accumulation_steps // world.size
     seed_everything(tp.seed)
     cache = AugmentedCache(paths.cache)
     heldout = heldout_examples(tasks, tp.heldout_tasks, tp.seed)
@@ -155,23 +182,25 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
     per_step = tp.batch_size * tp.grad_accumulation_steps
     steps_per_epoch = tp.steps_per_epoch or max(1, len(cache) // per_step)
     total_steps = steps_per_epoch * tp.epochs
-    log.info("training on %s: %d parameters, %d samples, %d steps per epoch, %d epochs", device,
-             sum(p.numel() for p in model.parameters()), len(cache), steps_per_epoch, tp.epochs)
+    if world.is_main:
+        log.info("training on %d x %s: %d parameters, %d samples, %d steps per epoch of %d samples, %d epochs",
+                 world.size, device.type, sum(p.numel() for p in model.parameters()), len(cache), steps_per_epoch,
+                 per_step, tp.epochs)
 
-    # -- resume from the last checkpoint of the same run, if any
+    # -- resume from the last checkpoint of the same run, read by rank 0 and shared
     fp = checkpoint.fingerprint(params)
+    state = checkpoint.load_resumable(paths.checkpoints, fp, tp.epochs) if world.is_main else None
+    state = distributed.broadcast_from_main(world, state)
     start_epoch, history, consecutive_bad, run_id = 0, [], 0, None
-    state = checkpoint.load_resumable(paths.checkpoints, fp, tp.epochs)
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_torch"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
         start_epoch, history = state["epoch"], state["history"]
         consecutive_bad, run_id = state["consecutive_nonfinite"], state["mlflow_run_id"]
-    run_id = tracker.start(run_id=run_id)
+    objective = Objective(model, tp)
+    net = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else objective
+    run_id = tracker.start(run_id=run_id) if world.is_main else None
 
     for epoch in range(start_epoch, tp.epochs):
         model.train()
@@ -179,7 +208,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
         order = epoch_order(len(cache), tp.seed, epoch)
         meta = schedule.meta_learning_active(tp, epoch)
         for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tp.epochs}", unit="step",
-                         mininterval=5.0, leave=False):
+                         mininterval=5.0, leave=False, disable=not world.is_main):
             # -- schedules
             progress = (epoch * steps_per_epoch + step) / max(total_steps - 1, 1)
             tau = schedule.temperature(tp, progress)
@@ -187,9 +216,10 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_mult"]
 
-            # -- forward and backward over the micro-batches
+            # -- forward and backward over this rank's micro-batches; gradients meet on the last one
             finite = True
-            for micro in range(tp.grad_accumulation_steps):
+            for j in range(local_micro):
+                micro = world.rank * local_micro + j
                 first = (step * tp.grad_accumulation_steps + micro) * tp.batch_size
                 ids = np.take(order, np.arange(first, first + tp.batch_size), mode="wrap")
                 key = [tp.seed, epoch, step, micro]
@@ -200,20 +230,21 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
                     for _ in range(tp.equivariance_training.num_augmentations):
                         ds = d_rng.integers(1, 8, len(ids))
                         equiv.append(to_device(cache.batch(ids, np.random.default_rng(key), dihedral=ds), device))
-                with autocast(device, tp.precision):
-                    loss, logs = training_losses(model, batch, tau, tp, meta, equiv)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                (loss / tp.grad_accumulation_steps).backward()
+                torch.manual_seed(micro_seed(*key))
+                sync = j == local_micro - 1 or world.size == 1
+                with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device, tp.precision):
+                    loss, logs = net(batch, tau, meta, equiv)
+                    finite &= bool(torch.isfinite(loss))
+                    (loss / local_micro).backward()  # also when non-finite: every rank joins the all-reduce
                 meter.add(logs)
 
-            # -- skip a step with a non-finite loss; stop after too many in a row
-            if not finite:
+            # -- skip a step with a non-finite loss on any rank; stop after too many in a row
+            if distributed.sum_all(world, {"bad": float(not finite)})["bad"] > 0:
                 opt.zero_grad(set_to_none=True)
                 bad_steps += 1
                 consecutive_bad += 1
-                log.warning("epoch %d step %d: non-finite loss, step skipped", epoch, step)
+                if world.is_main:
+                    log.warning("epoch %d step %d: non-finite loss, step skipped", epoch, step)
                 if consecutive_bad >= tp.max_consecutive_nonfinite:
                     raise NonFiniteLossError(
                         f"{consecutive_bad} consecutive optimizer steps with a NaN/Inf loss (epoch {epoch}, step "
@@ -221,46 +252,51 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
                 continue
             consecutive_bad = 0
 
-            # -- clip, step, EMA
+            # -- clip, step, EMA (every rank holds the same weights, so the same EMA)
             torch.nn.utils.clip_grad_norm_(model.parameters(), tp.gradient_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema.update_parameters(model)
 
-        # -- end of epoch: means, held-out measures in eval mode, health checks, logging
+        # -- end of epoch: means over all ranks, then rank 0 measures, checks, logs and saves
+        means = meter.global_means(world)
         elapsed = time.perf_counter() - t0
-        row: dict[str, Any] = {"epoch": epoch, **{k: None for k in EPOCH_METRICS}, **meter.means(),
-                               "temperature": tau, "learning_rate": lr, "nonfinite_steps": bad_steps}
-        if (epoch + 1) % tp.eval_every == 0 or epoch + 1 == tp.epochs:
-            row.update(measure_heldout(ema.module, heldout, tau, tp.batch_size, device, tp.precision))
-        row = {k: row.get(k) for k in ["epoch", *EPOCH_METRICS]}
-        history.append(row)
-        checks = epoch_checks(row, params)
-        for c in checks:
-            if c.status != "ok":
-                log.warning("epoch %d: %s %s: %s", epoch, c.name, c.status, c.message)
-        tracker.log_metrics({**{k: v for k, v in row.items() if k != "epoch"},
-                             **{f"gap_{c.name}": c.value for c in checks if c.name not in row},
-                             "samples_per_second": steps_per_epoch * per_step / elapsed}, step=epoch)
-        tracker.set_tags({f"health.{c.name}": f"epoch {epoch}: {c.status}: {c.message}"
-                          for c in checks if c.status != "ok"})
-        write_series(history, paths.plots)
-        log.info("epoch %d: loss %.4f, train exact %.3f, held-out exact %s, %.1f samples/s", epoch,
-                 row["loss_total"] or math.nan, row["train_exact_match"] or 0.0, row["heldout_exact_match"],
-                 steps_per_epoch * per_step / elapsed)
+        if world.is_main:
+            row: dict[str, Any] = {"epoch": epoch, **{k: None for k in EPOCH_METRICS}, **means,
+                                   "temperature": tau, "learning_rate": lr, "nonfinite_steps": bad_steps}
+            if (epoch + 1) % tp.eval_every == 0 or epoch + 1 == tp.epochs:
+                row.update(measure_heldout(ema.module, heldout, tau, tp.batch_size, device, tp.precision))
+            row = {k: row.get(k) for k in ["epoch", *EPOCH_METRICS]}
+            history.append(row)
+            log_epoch(row, params, tracker, steps_per_epoch * per_step / elapsed)
+            write_series(history, paths.plots)
+            if (epoch + 1) % tp.save_every == 0 or epoch + 1 == tp.epochs:
+                checkpoint.save(paths.checkpoints, {
+                    "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "ema": ema.state_dict(),
+                    "optimizer": opt.state_dict(), "history": history, "consecutive_nonfinite": consecutive_bad,
+                    "mlflow_run_id": run_id, "params": params.model_dump()})
+        distributed.barrier(world)
 
-        # -- checkpoint
-        if (epoch + 1) % tp.save_every == 0 or epoch + 1 == tp.epochs:
-            checkpoint.save(paths.checkpoints, {
-                "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(), "rng_torch": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                "history": history, "consecutive_nonfinite": consecutive_bad, "mlflow_run_id": run_id,
-                "params": params.model_dump()})
-
+    if not world.is_main:
+        return None
     # -- the EMA weights are the trained model
     final = final_metrics(history)
     save_model(paths.model, ema.module, {"temperature": schedule.temperature(tp, 1.0), "epochs": tp.epochs,
                                          "fingerprint": fp, "mlflow_run_id": run_id})
     write_json(paths.metrics, final)
     return final
+
+
+def log_epoch(row: dict[str, Any], params: Params, tracker: Tracker, samples_per_second: float) -> None:
+    epoch = row["epoch"]
+    checks = epoch_checks(row, params)
+    for c in checks:
+        if c.status != "ok":
+            log.warning("epoch %d: %s %s: %s", epoch, c.name, c.status, c.message)
+    tracker.log_metrics({**{k: v for k, v in row.items() if k != "epoch"},
+                         **{f"gap_{c.name}": c.value for c in checks if c.name not in row},
+                         "samples_per_second": samples_per_second}, step=epoch)
+    tracker.set_tags({f"health.{c.name}": f"epoch {epoch}: {c.status}: {c.message}" for c in checks if c.status != "ok"})
+    log.info("epoch %d: loss %.4f, train exact %.3f, held-out exact %s, %.1f samples/s", epoch,
+             row["loss_total"] or math.nan, row["train_exact_match"] or 0.0, row["heldout_exact_match"],
+             samples_per_second)

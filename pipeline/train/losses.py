@@ -133,6 +133,18 @@ def training_losses(model: RLAN, batch: dict[str, torch.Tensor], temperature: fl
     return total, logs
 
 
+class Objective(torch.nn.Module):
+    """The training loss as one module call, so that DistributedDataParallel sees a single forward
+    (the main, leave-one-out and equivariance passes) per backward."""
+
+    def __init__(self, model: RLAN, tp: TrainParams):
+        super().__init__()
+        self.model, self.tp = model, tp
+
+    def forward(self, batch, temperature: float, meta_active: bool, equivariant_batches=()):
+        return training_losses(self.model, batch, temperature, self.tp, meta_active, equivariant_batches)
+
+
 @torch.no_grad()
 def evaluation_measures(model: RLAN, batch: dict[str, torch.Tensor], temperature: float,
                         best_step: bool = False) -> dict[str, torch.Tensor]:
