@@ -15,8 +15,8 @@ maps back to its task's grids through its recorded augmentation.
 Layout of the cache directory:
 
 - `cells.npy`: uint8, the augmented cells of all samples, two cells per byte (first cell in the
-  high nibble). Sample s occupies bytes `[cell_start // 2, (cell_start + n_cells) // 2)`; a task
-  with an odd cell count is padded with one zero cell per sample so samples start on a byte.
+  high nibble). Sample s occupies bytes `[cell_start // 2, (cell_start + n_cells + 1) // 2)`; a
+  task with an odd cell count is padded with one zero cell per sample so samples start on a byte.
 - `samples.parquet`: one row per sample (the index): task_id, split, version, dihedral,
   color_map (10 digits, digit c = new colour of c), name (`task|||t{d}|||{color_map}`), repeat
   (true when the task had too few distinct versions), cell_start, n_cells, pair_start, n_demo, n_test.

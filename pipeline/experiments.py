@@ -75,8 +75,10 @@ def existing(cwd: Path) -> set[str]:
 
 def run(names: list[str], cwd: Path, queue: bool = False, jobs: int = 1) -> None:
     """Run the named experiments from the committed baseline, replacing earlier ones of those names.
-    In the workspace they run one after the other, `stable` last so that the workspace ends on the
-    committed params; with `queue`, in temporary copies, `jobs` at a time."""
+    Every stage of each runs (`--force`: the data stages take seconds), so each experiment has its own
+    MLflow run; a training identical to one already finished is restored from its checkpoint, not
+    repeated. In the workspace they run one after the other, `stable` last so that the workspace
+    ends on the committed params; with `queue`, in temporary copies, `jobs` at a time."""
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise SystemExit(f"unknown experiment(s) {unknown}; declared: {sorted(EXPERIMENTS)}")
@@ -86,8 +88,8 @@ def run(names: list[str], cwd: Path, queue: bool = False, jobs: int = 1) -> None
     ordered = sorted(names, key=lambda n: n == "stable")
     for name in ordered:
         log.info("%s experiment %s %s", "queueing" if queue else "running", name, " ".join(set_args(EXPERIMENTS[name])))
-        _dvc(["exp", "run", *(["--queue"] if queue else []), "-n", name, *set_args(EXPERIMENTS[name])], cwd,
-             capture=queue)
+        _dvc(["exp", "run", "--force", *(["--queue"] if queue else []), "-n", name, *set_args(EXPERIMENTS[name])],
+             cwd, capture=queue)
     if queue:
         _dvc(["queue", "start", "-j", str(jobs)], cwd)
         wait_for_queue(cwd)

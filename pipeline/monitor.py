@@ -30,9 +30,10 @@ class Check:
 
 
 def grade(value: float, warning: float, critical: float) -> Status:
-    """Higher is worse: ok below `warning`, critical from `critical` on (strictly above each)."""
+    """Higher is worse: ok up to `warning`, warning above it, critical above `critical`. A value
+    that is not finite (a diverged loss, nothing measured) is critical."""
     if not math.isfinite(value):
-        return "critical" if value == math.inf else "ok"
+        return "critical"
     return "critical" if value > critical else "warning" if value > warning else "ok"
 
 

@@ -62,8 +62,10 @@ class Tracker:
         self.run_id: str | None = None
         self._client = None
 
-    def start(self, run_id: str | None = None, run_name: str | None = None) -> str | None:
-        """Start a run, or continue `run_id` (a resumed training) when the store has it."""
+    def start(self, run_id: str | None = None, only_if_same_name: bool = False) -> str | None:
+        """Start a run, or continue `run_id` when the store has it: always for a resumed training,
+        and with `only_if_same_name` only when that run carries this run's name (a finished training
+        restored inside another DVC experiment gets a run of its own)."""
         if not self.enabled:
             return None
         import mlflow
@@ -71,16 +73,18 @@ class Tracker:
         uri = tracking_uri(self.params.tracking)
         exp_id = prepare_store(uri, self.params.tracking.experiment_name)
         self._client = mlflow.MlflowClient(uri)
+        name = os.environ.get("DVC_EXP_NAME") or "workspace"
         if run_id is not None:
             try:
-                self._client.get_run(run_id)
+                found = self._client.get_run(run_id)
+            except mlflow.exceptions.MlflowException:
+                found = None
+                log.warning("MLflow run %s not found in %s: starting a new run", run_id, uri)
+            if found is not None and (not only_if_same_name or found.info.run_name == name):
                 self.run_id = run_id
                 self._client.update_run(run_id, status="RUNNING")
                 log.info("MLflow: continuing run %s", run_id)
                 return run_id
-            except mlflow.exceptions.MlflowException:
-                log.warning("MLflow run %s not found in %s: starting a new run", run_id, uri)
-        name = run_name or os.environ.get("DVC_EXP_NAME") or "workspace"
         tags = {"git_commit": _git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
                 "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")}
         run = self._client.create_run(exp_id, run_name=name, tags=tags)

@@ -63,6 +63,8 @@ def main() -> None:
     try:
         for side, split in SIDES.items():
             chosen = arc.select([t for t in tasks if t.split == split], ep.max_tasks)
+            if not chosen:
+                fail(f"no {split} tasks in {args.raw}: the {side} side of the evaluation has nothing to measure")
             results[side] = evaluate_side(chosen, predict, ep, desc=f"evaluate {side}", world=world)
     finally:
         distributed.shutdown(world)

@@ -13,7 +13,7 @@ M = params_with().monitoring
 
 
 @pytest.mark.parametrize("value, expected", [(0.05, "ok"), (0.10, "ok"), (0.15, "warning"), (0.2, "warning"),
-                                             (0.25, "critical"), (math.inf, "critical"), (math.nan, "ok")])
+                                             (0.25, "critical"), (math.inf, "critical"), (math.nan, "critical")])
 def test_grade(value, expected):
     assert grade(value, 0.10, 0.20) == expected
 

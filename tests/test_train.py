@@ -135,7 +135,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "training_losses",
                         lambda *a, **k: (torch.tensor(float("inf"), requires_grad=True), {}))
     (tmp_path / "ckpt" / "last.pt").unlink()
-    with pytest.raises(loop.NonFiniteLossError, match="3 consecutive optimizer steps"):
+    with pytest.raises(loop.NonFiniteLossError, match="3 consecutive optimizer steps with a NaN/Inf loss"):
         loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
 
 
@@ -186,8 +186,33 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, caplog):
     other = first.model_copy(update={"train": first.train.model_copy(update={"learning_rate": 1e-3})})
     with caplog.at_level("INFO"):
         loop.train(other, tasks, _paths(ws), Tracker(other, enabled=False))
-    assert "belongs to other params: starting fresh" in caplog.text
+    assert "belongs to other params, code or data: starting fresh" in caplog.text
+    first_weights = (tmp_path / "model.pt").read_bytes()
+    (tmp_path / "model.pt").unlink()
+    (tmp_path / "plots" / "epochs.tsv").unlink()
     caplog.clear()
-    with caplog.at_level("INFO"):
-        loop.train(other, tasks, _paths(ws), Tracker(other, enabled=False))
-    assert "is of a finished run: starting fresh" in caplog.text
+    with caplog.at_level("INFO"):  # the same run again: its finished checkpoint gives the outputs back
+        final = loop.train(other, tasks, _paths(ws), Tracker(other, enabled=False))
+    assert "finished: restoring its outputs" in caplog.text and "epoch 0:" not in caplog.text
+    assert final["epochs"] == 2 and (tmp_path / "plots" / "epochs.tsv").exists()
+    again, _ = load_model(tmp_path / "model.pt")
+    (tmp_path / "first.pt").write_bytes(first_weights)
+    before, _ = load_model(tmp_path / "first.pt")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), before.state_dict().values()))
+
+
+def test_nonfinite_gradient_with_finite_loss_skips_the_step(tmp_path, monkeypatch):
+    ws = tiny_workspace(tmp_path, train__epochs=1, train__max_consecutive_nonfinite=50)
+    params = load_params(ws["params"])
+    real = losses.training_losses
+
+    def inf_gradient(model, *a, **k):
+        loss, logs = real(model, *a, **k)
+        zero = sum((q - q.detach()).abs().sum() for q in model.parameters())
+        return loss + zero.sqrt(), logs  # the same value; d sqrt(u)/du at u = 0 is infinite
+
+    monkeypatch.setattr(losses, "training_losses", inf_gradient)
+    final = loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
+    assert final["nonfinite_steps"] == 2 and final["loss_total"] is None  # every step skipped, nothing measured
+    model, _ = load_model(tmp_path / "model.pt")
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())

@@ -11,7 +11,8 @@ import torch
 
 from pipeline.model import RLAN
 from pipeline.runtime import autocast, to_device
-from pipeline.train.losses import log_stablemax, stablemax_cross_entropy
+from pipeline.model.stablemax import log_stablemax
+from pipeline.train.losses import stablemax_cross_entropy
 
 
 @dataclass

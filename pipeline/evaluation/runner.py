@@ -99,7 +99,8 @@ def vote(tasks: list[Task], outcomes: list[dict[str, Any]], ep: EvaluateParams) 
     voting.begin()
     identity: dict[tuple[str, int], float] = {}
     for o in outcomes:
-        voting.update(o["task_id"], o["test_index"], o["grid"], o["confidence"])
+        if o["grid"].size:  # a view whose prediction decodes to no grid casts no vote (it still counts below)
+            voting.update(o["task_id"], o["test_index"], o["grid"], o["confidence"])
     truths = {(t.id, i): out for t in tasks for i, (_, out) in enumerate(t.tests)}
     for o in outcomes:
         if o["identity"]:

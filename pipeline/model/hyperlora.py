@@ -37,22 +37,27 @@ class LoRA:
         return self.scaling * torch.einsum("bor,brhw->bohw", self.a[target], u)
 
     def magnitudes(self) -> dict[str, torch.Tensor]:
-        """(B,) ||A B^T||_F / sqrt(n_out) per target, from r x r Gram matrices (no n_out x n_in product)."""
+        """(B,) ||A B^T||_F / sqrt(n_out) per target (the predicted delta, before `scaling`), from
+        r x r Gram matrices, in float32 whatever the autocast (differentiable: the equivariance loss)."""
         out = {}
-        for t, a in self.a.items():
-            sq = ((a.transpose(1, 2) @ a) * (self.b[t].transpose(1, 2) @ self.b[t])).sum((1, 2))
-            out[t] = sq.clamp_min(0).sqrt() / math.sqrt(a.shape[1])
+        with torch.autocast(self.a[TARGETS[0]].device.type, enabled=False):
+            for t, a in self.a.items():
+                a, b = a.float(), self.b[t].float()
+                sq = ((a.transpose(1, 2) @ a) * (b.transpose(1, 2) @ b)).sum((1, 2))
+                out[t] = (sq.clamp_min(0) + 1e-12).sqrt() / math.sqrt(a.shape[1])  # eps: finite gradient at 0
         return out
 
+    @torch.no_grad()
     def diversity(self) -> torch.Tensor:
         """Root-mean-square distance of each sample's delta from the batch mean, in magnitude units,
-        averaged over the targets: 0 when every task gets the same delta."""
+        averaged over the targets: 0 when every task gets the same delta. A measurement: float32
+        deltas, centred explicitly (no difference of large sums)."""
         vals = []
-        for t, a in self.a.items():
-            b = self.b[t]
-            gram = torch.einsum("bor,cos,bir,cis->bc", a, a, b, b)  # <dW_b, dW_c>_F
-            var = gram.diagonal().mean() - gram.mean()
-            vals.append(var.clamp_min(0).sqrt() / math.sqrt(a.shape[1]))
+        with torch.autocast(self.a[TARGETS[0]].device.type, enabled=False):
+            for t, a in self.a.items():
+                dw = a.float() @ self.b[t].float().transpose(1, 2)  # (B, n_out, n_in)
+                centred = dw - dw.mean(0, keepdim=True)
+                vals.append(centred.pow(2).sum((1, 2)).mean().sqrt() / math.sqrt(a.shape[1]))
         return torch.stack(vals).mean()
 
 

@@ -19,6 +19,7 @@ from pipeline.model.hyperlora import LoRA, HyperLoRA
 from pipeline.model.layers import ChannelNorm, GridEmbedding
 from pipeline.model.msre import MSRE
 from pipeline.model.solver import RecursiveSolver
+from pipeline.model.stablemax import log_stablemax
 from pipeline.params import ModelParams
 
 
@@ -41,8 +42,8 @@ class Output:
         if not best_step:
             return self.logits[-1]
         stacked = torch.stack(self.logits, 0).float()  # (T, B, C, h, w)
-        p = torch.softmax(stacked, 2)
-        ent = -(p * p.clamp_min(1e-12).log()).sum(2)  # (T, B, h, w)
+        logp = log_stablemax(stacked, 2)  # the model's probabilities are stablemax ones
+        ent = -(logp.exp() * logp).sum(2)  # (T, B, h, w)
         grid = (stacked.argmax(2) != PAD).float()  # cells the step predicts as part of the answer
         score = (ent * grid).sum((2, 3)) / grid.sum((2, 3)).clamp_min(1.0)
         best = score.argmin(0)  # (B,)

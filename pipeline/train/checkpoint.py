@@ -21,29 +21,53 @@ FORMAT = 1
 LAST = "last.pt"
 
 
-# How many processes train, and how they meet, does not change the result: a run resumes on any world size.
-LAUNCH_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id", "dist_timeout_s")
+# Keys that do not change what training produces: how many processes run and how they meet, how
+# often checkpoints are written, when to give up on NaN. A run resumes whatever they are.
+NEUTRAL_TRAIN_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id", "dist_timeout_s", "save_every",
+                      "max_consecutive_nonfinite")
+# The code that shapes training, relative to the pipeline package.
+TRAINING_CODE = ("model", "train", "loader.py", "cache.py", "canvas.py", "augment.py", "arc.py", "params.py",
+                 "runtime.py", "distributed.py")
 
 
-def fingerprint(params: Params) -> str:
-    """Hash of what shapes the trained weights: data, augment, model and train (less LAUNCH_KEYS)."""
+def _digest_files(h: "hashlib._Hash", files: list[Path]) -> None:
+    for f in sorted(files):
+        h.update(str(f.name).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+
+
+def fingerprint(params: Params, data: list[Path], extra: bytes = b"") -> str:
+    """Hash of what shapes training's outputs: the data, augment, model and train params (less the
+    neutral keys), the training code, the files in `data` (the cache) and `extra` (the held-out slice).
+    A checkpoint is resumed only under the same fingerprint."""
     keep = {k: params.model_dump()[k] for k in ("data", "augment", "model", "train")}
-    for k in LAUNCH_KEYS:
+    for k in NEUTRAL_TRAIN_KEYS:
         keep["train"].pop(k)
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    h = hashlib.blake2b(json.dumps(keep, sort_keys=True).encode(), digest_size=16)
+    root = Path(__file__).resolve().parents[1]
+    code = [f for part in TRAINING_CODE for f in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])]
+    _digest_files(h, code)
+    _digest_files(h, [f for d in data for f in (sorted(d.rglob("*")) if d.is_dir() else [d]) if f.is_file()])
+    h.update(extra)
+    return h.hexdigest()
 
 
 def save(directory: str | Path, state: dict[str, Any]) -> Path:
     path = Path(directory) / LAST
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f"{LAST}.tmp-*"):  # left by a run killed while writing
+        stale.unlink()
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
     return path
 
 
 def load_resumable(directory: str | Path, fp: str, epochs: int) -> dict[str, Any] | None:
-    """The last checkpoint if it continues this run; None to start fresh. A corrupt checkpoint is an
-    error (it names the file) rather than a silent restart."""
+    """The last checkpoint if it belongs to this run (same fingerprint), else None to start fresh.
+    A finished run's checkpoint is returned too: its outputs are rebuilt without training. A corrupt
+    checkpoint is an error naming the file rather than a silent restart."""
     path = Path(directory) / LAST
     if not path.exists():
         return None
@@ -51,10 +75,11 @@ def load_resumable(directory: str | Path, fp: str, epochs: int) -> dict[str, Any
     if state.get("format") != FORMAT:
         raise ModelFileError(f"{path}: checkpoint format {state.get('format')}, this code reads {FORMAT}")
     if state.get("fingerprint") != fp:
-        log.info("checkpoint %s belongs to other params: starting fresh", path)
+        log.info("checkpoint %s belongs to other params, code or data: starting fresh", path)
         return None
     if state.get("epoch", 0) >= epochs:
-        log.info("checkpoint %s is of a finished run: starting fresh", path)
-        return None
-    log.info("resuming from %s after epoch %d", path, state["epoch"])
+        log.info("checkpoint %s is of this very run, finished: restoring its outputs", path)
+    else:
+        log.info("resuming from %s after epoch %d", path, state["epoch"])
+    state["path"] = str(path)
     return state

@@ -24,12 +24,13 @@ from pipeline.arc import Task
 from pipeline.io import write_json, write_text
 from pipeline.loader import AugmentedCache, batch_from_pairs
 from pipeline.model import RLAN
-from pipeline.model.io import save_model
+from pipeline.model.io import ModelFileError, save_model
 from pipeline.params import Params, TrainParams
 from pipeline.runtime import autocast, resolve_device, seed_everything, to_device
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint, schedule
 from pipeline.train.losses import Objective, evaluation_measures
+from pipeline.train.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,6 @@ def build_optimizer(model: RLAN, tp: TrainParams) -> torch.optim.AdamW:
         [{"params": ps, "lr_mult": tp.hyperlora_lr_multiplier if hyper else 1.0,
           "weight_decay": tp.weight_decay if decay else 0.0} for (hyper, decay), ps in sorted(groups.items())],
         lr=tp.learning_rate, betas=(tp.beta1, tp.beta2))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def heldout_examples(tasks: list[Task], n_tasks: int, seed: int):
@@ -162,19 +159,16 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
           world: distributed.World | None = None) -> dict[str, Any] | None:
     """Train; returns the final metrics on rank 0 (None on other ranks).
 
-    Distributed rule: an optimizer step is `grad_accumulation_steps` micro-batches of `batch_size`
-    whatever the world size; rank r runs micro-batches r*k .. r*k + k - 1 with k =
-    grad_accumulation_steps / world size, synchronising gradients only on the last (`no_sync`).
+    Distributed rule (pipeline.train.sampler): an optimizer step is `grad_accumulation_steps`
+    micro-batches of `batch_size` whatever the world size; each rank runs its share and
+    synchronises gradients only on its last micro-batch (`no_sync`).
     """
     tp = params.train
     world = world or distributed.single(resolve_device(tp.device))
     device = world.device
-    if tp.grad_accumulation_steps % world.size:
-        raise ValueError(f"train.grad_accumulation_steps={tp.grad_accumulation_steps} is not a multiple of the "
-                         f"world size {world.size}")
-    local_micro = tp.grad_accumulation_steps // world.size
     seed_everything(tp.seed)
     cache = AugmentedCache(paths.cache)
+    sampler = Sampler(len(cache), tp.seed, tp.batch_size, tp.grad_accumulation_steps, world.size)
     heldout = heldout_examples(tasks, tp.heldout_tasks, tp.seed)
     model = RLAN(params.model).to(device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema_decay), use_buffers=True)
@@ -188,24 +182,35 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
                  per_step, tp.epochs)
 
     # -- resume from the last checkpoint of the same run, read by rank 0 and shared
-    fp = checkpoint.fingerprint(params)
+    held = b"".join(bytes(g.shape) + g.tobytes() for ctx, q_in, q_out in heldout
+                    for g in [q_in, q_out, *(x for pair in ctx for x in pair)])
+    fp = checkpoint.fingerprint(params, [paths.cache], held) if world.is_main else None
     state = checkpoint.load_resumable(paths.checkpoints, fp, tp.epochs) if world.is_main else None
-    state = distributed.broadcast_from_main(world, state)
+    state, fp = distributed.broadcast_from_main(world, (state, fp))
     start_epoch, history, consecutive_bad, run_id = 0, [], 0, None
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ModelFileError(f"{state['path']}: does not fit this model ({err})") from None
         start_epoch, history = state["epoch"], state["history"]
         consecutive_bad, run_id = state["consecutive_nonfinite"], state["mlflow_run_id"]
     objective = Objective(model, tp)
     net = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else objective
-    run_id = tracker.start(run_id=run_id) if world.is_main else None
+    restored = start_epoch >= tp.epochs
+    if world.is_main:
+        earlier, run_id = run_id, tracker.start(run_id=run_id, only_if_same_name=restored)
+        if restored and run_id != earlier:  # a new run for this experiment: give it the whole history
+            for row in history:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            tracker.set_tags({"restored_from_run": str(earlier)})
 
     for epoch in range(start_epoch, tp.epochs):
         model.train()
         meter, bad_steps, t0 = Meter(), 0, time.perf_counter()
-        order = epoch_order(len(cache), tp.seed, epoch)
+        order = sampler.order(epoch)
         meta = schedule.meta_learning_active(tp, epoch)
         for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tp.epochs}", unit="step",
                          mininterval=5.0, leave=False, disable=not world.is_main):
@@ -217,46 +222,46 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
                 g["lr"] = lr * g["lr_mult"]
 
             # -- forward and backward over this rank's micro-batches; gradients meet on the last one
-            finite = True
-            for j in range(local_micro):
-                micro = world.rank * local_micro + j
-                first = (step * tp.grad_accumulation_steps + micro) * tp.batch_size
-                ids = np.take(order, np.arange(first, first + tp.batch_size), mode="wrap")
-                key = [tp.seed, epoch, step, micro]
-                batch = to_device(cache.batch(ids, np.random.default_rng(key)), device)
+            finite, step_logs = True, []
+            micro_batches = sampler.micro_batches(order, epoch, step, world.rank)
+            for j, mb in enumerate(micro_batches):
+                batch = to_device(cache.batch(mb.ids, np.random.default_rng(mb.key)), device)
                 equiv = []
                 if meta and tp.equivariance_training.enabled and params.model.use_hyperlora:
-                    d_rng = np.random.default_rng([*key, 1])
+                    d_rng = np.random.default_rng([*mb.key, 1])
                     for _ in range(tp.equivariance_training.num_augmentations):
-                        ds = d_rng.integers(1, 8, len(ids))
-                        equiv.append(to_device(cache.batch(ids, np.random.default_rng(key), dihedral=ds), device))
-                torch.manual_seed(micro_seed(*key))
-                sync = j == local_micro - 1 or world.size == 1
+                        ds = d_rng.integers(1, 8, len(mb.ids))
+                        equiv.append(to_device(cache.batch(mb.ids, np.random.default_rng(mb.key), dihedral=ds), device))
+                torch.manual_seed(micro_seed(*mb.key))
+                sync = j == len(micro_batches) - 1 or world.size == 1
                 with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device, tp.precision):
                     loss, logs = net(batch, tau, meta, equiv)
                     finite &= bool(torch.isfinite(loss))
-                    (loss / local_micro).backward()  # also when non-finite: every rank joins the all-reduce
-                meter.add(logs)
+                    (loss / len(micro_batches)).backward()  # also when non-finite: every rank joins the all-reduce
+                step_logs.append(logs)
 
-            # -- skip a step with a non-finite loss on any rank; stop after too many in a row
-            if distributed.sum_all(world, {"bad": float(not finite)})["bad"] > 0:
+            # -- clip; a non-finite loss on any rank, or a non-finite gradient, skips the step
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tp.gradient_clip)
+            bad = distributed.sum_all(world, {"bad": float(not finite)})["bad"] > 0 or not torch.isfinite(norm)
+            if bad:
                 opt.zero_grad(set_to_none=True)
                 bad_steps += 1
                 consecutive_bad += 1
                 if world.is_main:
-                    log.warning("epoch %d step %d: non-finite loss, step skipped", epoch, step)
+                    log.warning("epoch %d step %d: non-finite loss or gradient, step skipped", epoch, step)
                 if consecutive_bad >= tp.max_consecutive_nonfinite:
                     raise NonFiniteLossError(
-                        f"{consecutive_bad} consecutive optimizer steps with a NaN/Inf loss (epoch {epoch}, step "
-                        f"{step}); train.max_consecutive_nonfinite={tp.max_consecutive_nonfinite}")
+                        f"{consecutive_bad} consecutive optimizer steps with a NaN/Inf loss or gradient (epoch "
+                        f"{epoch}, step {step}); train.max_consecutive_nonfinite={tp.max_consecutive_nonfinite}")
                 continue
             consecutive_bad = 0
 
-            # -- clip, step, EMA (every rank holds the same weights, so the same EMA)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tp.gradient_clip)
+            # -- step, EMA (every rank holds the same weights, so the same EMA), measurements
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema.update_parameters(model)
+            for logs in step_logs:
+                meter.add(logs)
 
         # -- end of epoch: means over all ranks, then rank 0 measures, checks, logs and saves
         means = meter.global_means(world)
@@ -279,8 +284,9 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
 
     if not world.is_main:
         return None
-    # -- the EMA weights are the trained model
+    # -- the EMA weights are the trained model (also rebuilt here from a finished run's checkpoint)
     final = final_metrics(history)
+    write_series(history, paths.plots)
     save_model(paths.model, ema.module, {"temperature": schedule.temperature(tp, 1.0), "epochs": tp.epochs,
                                          "fingerprint": fp, "mlflow_run_id": run_id})
     write_json(paths.metrics, final)

@@ -18,14 +18,8 @@ import torch
 from pipeline.canvas import PAD
 from pipeline.model import RLAN, Output
 from pipeline.model.dsc import attention_entropy
+from pipeline.model.stablemax import log_stablemax
 from pipeline.params import TrainParams
-
-
-def log_stablemax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """log of s(x) / sum s(x), with s(x) = x + 1 for x >= 0 and 1 / (1 - x) below (TRM)."""
-    # both branches on clamped inputs: torch.where would otherwise pass 0 * inf = NaN gradients
-    s = torch.where(x >= 0, x.clamp_min(0) + 1, 1 / (1 - x.clamp_max(0)))
-    return s.log() - s.sum(dim, keepdim=True).log()
 
 
 def stablemax_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
