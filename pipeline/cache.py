@@ -3,10 +3,12 @@ arrays and stored as a few memory-mappable files.
 
 A version applies one dihedral transform and one colour map (0 fixed) to every pair of the task,
 and places each pair at its own offset inside the 30x30 canvas (input and output share it).
-Version 0 is the identity. Versions of a task are distinct where the task allows it: candidate
-versions are compared by their augmented grids (byte-exact, the grid sizes included) and
-duplicates are redrawn, up to `max_tries_factor x samples_per_task` candidates; a task with fewer
-distinct versions repeats them in order and is reported as a shortfall.
+Version 0 is the identity. Versions of a task are distinct where the task allows it: two
+candidates with equal augmented grids (sizes included) are duplicates and are redrawn, up to
+`max_tries_factor x samples_per_task` candidates; a task with fewer distinct versions repeats them
+in order and is reported as a shortfall. Equality is decided exactly, without hashing: by the key
+(dihedral id, colour map on the task's colours), which determines the grids, and byte for byte for
+the tasks with a symmetry, where different keys can give the same grids (`choose_versions`).
 
 Training tasks contribute all their pairs; evaluation tasks their demonstrations only. The build
 checks that no test output of an evaluation task is in the cache and that every stored version

@@ -150,16 +150,19 @@ def compare(a: str, b: str, cwd: Path, out: Path) -> str:
     series = {n: pd.read_csv(io.StringIO(read_at(revs[n], "metrics/train/epochs.tsv", cwd)), sep="\t") for n in (a, b)}
     status = {v: k for k, v in STATUS_CODE.items()}
     lines = [f"# {a} vs {b}", "", f"Experiments {a} ({revs[a][:7]}) and {b} ({revs[b][:7]}).", "",
-             f"| measure | {a} | {b} | smaller gap |", "|---|---|---|---|"]
+             f"| gap | {a} | {b} | smaller gap |", "|---|---|---|---|"]
     verdicts = []
-    for m in GAP_MEASURES:
-        va, vb = gaps[a][m], gaps[b][m]
-        da, db = distance(m, va), distance(m, vb)
-        winner = a if da < db else b if db < da else "tie"
-        lines.append(f"| {m} | {va:.4f} ({status[gaps[a][m + '_status']]}) | {vb:.4f} ({status[gaps[b][m + '_status']]})"
-                     f" | {winner} |")
-        verdicts.append(f"- {m}: " + (f"{winner} has the smaller gap ({min(da, db):.4f} vs {max(da, db):.4f} from none)"
-                                      if winner != "tie" else f"the same gap in both ({va:.4f})"))
+    for group in [g for g in ("training", "evaluation") if g in gaps[a] and g in gaps[b]]:
+        for m in GAP_MEASURES:
+            ga, gb = gaps[a][group], gaps[b][group]
+            va, vb = ga[m], gb[m]
+            da, db = distance(m, va), distance(m, vb)
+            winner = a if da < db else b if db < da else "tie"
+            lines.append(f"| {group}: {m} | {va:.4f} ({status[ga[m + '_status']]}) | "
+                         f"{vb:.4f} ({status[gb[m + '_status']]}) | {winner} |")
+            verdicts.append(f"- {group}: {m}: " + (
+                f"{winner} has the smaller gap ({min(da, db):.4f} vs {max(da, db):.4f} from none)"
+                if winner != "tie" else f"the same gap in both ({va:.4f})"))
     lines += ["", f"Overall status: {a} {status[gaps[a]['overall_status']]}, {b} {status[gaps[b]['overall_status']]}.",
               "", *verdicts, "", "| evaluation | " + " | ".join(f"{n} {s}" for n in (a, b) for s in ("train", "eval")) + " |",
               "|---|" + "---|" * 4]

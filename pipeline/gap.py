@@ -1,7 +1,14 @@
-"""The train/eval gap of a trained and evaluated model, graded by the monitor.
+"""The train/eval gap, graded by the monitor, in two views:
 
-Both sides come from the evaluation stage, measured identically: the training tasks' test pairs
-(which the model trained on) and the evaluation tasks. Exact match is pass@1 after voting.
+- `training`: what seed 004 measured. Train mode on training batches (with Gumbel noise when it
+  is on) against eval mode (the EMA model) on the held-out evaluation tasks, from the last epoch of
+  training: train vs held-out exact match, attention entropy and stop value in each mode, task loss
+  vs held-out loss. This is where a train/eval *mode* mismatch shows.
+- `evaluation`: both sides of the evaluation stage, measured identically (TRM protocol, eval mode,
+  voting): the training tasks' test pairs against the evaluation tasks. This is the generalisation
+  gap of the final model. Exact match is pass@1 after voting.
+
+Training's per-epoch checks use `training_checks` too: one implementation.
 """
 
 from __future__ import annotations
@@ -11,20 +18,39 @@ from typing import Any
 from pipeline import monitor
 from pipeline.params import MonitoringParams
 
+TRAIN_KEYS = ("train_exact_match", "attention_entropy_train", "stop_value_train", "loss_task")
+HELDOUT_KEYS = ("heldout_exact_match", "attention_entropy_eval", "stop_value_eval", "heldout_loss")
 
-def side(metrics: dict[str, Any]) -> monitor.Side:
-    return monitor.Side(metrics["pass@1"], metrics["attention_entropy"], metrics["stop_value"], metrics["loss"])
+
+def training_checks(row: dict[str, Any], m: MonitoringParams) -> list[monitor.Check]:
+    """Checks of one epoch's (or the final) training metrics; none if a side was not measured."""
+    train, held = [row.get(k) for k in TRAIN_KEYS], [row.get(k) for k in HELDOUT_KEYS]
+    if None in train + held:
+        return []
+    return monitor.gap_checks(monitor.Side(*train), monitor.Side(*held), m)
 
 
-def gap_checks(evaluation: dict[str, dict[str, Any]], m: MonitoringParams) -> list[monitor.Check]:
+def evaluation_checks(evaluation: dict[str, dict[str, Any]], m: MonitoringParams) -> list[monitor.Check]:
+    def side(x: dict[str, Any]) -> monitor.Side:
+        return monitor.Side(x["pass@1"], x["attention_entropy"], x["stop_value"], x["loss"])
+
     return monitor.gap_checks(side(evaluation["train"]), side(evaluation["eval"]), m)
 
 
-def gap_metrics(checks: list[monitor.Check]) -> dict[str, float | int]:
-    """Flat metrics for DVC: every gap, its status as a number (0 ok, 1 warning, 2 critical), overall."""
-    out: dict[str, float | int] = {}
-    for c in checks:
-        out[c.name] = c.value
-        out[f"{c.name}_status"] = c.code
-    out["overall_status"] = monitor.STATUS_CODE[monitor.overall(checks)]
+def gap_checks(training: dict[str, Any], evaluation: dict[str, dict[str, Any]],
+               m: MonitoringParams) -> dict[str, list[monitor.Check]]:
+    groups = {"training": training_checks(training, m), "evaluation": evaluation_checks(evaluation, m)}
+    return {k: v for k, v in groups.items() if v}
+
+
+def gap_metrics(groups: dict[str, list[monitor.Check]]) -> dict[str, Any]:
+    """For DVC: per view every gap and its status as a number (0 ok, 1 warning, 2 critical), and overall."""
+    out: dict[str, Any] = {}
+    for group, checks in groups.items():
+        out[group] = {}
+        for c in checks:
+            out[group][c.name] = c.value
+            out[group][f"{c.name}_status"] = c.code
+        out[group]["status"] = monitor.STATUS_CODE[monitor.overall(checks)]
+    out["overall_status"] = monitor.STATUS_CODE[monitor.overall([c for cs in groups.values() for c in cs])]
     return out

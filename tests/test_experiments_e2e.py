@@ -55,8 +55,12 @@ def test_stable_and_fixed_queued_in_parallel_then_compared(repo):
 
     diff = json.loads(run(DVC + ["metrics", "diff", "stable", "fixed", "--all", "--json"], repo).stdout)
     gap = diff["metrics/gap.json"]
-    assert {"exact_match_gap", "attention_entropy_ratio", "stop_value_gap", "loss_ratio", "overall_status"} <= set(gap)
-    assert gap["attention_entropy_ratio"]["old"] != gap["attention_entropy_ratio"]["new"]
+    for view in ("training", "evaluation"):
+        assert {f"{view}.{m}" for m in ("exact_match_gap", "attention_entropy_ratio", "stop_value_gap",
+                                        "loss_ratio", "status")} <= set(gap)
+    assert "overall_status" in gap
+    # Gumbel noise in training mode only: the stable configuration's train/eval entropy ratio differs
+    assert gap["training.attention_entropy_ratio"]["old"] != gap["training.attention_entropy_ratio"]["new"]
     kl = diff["metrics/train.json"]["loss_kl"]
     assert kl["old"] > 0 and kl["new"] == 0  # no Gumbel noise in the fixed configuration: nothing for KL to see
 
@@ -68,9 +72,9 @@ def test_stable_and_fixed_queued_in_parallel_then_compared(repo):
     assert (repo / "plots_diff" / "index.html").exists()
 
     report = run([sys.executable, "-m", "pipeline.experiments", "compare", "stable", "fixed"], repo).stdout
-    assert "| measure | stable | fixed | smaller gap |" in report
-    assert len(re.findall(r"^- (exact_match_gap|exact_match_relative_gap|attention_entropy_ratio|stop_value_gap|"
-                          r"loss_ratio): ", report, flags=re.M)) == 5
+    assert "| gap | stable | fixed | smaller gap |" in report
+    assert len(re.findall(r"^- (training|evaluation): (exact_match_gap|exact_match_relative_gap|"
+                          r"attention_entropy_ratio|stop_value_gap|loss_ratio): ", report, flags=re.M)) == 10
     assert (repo / "metrics/compare/attention_entropy.png").exists()
 
 

@@ -19,13 +19,29 @@ def _side(pass1, ent, stop, loss):
     return {"pass@1": pass1, "attention_entropy": ent, "stop_value": stop, "loss": loss}
 
 
-def test_gap_metrics_are_flat_numbers_with_statuses():
-    checks = gap_checks({"train": _side(0.207, 0.02, 0.574, 0.5), "eval": _side(0.002, 3.82, 0.342, 0.6)}, M)
-    m = gap_metrics(checks)
-    assert m["exact_match_gap"] == pytest.approx(0.205)
-    assert m["exact_match_gap_status"] == 2 and m["stop_value_gap_status"] == 1 and m["loss_ratio_status"] == 0
+# seed 004's numbers: 20.7% train vs 0.2% eval exact match, entropy 0.02 vs 3.82, stop 0.574 vs 0.342
+SEED_TRAINING = {"train_exact_match": 0.207, "heldout_exact_match": 0.002, "attention_entropy_train": 0.02,
+                 "attention_entropy_eval": 3.82, "stop_value_train": 0.574, "stop_value_eval": 0.342,
+                 "loss_task": 0.5, "heldout_loss": 0.6}
+
+
+def test_both_views_graded_and_flattened_for_dvc():
+    evaluation = {"train": _side(0.3, 2.0, 0.5, 0.4), "eval": _side(0.28, 2.1, 0.5, 0.45)}
+    groups = gap_checks(SEED_TRAINING, evaluation, M)
+    m = gap_metrics(groups)
+    t = m["training"]
+    assert t["exact_match_gap"] == pytest.approx(0.205) and t["exact_match_gap_status"] == 2
+    assert t["attention_entropy_ratio"] == pytest.approx(191.0) and t["attention_entropy_ratio_status"] == 2
+    assert t["stop_value_gap_status"] == 1 and t["loss_ratio_status"] == 0 and t["status"] == 2
+    assert m["evaluation"]["status"] == 0 and m["evaluation"]["exact_match_gap"] == pytest.approx(0.02)
     assert m["overall_status"] == 2
-    assert all(isinstance(v, (int, float)) for v in m.values())
+    assert all(isinstance(v, (int, float)) for g in ("training", "evaluation") for v in m[g].values())
+
+
+def test_training_view_needs_a_held_out_measurement():
+    evaluation = {"train": _side(0.3, 2.0, 0.5, 0.4), "eval": _side(0.3, 2.0, 0.5, 0.4)}
+    groups = gap_checks({**SEED_TRAINING, "heldout_exact_match": None}, evaluation, M)
+    assert set(groups) == {"evaluation"}
 
 
 def test_curves_for_one_run_and_overlaid(tmp_path):

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from pipeline import distributed, monitor
+from pipeline import distributed, gap, monitor
 from pipeline.arc import Task
 from pipeline.io import write_json, write_text
 from pipeline.loader import AugmentedCache, batch_from_pairs
@@ -121,12 +121,7 @@ def measure_heldout(model: RLAN, examples, temperature: float, batch_size: int, 
 
 
 def epoch_checks(row: dict[str, Any], params: Params) -> list[monitor.Check]:
-    checks = monitor.lora_checks(row, params.monitoring)
-    train = [row[k] for k in ("train_exact_match", "attention_entropy_train", "stop_value_train", "loss_task")]
-    ev = [row[k] for k in ("heldout_exact_match", "attention_entropy_eval", "stop_value_eval", "heldout_loss")]
-    if None not in train + ev:  # an epoch with a held-out measurement and at least one finite step
-        checks += monitor.gap_checks(monitor.Side(*train), monitor.Side(*ev), params.monitoring)
-    return checks
+    return monitor.lora_checks(row, params.monitoring) + gap.training_checks(row, params.monitoring)
 
 
 def write_series(history: list[dict[str, Any]], plots_dir: Path) -> None:
