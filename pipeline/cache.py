@@ -30,7 +30,6 @@ Layout of the cache directory:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.arc import Task
+from pipeline.arc import Task, task_key
 from pipeline.augment import NUM_DIHEDRAL, dihedral_index, dihedral_shape, inverse_grid, parse_name, random_cmaps
 from pipeline.canvas import CANVAS, ranges
 from pipeline.io import atomic_path, read_json, write_json
@@ -131,9 +130,7 @@ def _first_distinct(keys: np.ndarray) -> np.ndarray:
 
 
 def _task_rng(seed: int, task_id: str) -> np.random.Generator:
-    # Keyed by the task id, not its position: adding or removing tasks leaves the others unchanged.
-    key = int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "little")
-    return np.random.default_rng([seed, key])
+    return np.random.default_rng([seed, task_key(task_id)])
 
 
 class CacheReader:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.arc import Pair
 from pipeline.cache import CacheReader
 from pipeline.canvas import CANVAS, place_grids, segments, transformed_coords
 
@@ -107,8 +108,6 @@ def _transformed_offset(r0, c0, h, w, d):
     b_i, b_j = transformed_coords(r0 + h - 1, c0 + w - 1, n, n, d)
     return np.minimum(a_i, b_i), np.minimum(a_j, b_j)
 
-
-Pair = tuple[np.ndarray, np.ndarray]
 
 
 def batch_from_pairs(examples: list[tuple[list[Pair], np.ndarray, np.ndarray | None]]) -> dict[str, torch.Tensor]:

@@ -5,12 +5,11 @@ transforms the demonstrations and the test input alike."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.arc import Pair, Task
+from pipeline.arc import Pair, Task, task_key
 from pipeline.augment import IDENTITY_CMAP, augment_grid, random_cmaps
 
 
@@ -28,8 +27,7 @@ class View:
 
 def view_cmaps(seed: int, task_id: str, test_index: int, n: int) -> np.ndarray:
     """(n, 10) colour maps: the identity, then n - 1 permutations of 1..9."""
-    key = int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "little")
-    rng = np.random.default_rng([seed, key, test_index])
+    rng = np.random.default_rng([seed, task_key(task_id), test_index])
     return np.concatenate([IDENTITY_CMAP[None], random_cmaps(rng, n - 1, 1.0)]) if n > 1 else IDENTITY_CMAP[None]
 
 
