@@ -144,19 +144,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        "augmentation-tracked", "error",
-        ("augment.track_augmentation", "augment.color_permutation_prob", "augment.dihedral", "augment.translation"),
-        "every augmentation applied to the cache is recorded",
-        "seed 000 §6",
-        lambda p: _when(
-            not p.augment.track_augmentation
-            and (p.augment.dihedral or p.augment.color_permutation_prob > 0 or p.augment.translation),
-            "augment.track_augmentation must be true when any augmentation is on "
-            f"(dihedral={p.augment.dihedral}, color_permutation_prob={p.augment.color_permutation_prob}, "
-            f"translation={p.augment.translation}): inverse augmentation needs the record",
-        ),
-    ),
-    Rule(
         "color-permutation-inverse-aug", "error",
         ("augment.color_permutation_prob", "evaluate.use_inverse_aug"),
         "a model trained on recoloured versions is evaluated with inverse augmentation",
