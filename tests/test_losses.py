@@ -24,14 +24,14 @@ from tests.helpers import TINY_MODEL, params_with
 QUIET = dict(model__dropout=0.0, model__use_gumbel_softmax=False, train__temperature_start=0.5)
 
 
-def _examples(seed: int = 0, n: int = 4):
+def _examples(seed: int = 0, n: int = 4, shift: int = 0):
     """n examples of grids (context pairs, query in, query out) with 1 to 4 context pairs."""
     rng = np.random.default_rng(seed)
 
     def g():
         return rng.integers(0, 10, tuple(rng.integers(1, 6, 2))).astype(np.uint8)
 
-    return [([(g(), g()) for _ in range(1 + i % 4)], g(), g()) for i in range(n)]
+    return [([(g(), g()) for _ in range(1 + (i + shift) % 4)], g(), g()) for i in range(n)]
 
 
 def _train_batch(examples, dihedrals: list[list[int]], limit: int | None):
@@ -213,3 +213,35 @@ def test_meta_terms_are_logged_only_when_computed():
     assert {"loss_loo", "loss_equiv", "loo_accuracy", "equiv_delta_norm", "loo_skipped_ratio"} <= set(logs)
     assert logs["loo_skipped_ratio"].item() == pytest.approx(0.25)  # one of four samples has a single pair
     assert all(v.dim() == 0 and math.isfinite(v.item()) for v in logs.values())
+
+
+@pytest.mark.slow
+def test_compiled_objective_matches_eager_without_recompiling_every_step():
+    """train.compile: the objective under torch.compile gives the eager losses and gradients, and
+    micro-batches with other numbers of pairs and held-out pairs reuse the compiled code after at most
+    one recompilation (the canvas and the slots are static, the pair counts symbolic). The backend is
+    aot_eager: dynamo's graph capture and AOT autograd as in training, without inductor's C++ code
+    generation, which takes many minutes on 2 CPU cores (benchmarks/gpu.py compares inductor and
+    eager on a GPU)."""
+    import torch._dynamo
+
+    from pipeline.train.losses import Objective
+
+    model, tp = _model()
+    objective = Objective(model, tp)
+    torch._dynamo.reset()
+    compiled = torch.compile(objective, backend="aot_eager")
+    graphs, sizes = [], set()
+    for seed in range(4):  # the same micro-batch size, other pairs and held-out pairs
+        examples = _examples(seed=seed, n=5, shift=seed)
+        tb = dataclasses.replace(_train_batch(examples, [[1 + (seed + i) % 7 for i in range(5)]], 1), n_slots=4)
+        sizes.add((len(tb.pair_in), len(tb.loo_pair)))
+        eager, _ = objective(tb, 0.5)
+        grads = torch.autograd.grad(eager, list(model.parameters()))
+        fast, logs = compiled(tb.mark_dynamic(), 0.5)
+        fast_grads = torch.autograd.grad(fast, list(model.parameters()))
+        assert fast.item() == pytest.approx(eager.item(), rel=1e-5) and torch.isfinite(logs["loss_equiv"])
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, fast_grads))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert len(sizes) == 4  # every batch had other numbers of pairs or held-out pairs
+    assert graphs[-1] == graphs[1] <= 2, graphs

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.params import HYPERLORA_CODE_DEFAULTS, ModelParams
+from pipeline.runtime import without_autocast
 
 TARGETS = ("gru_reset", "gru_update", "gru_candidate", "output_head")
 DEFAULT_INIT_SCALE = HYPERLORA_CODE_DEFAULTS["init_scale"]
@@ -48,7 +49,7 @@ class LoRA:
         """(B,) ||A B^T||_F / sqrt(n_out) per target (the predicted delta, before `scaling`), from
         r x r Gram matrices, in float32 whatever the autocast (differentiable: the equivariance loss)."""
         out = {}
-        with torch.autocast(self._device_type, enabled=False):
+        with without_autocast(self._device_type):
             for t, a in self.a.items():
                 a, b = a.float(), self.b[t].float()
                 sq = ((a.transpose(1, 2) @ a) * (b.transpose(1, 2) @ b)).sum((1, 2))
@@ -63,7 +64,7 @@ class LoRA:
         float64 keeps the difference exact far below `monitoring.lora_diversity_min`), without ever
         forming the (B, n_out, n_in) deltas."""
         vals = []
-        with torch.no_grad(), torch.autocast(self._device_type, enabled=False):
+        with torch.no_grad(), without_autocast(self._device_type):
             for t, a in self.a.items():
                 a, b = a.double(), self.b[t].double()
                 gram = (torch.einsum("bor,cos->bcrs", a, a) * torch.einsum("bir,cis->bcrs", b, b)).sum((2, 3))
