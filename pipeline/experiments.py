@@ -149,11 +149,14 @@ def mismatches(expected: dict[str, Any], diff: dict[str, Any]) -> list[str]:
     return out
 
 
-def child_env(cwd: Path) -> dict[str, str]:
-    """Environment for dvc and the stages: this interpreter's tools first on PATH, and a fallback git
-    identity when git has none (DVC commits every experiment; a fresh machine may have no identity)."""
+def child_env(cwd: Path, jobs: int = 1) -> dict[str, str]:
+    """Environment for dvc and the stages: this interpreter's tools first on PATH, `jobs` parallel runs
+    sharing the cores (torch's threads; unless OMP_NUM_THREADS is set), and a fallback git identity when
+    git has none (DVC commits every experiment; a fresh machine may have no identity)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "DVC_NO_ANALYTICS": "1"}
+    if jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     for field, key in (("NAME", "user.name"), ("EMAIL", "user.email")):
         configured = subprocess.run(["git", "config", key], cwd=cwd, capture_output=True, text=True).stdout.strip()
         if not configured:
@@ -163,9 +166,9 @@ def child_env(cwd: Path) -> dict[str, str]:
     return env
 
 
-def _dvc(args: list[str], cwd: Path, capture: bool = True) -> subprocess.CompletedProcess:
+def _dvc(args: list[str], cwd: Path, capture: bool = True, jobs: int = 1) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "dvc", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=child_env(cwd), capture_output=capture, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=child_env(cwd, jobs), capture_output=capture, text=True)
     if proc.returncode != 0:
         raise ExperimentError(f"`dvc {' '.join(args)}` failed"
                               + (f":\n{proc.stdout}{proc.stderr}" if capture else " (its output is above)"))
@@ -212,7 +215,7 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
             log.info("%s experiment %s at scale %s: %s", "queueing" if queue else "running", name, scale, " ".join(args))
             _dvc(["exp", "run", "--force", *(["--queue"] if queue else []), "-n", name, *args], cwd, capture=queue)
         if queue:
-            _dvc(["queue", "start", "-j", str(jobs)], cwd)
+            _dvc(["queue", "start", "-j", str(jobs)], cwd, jobs=jobs)  # the workers inherit its environment
             wait_for_queue(cwd)
     finally:
         restore_params(cwd)
@@ -221,10 +224,15 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
              "`python -m pipeline.experiments compare %s`", ", ".join(names), baseline[:7], scale, " ".join(names))
 
 
-def wait_for_queue(cwd: Path, poll: float = 2.0, timeout: float = 7 * 24 * 3600) -> None:
-    deadline = time.time() + timeout
+def wait_for_queue(cwd: Path, poll: float = 5.0, timeout: float = 7 * 24 * 3600) -> None:
+    """Until no queued experiment is queued or running; logs the queue's table whenever it changes."""
+    deadline, shown, t0 = time.time() + timeout, "", time.time()
     while time.time() < deadline:
         status = _dvc(["queue", "status"], cwd).stdout
+        table = "\n".join(line for line in status.splitlines() if line.strip() and not line.startswith("Worker"))
+        if table != shown:
+            log.info("queue after %.0f s:\n%s", time.time() - t0, table)
+            shown = table
         if not any(word in status for word in ("Queued", "Running")):
             return
         time.sleep(poll)

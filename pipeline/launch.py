@@ -1,8 +1,9 @@
 """What `make run` runs: a job this machine can finish.
 
 With CUDA, the whole pipeline (`dvc repro`). Without, the stable-versus-fixed workflow at the cpu
-scale (`pipeline.experiments`: both experiments, evaluation, the compare report), which shows the
-seed's train/eval mode gap in minutes, where the full pipeline would train for months.
+scale (`pipeline.experiments`: both experiments side by side in the DVC queue, each with half the
+cores, then the compare report), which shows the seed's train/eval mode gap in minutes, where the full
+pipeline would train for months.
 `--scale NAME` runs the workflow at that scale on any machine (`make run SCALE=tiny`).
 """
 
@@ -25,7 +26,7 @@ def plan(cuda: bool, scale: str | None) -> tuple[list[str], list[list[str]]]:
     with or without CUDA, or for the scale asked for."""
     if scale is None and cuda:
         return [f"make run: CUDA is available: the full pipeline (dvc repro): {SCALES['full'].about}."], [["dvc", "repro"]]
-    cmds = [["pipeline.experiments", "run", "--scale", scale or "cpu", *DEFAULT],
+    cmds = [["pipeline.experiments", "run", "--scale", scale or "cpu", "--queue", "-j", "2", *DEFAULT],
             ["pipeline.experiments", "compare", *DEFAULT]]
     why = f"SCALE={scale}" if scale else "no CUDA GPU here"
     say = [f"make run: {why}: the stable-versus-fixed workflow at the {scale or 'cpu'} scale, not the full pipeline:",

@@ -115,7 +115,7 @@ def test_make_run_plan():
     say, cmds = launch.plan(cuda=True, scale=None)
     assert cmds == [["dvc", "repro"]] and "full pipeline" in say[0]
     say, cmds = launch.plan(cuda=False, scale=None)
-    assert cmds == [["pipeline.experiments", "run", "--scale", "cpu", "stable", "fixed"],
+    assert cmds == [["pipeline.experiments", "run", "--scale", "cpu", "--queue", "-j", "2", "stable", "fixed"],
                     ["pipeline.experiments", "compare", "stable", "fixed"]]
     assert "no CUDA" in say[0] and "cpu scale" in say[0] and SCALES["cpu"].about in "\n".join(say)
     assert any("needs a GPU" in line for line in say)
