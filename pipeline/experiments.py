@@ -81,10 +81,10 @@ SCALES: dict[str, Scale] = {
         "model.hidden_dim": 32, "model.num_solver_steps": 3, "model.max_clues": 3, "model.spatial_downsample": 4,
         "model.dsc_num_heads": 2, "model.solver_context_heads": 2,
         "data.max_tasks": 20, "augment.samples_per_task": 100,
-        "train.epochs": 8, "train.steps_per_epoch": 25, "train.batch_size": 16, "train.grad_accumulation_steps": 1,
-        "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 8,
+        "train.epochs": 6, "train.steps_per_epoch": 25, "train.batch_size": 16, "train.grad_accumulation_steps": 1,
+        "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 6,
         "evaluate.device": "cpu", "evaluate.batch_size": 128,
-    }, "20+20 tasks, 100 versions each, a 32-wide model, 8 epochs of 25 steps of 16 samples; "
+    }, "20+20 tasks, 100 versions each, a 32-wide model, 6 epochs (3 with meta-learning) of 25 steps of 16 samples; "
        "about 10 minutes for stable and fixed on 2 cores"),  # TODO timing: measured after the model change
     "tiny": Scale({
         "model.hidden_dim": 16, "model.num_solver_steps": 2, "model.max_clues": 2, "model.spatial_downsample": 2,
@@ -166,9 +166,9 @@ def child_env(cwd: Path, jobs: int = 1) -> dict[str, str]:
     return env
 
 
-def _dvc(args: list[str], cwd: Path, capture: bool = True, jobs: int = 1) -> subprocess.CompletedProcess:
+def _dvc(args: list[str], cwd: Path, capture: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "dvc", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=child_env(cwd, jobs), capture_output=capture, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=child_env(cwd), capture_output=capture, text=True)
     if proc.returncode != 0:
         raise ExperimentError(f"`dvc {' '.join(args)}` failed"
                               + (f":\n{proc.stdout}{proc.stderr}" if capture else " (its output is above)"))
@@ -211,17 +211,30 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
             _dvc(["exp", "remove", *stale], cwd)
         for name in sorted(names, key=lambda n: n == "stable"):
             restore_params(cwd)
-            args = set_args(overrides(name, scale))
-            log.info("%s experiment %s at scale %s: %s", "queueing" if queue else "running", name, scale, " ".join(args))
-            _dvc(["exp", "run", "--force", *(["--queue"] if queue else []), "-n", name, *args], cwd, capture=queue)
+            log.info("%s experiment %s at the %s scale: %s", "queueing" if queue else "running", name, scale,
+                     " ".join(set_args(EXPERIMENTS[name])) or "the baseline")
+            _dvc(["exp", "run", "--force", *(["--queue"] if queue else []), "-n", name,
+                  *set_args(overrides(name, scale))], cwd, capture=queue)
         if queue:
-            _dvc(["queue", "start", "-j", str(jobs)], cwd, jobs=jobs)  # the workers inherit its environment
+            start_queue(cwd, jobs)
             wait_for_queue(cwd)
     finally:
         restore_params(cwd)
     check_params(names, scale, baseline, cwd)
     log.info("experiments %s ran from %s at scale %s, each with exactly its overrides; compare them with "
              "`python -m pipeline.experiments compare %s`", ", ".join(names), baseline[:7], scale, " ".join(names))
+
+
+def start_queue(cwd: Path, jobs: int) -> None:
+    """`dvc queue start`: its workers inherit the environment (and the cores' share) and are daemons
+    that keep inherited pipes open, so its output goes to a file, not to a pipe this process reads."""
+    out = cwd / ".dvc" / "tmp" / "queue-start.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=cwd,
+                              env=child_env(cwd, jobs), stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise ExperimentError(f"`dvc queue start -j {jobs}` failed:\n{out.read_text()}")
 
 
 def wait_for_queue(cwd: Path, poll: float = 5.0, timeout: float = 7 * 24 * 3600) -> None:
