@@ -18,7 +18,8 @@ import yaml
 from pipeline.io import atomic_path
 from pipeline.monitor import STATUS_CODE
 
-GAP_MEASURES = ("exact_match_gap", "exact_match_relative_gap", "attention_entropy_ratio", "stop_value_gap", "loss_ratio")
+GAP_MEASURES = ("exact_match_gap", "exact_match_relative_gap", "attention_entropy_ratio", "stop_value_gap",
+                "loss_ratio")
 RATIOS = {"attention_entropy_ratio", "loss_ratio"}  # 1 is no gap
 STATUS = {code: name for name, code in STATUS_CODE.items()}
 

@@ -85,7 +85,7 @@ SCALES: dict[str, Scale] = {
         "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 6,
         "evaluate.device": "cpu", "evaluate.batch_size": 128,
     }, "20+20 tasks, 100 versions each, a 32-wide model, 6 epochs (3 with meta-learning) of 25 steps of 16 samples; "
-       "about 10 minutes for stable and fixed on 2 cores"),  # TODO timing: measured after the model change
+       "15.5 minutes for both in the queue on a busy 2-core machine"),  # TODO timing: after the model change
     "tiny": Scale({
         "model.hidden_dim": 16, "model.num_solver_steps": 2, "model.max_clues": 2, "model.spatial_downsample": 2,
         "model.dsc_num_heads": 2, "model.solver_context_heads": 2, "model.msre_encoding_dim": 8,
@@ -259,7 +259,8 @@ def check_params(names: list[str], scale: str, baseline: str, cwd: Path) -> None
     missing = [n for n in names if n not in revs]
     if missing:
         status = _dvc(["queue", "status"], cwd).stdout
-        raise ExperimentError(f"experiment(s) {', '.join(missing)} did not finish (see `dvc queue logs NAME`):\n{status}")
+        raise ExperimentError(f"experiment(s) {', '.join(missing)} did not finish (see `dvc queue logs NAME`):\n"
+                              f"{status}")
     base = flatten(yaml.safe_load(committed_text(cwd / "params.yaml", baseline) or "{}"))
     problems = []
     for name in names:
@@ -278,7 +279,6 @@ def experiment_revs(cwd: Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-
     setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -25,13 +25,14 @@ def plan(cuda: bool, scale: str | None) -> tuple[list[str], list[list[str]]]:
     """(what to say first, the commands to run as `python -m` module and arguments) for a machine
     with or without CUDA, or for the scale asked for."""
     if scale is None and cuda:
-        return [f"make run: CUDA is available: the full pipeline (dvc repro): {SCALES['full'].about}."], [["dvc", "repro"]]
-    cmds = [["pipeline.experiments", "run", "--scale", scale or "cpu", "--queue", "-j", "2", *DEFAULT],
+        say = f"make run: CUDA is available: the full pipeline (dvc repro): {SCALES['full'].about}."
+        return [say], [["dvc", "repro"]]
+    scale, why = (scale, f"SCALE={scale}") if scale else ("cpu", "no CUDA GPU here")
+    cmds = [["pipeline.experiments", "run", "--scale", scale, "--queue", "-j", "2", *DEFAULT],
             ["pipeline.experiments", "compare", *DEFAULT]]
-    why = f"SCALE={scale}" if scale else "no CUDA GPU here"
-    say = [f"make run: {why}: the stable-versus-fixed workflow at the {scale or 'cpu'} scale, not the full pipeline:",
+    say = [f"make run: {why}: the stable-versus-fixed workflow at the {scale} scale, not the full pipeline:",
            *(f"  {shown(c)}" for c in cmds),
-           f"  {scale or 'cpu'} scale: {SCALES[scale or 'cpu'].about}.",
+           f"  {scale} scale: {SCALES[scale].about}.",
            "  Results: `dvc exp show`, `dvc metrics diff stable fixed`, metrics/compare/compare.md.",
            f"  The full pipeline ({SCALES['full'].about}) needs a GPU: with CUDA, `make run` runs `dvc repro`."]
     return say, cmds

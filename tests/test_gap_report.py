@@ -87,7 +87,8 @@ def test_overlaid_runs_each_have_their_series_in_their_colour():
     assert list(lines["fixed: attention_entropy_eval"].get_ydata()) == [3.0, 3.0, 3.0]
     assert lines["stable: attention_entropy_train"].get_color() == lines["stable: attention_entropy_eval"].get_color()
     assert lines["stable: attention_entropy_train"].get_color() != lines["fixed: attention_entropy_train"].get_color()
-    assert lines["fixed: attention_entropy_train"].get_linestyle() != lines["fixed: attention_entropy_eval"].get_linestyle()
+    styles = {c: lines[f"fixed: {c}"].get_linestyle() for c in cols}
+    assert styles["attention_entropy_train"] != styles["attention_entropy_eval"]
     assert _legend_outside(fig)
 
 
