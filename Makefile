@@ -31,9 +31,9 @@ test: setup
 	@start=$$(date +%s); python -m pytest -q; status=$$?; took=$$(( $$(date +%s) - start )); \
 	echo "make test: $$(( took / 60 )) min $$(( took % 60 )) s"; exit $$status
 
-## test-fast: the unit tests only, without the end-to-end runs of DVC (pytest -m "not e2e")
+## test-fast: the unit tests only: no end-to-end runs of DVC, no long trainings
 test-fast: setup
-	python -m pytest -q -m "not e2e"
+	python -m pytest -q -m "not e2e and not slow"
 
 ## bench: the speed and memory benchmarks (prints tables)
 bench: setup
