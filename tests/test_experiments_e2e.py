@@ -48,33 +48,26 @@ def assert_stable_versus_fixed(repo) -> None:
 
 
 def test_workspace_after_a_failed_override(repo):
-    failed = run(DVC + ["exp", "run", "-S", "model.hyperlora_rank=0"], repo, check=False)
+    accept = "validation.accept_broken_rules=[fixed-constant-temperature]"  # a list, as no-gumbel sets it
+    failed = run(DVC + ["exp", "run", "-S", "model.hyperlora_rank=0", "-S", accept], repo, check=False)
     assert failed.returncode != 0
-    assert "model.hyperlora_rank: committed 8, now 0" in failed.stdout + failed.stderr
-    assert "git checkout -- params.yaml" in failed.stdout + failed.stderr
+    for line in ("model.hyperlora_rank: committed 8, now 0",
+                 "validation.accept_broken_rules: committed [], now ['fixed-constant-temperature']",
+                 "git checkout -- params.yaml"):
+        assert line in failed.stdout + failed.stderr
     assert "hyperlora_rank: 0" in (repo / "params.yaml").read_text()  # what DVC leaves behind
 
-    out = run(EXPERIMENTS + ["run", "--scale", "tiny", "stable", "fixed", "no-gumbel"], repo, timeout=1200)
+    out = run(EXPERIMENTS + ["run", "--scale", "tiny", "stable", "fixed"], repo, timeout=1200)
     assert "params.yaml differs from HEAD" in out.stderr and "model.hyperlora_rank: committed 8, now 0" in out.stderr
     [backup] = (repo / ".dvc" / "tmp").glob("params.yaml.*")
     assert "hyperlora_rank: 0" in backup.read_text()
     assert_stable_versus_fixed(repo)
-
-    # an ablation that breaks a rule on purpose: accepted, recorded in the metrics and on the MLflow run
-    assert changed(repo, "stable", "no-gumbel") == {"model.use_gumbel_softmax": False,
-                                                    "validation.accept_broken_rules": "['fixed-constant-temperature']"}
-    validation = json.loads(run(DVC + ["metrics", "diff", "stable", "no-gumbel", "--json"], repo).stdout)
-    assert validation["metrics/params_validation.json"]["accepted_errors"]["new"] == 1
     with sqlite3.connect(repo / "mlflow.db") as db:
         runs = dict(db.execute("select name, status from runs"))
-        tags = dict(db.execute("select key, value from tags join runs using (run_uuid) where runs.name = 'no-gumbel'"))
-    assert {n: runs.get(n) for n in ("stable", "fixed", "no-gumbel")} == dict.fromkeys(
-        ("stable", "fixed", "no-gumbel"), "FINISHED")
-    assert tags["validation.accepted_rules"] == "fixed-constant-temperature"
+    assert {n: runs.get(n) for n in ("stable", "fixed")} == {"stable": "FINISHED", "fixed": "FINISHED"}
 
-    report = run(EXPERIMENTS + ["compare", "stable", "fixed", "no-gumbel"], repo).stdout
-    assert "| gap | stable | fixed | no-gumbel | smallest gap |" in report
-    assert "| training: attention_entropy_ratio |" in report
+    report = run(EXPERIMENTS + ["compare", "stable", "fixed"], repo).stdout
+    assert "| gap | stable | fixed | smallest gap |" in report and "| training: attention_entropy_ratio |" in report
     assert (repo / "metrics/compare/compare.md").read_text().strip() == report.strip()
     assert (repo / "metrics/compare/attention_entropy.png").exists()
 
