@@ -180,6 +180,17 @@ class TrackingParams(_Section):
     tracking_uri: str | None = Field(min_length=1)
 
 
+class ValidationParams(_Section):
+    # ids of error rules (pipeline/rules.py) this configuration breaks on purpose, e.g. to re-run a
+    # failure mode of the seeds: each becomes a recorded warning ("accepted"), never a silent pass
+    accept_broken_rules: tuple[str, ...]
+
+    @field_validator("accept_broken_rules", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+
 class Params(_Section):
     data: DataParams
     augment: AugmentParams
@@ -188,6 +199,7 @@ class Params(_Section):
     evaluate: EvaluateParams
     monitoring: MonitoringParams
     tracking: TrackingParams
+    validation: ValidationParams
 
     def flat(self) -> dict[str, Any]:
         """All values with dotted keys (`train.loo_training.loss_weight`), for logging."""

@@ -87,6 +87,8 @@ class Tracker:
                 return run_id
         tags = {"git_commit": _git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
                 "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+        if self.params.validation.accept_broken_rules:  # error rules broken on purpose (validate_params)
+            tags["validation.accepted_rules"] = ",".join(self.params.validation.accept_broken_rules)
         run = self._client.create_run(exp_id, run_name=name, tags=tags)
         self.run_id = run.info.run_id
         self.log_params(self.params.flat())
