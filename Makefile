@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 
 SCALE  ?=
 
-.PHONY: setup run test test-fast bench clean-venv
+.PHONY: setup run test test-fast bench bench-gpu clean-venv
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ bench: setup
 	python -m benchmarks.augment
 	python -m benchmarks.train
 	python -m benchmarks.evaluate
+
+## bench-gpu: the one-command GPU check (bf16 throughput, MFU, memory, evaluation time; ~10 min on an H100)
+bench-gpu: setup
+	python -m benchmarks.gpu
 
 clean-venv:
 	rm -rf $(VENV)

@@ -147,8 +147,9 @@ def test_training_forward_has_gumbel_noise_only_in_stable(name, noisy):
 def test_clue_queries_read_the_task_context(name, conditioned):
     m, b = _model(name, model__use_gumbel_softmax=False).eval(), example_batch(2)
     ctx = m.encode_context(b["demo_in"], b["demo_out"], b["demo_mask"])
-    other = dataclasses.replace(ctx, pooled=ctx.pooled + torch.randn_like(ctx.pooled))  # another task vector
-    a, c = (m(b, 0.5, context=x).clues.attention for x in (ctx, other))
+    support = dataclasses.replace(ctx.support, pooled=ctx.pooled + torch.randn_like(ctx.pooled))  # another task vector
+    other = dataclasses.replace(ctx, support=support)
+    a, c = (m.solve(b["query_in"], x, 0.5).clues.attention for x in (ctx, other))
     assert (not torch.allclose(a, c)) == conditioned
 
 

@@ -49,7 +49,6 @@ def test_fixed_configuration_has_no_errors():
         (dict(model__hyperlora_init_scale=0.01), "hyperlora-init-scale-negligible"),
         (dict(train__use_best_step_selection=True), "train-last-step"),
         (dict(train__loo_training__min_pairs_for_loo=1), "loo-min-pairs"),
-        (dict(augment__track_augmentation=False), "augmentation-tracked"),
         (dict(evaluate__use_inverse_aug=False), "color-permutation-inverse-aug"),
         (dict(evaluate__use_inverse_aug=False, augment__color_permutation_prob=0.0), "eval-views-inverse-aug"),
         (dict(model__use_gumbel_softmax=False), "fixed-constant-temperature"),

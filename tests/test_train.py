@@ -27,6 +27,7 @@ from tests.helpers import REPO, params_with, tiny_workspace, tool_env, train_cmd
 RECOLOURINGS = [{1: 2, 3: 4}, {1: 3, 3: 1}, {5: 7}, {1: 5, 5: 1}]
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_a_handful_of_tasks():
     """Four recolouring tasks, told apart only by their demonstrations: 100% exact match on fresh
     test inputs within a few hundred steps (about 10 s on 2 CPU cores)."""
@@ -90,6 +91,7 @@ def _paths(out):
                            out["root"] / "plots")
 
 
+@pytest.mark.slow
 def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
     ws = tiny_workspace(tmp_path, monitoring__lora_magnitude_max=1e-3)  # so that the explosion warning fires
     params = load_params(ws["params"])
@@ -118,6 +120,7 @@ def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
     assert run.data.tags["health.lora_explosion"].startswith("epoch 3: critical")
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     ws = tiny_workspace(tmp_path, train__max_consecutive_nonfinite=3)
     params = load_params(ws["params"])
@@ -166,6 +169,7 @@ def _run(ws, out, kill_after_checkpoint=False):
     return json.loads((out / "train.json").read_text()), err
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     ws = tiny_workspace(tmp_path / "ws", train__epochs=4)
     straight, _ = _run(ws, tmp_path / "a")
@@ -179,6 +183,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path, caplog):
     ws = tiny_workspace(tmp_path, train__epochs=2)
     tasks = read_raw(ws["raw"] / "pairs.parquet")
@@ -202,6 +207,7 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, caplog):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), before.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_nonfinite_gradient_with_finite_loss_skips_the_step(tmp_path, monkeypatch):
     ws = tiny_workspace(tmp_path, train__epochs=1, train__max_consecutive_nonfinite=50)
     params = load_params(ws["params"])
@@ -219,6 +225,7 @@ def test_nonfinite_gradient_with_finite_loss_skips_the_step(tmp_path, monkeypatc
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
+@pytest.mark.slow
 def test_epochs_are_numbered_from_one_everywhere(tmp_path, caplog):
     ws = tiny_workspace(tmp_path)  # 3 epochs, meta-learning after the first
     params = load_params(ws["params"])
@@ -250,6 +257,7 @@ def test_preflight_refuses_a_run_that_does_not_fit_in_memory(tmp_path, monkeypat
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_train_stage_refuses_a_cpu_run_longer_than_the_limit(tmp_path):
     ws = tiny_workspace(tmp_path / "ws", train__max_cpu_hours=1e-7)
     proc = subprocess.run(train_cmd(ws, tmp_path / "out"), cwd=REPO, env=tool_env(), capture_output=True, text=True,
