@@ -61,7 +61,7 @@ def largest_batch(name: str, device: torch.device, cap: int) -> dict:
     p, cache, sampler, order = _setup(name, device, cap)
     torch.manual_seed(0)
     model = RLAN(p.model).to(device).train()
-    model.solver.checkpoint_steps = p.train.activation_checkpointing
+    model.checkpoint_activations(p.train.activation_checkpointing)
     first = sampler.micro_batches(order, 0, 0, 0)[0]
 
     def step(n: int) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
     torch.manual_seed(0)
     p, cache, sampler, order = _setup(name, device, batch)
     model = RLAN(p.model).to(device).train()
-    model.solver.checkpoint_steps = p.train.activation_checkpointing
+    model.checkpoint_activations(p.train.activation_checkpointing)
     opt = build_optimizer(model, p.train)
     objective = Objective(model, p.train)
     fn = torch.compile(objective) if compiled else objective
@@ -128,8 +129,9 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
     return {"params": sum(q.numel() for q in model.parameters()), "samples_per_s": rate, "warmup_s": warm}
 
 
-def peak_memory(name: str, device: torch.device, checkpointing: bool | None) -> dict:
-    """Peak memory of one stable micro-batch with meta-learning (forward and backward)."""
+def peak_memory(name: str, device: torch.device, checkpointing: bool | None, pick: str = "first") -> dict:
+    """Peak memory of one stable micro-batch with meta-learning (forward and backward): the first one
+    of training, or the samples with the most or the fewest context pairs among 4,000."""
     from pipeline.model import RLAN
     from pipeline.runtime import autocast
     from pipeline.train.batches import prepare
@@ -139,8 +141,14 @@ def peak_memory(name: str, device: torch.device, checkpointing: bool | None) -> 
     torch.manual_seed(0)
     p, cache, sampler, order = _setup(name, device, load_batch_size())
     model = RLAN(p.model).to(device).train()
-    model.solver.checkpoint_steps = p.train.activation_checkpointing if checkpointing is None else checkpointing
-    tb = prepare(cache, sampler.micro_batches(order, 0, 0, 0)[0], p.train, True, p.model.use_hyperlora)
+    model.checkpoint_activations(p.train.activation_checkpointing if checkpointing is None else checkpointing)
+    mb = sampler.micro_batches(order, 0, 0, 0)[0]
+    if pick != "first":
+        pool = order[:4000]
+        n_ctx = np.where(cache.n_test[pool] > 0, cache.n_demo[pool], cache.n_demo[pool] - 1)
+        ranked = pool[np.argsort(n_ctx, kind="stable")]
+        mb = dataclasses.replace(mb, ids=ranked[-mb.ids.size:] if pick == "most" else ranked[: mb.ids.size])
+    tb = prepare(cache, mb, p.train, True, p.model.use_hyperlora)
 
     def step(n: int) -> None:
         with autocast(device, p.train.precision):
@@ -148,8 +156,8 @@ def peak_memory(name: str, device: torch.device, checkpointing: bool | None) -> 
         loss.backward()
 
     seconds, peak = measure(step, tb.size, device)
-    return {"peak_gb": peak / 1024**3, "seconds": seconds, "checkpointing": model.solver.checkpoint_steps,
-            "pairs": len(tb.pair_in), "holdouts": len(tb.loo_pair)}
+    return {"peak_gb": peak / 1024**3, "seconds": seconds, "checkpointing": model.recompute,
+            "pairs": len(tb.pair_in), "holdouts": len(tb.loo_pair), "slots": tb.n_slots, "pick": pick}
 
 
 def encoding(name: str, device: torch.device, reps: int) -> dict:
@@ -232,7 +240,7 @@ def main() -> None:
         elif kind == "speed":
             out = throughput(name, device, args.steps, batch, meta=rest[0] == "meta")
         else:
-            out = peak_memory(name, device, None if rest[0] == "params" else rest[0] == "on")
+            out = peak_memory(name, device, None if rest[0] == "params" else rest[0] == "on", *rest[1:])
         print(json.dumps(out))
         return
 
@@ -261,12 +269,15 @@ def main() -> None:
                 "bucketed": "real pairs, one call per pair count"}[label]
         rows.append(Row(f"production: context encoding of a stable micro-batch, {what}", enc[label], "s"))
     if not args.skip_memory:
-        for setting in ("params", "on") if device.type == "cpu" else ("params",):
-            m = _child(["memory", "production", setting, "--device", args.device])
+        # on the CPU: float32, activation checkpointing on (without it the stable micro-batch needs about
+        # 23 GB); the first micro-batch of training, and the samples with the most and fewest pairs
+        setting = "on" if device.type == "cpu" else "params"
+        for pick in ("first", "most", "fewest"):
+            m = _child(["memory", "production", setting, pick, "--device", args.device])
             what = "activation checkpointing " + ("on" if m["checkpointing"] else "off")
             limit = 12 if device.type == "cpu" else None
-            rows.append(Row(f"production: peak memory, micro-batch {load_batch_size()} with meta ({what}, "
-                            f"{m['pairs']} pairs, {m['holdouts']} held out)", m["peak_gb"], "GB",
+            rows.append(Row(f"production: peak memory, micro-batch {load_batch_size()} with meta, {pick} ({what}, "
+                            f"{m['pairs']} pairs in {m['slots']} slots, {m['holdouts']} held out)", m["peak_gb"], "GB",
                             f"<= {limit}" if limit else "", m["peak_gb"] <= limit if limit else None))
     print_table(f"Training cost ({args.device}; FLOPs counted as the training loop calls the objective)", rows)
 

@@ -304,3 +304,20 @@ def test_cross_attention_ignores_masked_tokens_and_reuses_its_memory():
     other = tokens.clone()
     other[~valid] = torch.randn(int((~valid).sum()), 16) * 100  # masked tokens changed
     assert torch.allclose(att(x, other, valid), out, atol=1e-6)
+
+
+def test_pair_encoding_in_chunks_is_the_same_encoding(monkeypatch):
+    import pipeline.model.context as context
+
+    m = tiny()
+    b = example_batch(4, demos=3)
+    x, y = b["demo_in"].flatten(0, 1), b["demo_out"].flatten(0, 1)  # 12 pairs
+    whole = m.context.encode_pairs(x, y)
+    monkeypatch.setattr(context, "PAIR_CHUNK", 5)  # chunks of 5, 5 and 2
+    for recompute in (False, True):
+        m.checkpoint_activations(recompute)
+        parts = m.context.encode_pairs(x, y)
+        assert all(torch.allclose(a, c, atol=1e-6) for a, c in zip(parts, whole))
+        g = torch.autograd.grad(parts[0].sum() + parts[1].sum(), list(m.context.parameters()))
+        g0 = torch.autograd.grad(whole[0].sum() + whole[1].sum(), list(m.context.parameters()), retain_graph=True)
+        assert all(torch.allclose(a, c, rtol=1e-4, atol=1e-5) for a, c in zip(g, g0))

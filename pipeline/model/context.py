@@ -15,8 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.model.layers import ChannelNorm, CrossAttention2d, EmbeddedPairConv, conv_block, sinusoid_2d
+from pipeline.model.layers import ChannelNorm, CrossAttention2d, EmbeddedPairConv, conv_block, run, sinusoid_2d
 from pipeline.params import ModelParams
+
+
+PAIR_CHUNK = 256  # pairs encoded in one call (bounds the encoder's working memory)
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,21 @@ class ContextEncoder(nn.Module):
         self.pair = nn.Sequential(ChannelNorm(H), nn.GELU(), conv_block(H, H))
         self.pool = nn.AdaptiveAvgPool2d(self.S)
         self.refine = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, H))
+        self.recompute = False  # train.activation_checkpointing
 
     def encode_pairs(self, pair_in: torch.Tensor, pair_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pair_in/out (N, h, w) tokens -> tokens (N, S*S, H), pooled (N, H) float32."""
+        """pair_in/out (N, h, w) tokens -> tokens (N, S*S, H), pooled (N, H) float32. In chunks of at
+        most PAIR_CHUNK pairs, each recomputed on its own with activation checkpointing (and without
+        gradient), so that the memory of an encoding does not grow with the number of pairs a batch
+        draws (not under torch.compile, which sees one call of symbolic size)."""
+        n = len(pair_in)
+        if n <= PAIR_CHUNK or torch.compiler.is_compiling():
+            return run(self._encode, pair_in, pair_out, recompute=self.recompute)
+        parts = [run(self._encode, pair_in[i : i + PAIR_CHUNK], pair_out[i : i + PAIR_CHUNK], recompute=self.recompute)
+                 for i in range(0, n, PAIR_CHUNK)]
+        return torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
+
+    def _encode(self, pair_in: torch.Tensor, pair_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.pair(self.first(pair_in, pair_out))  # (N, H, h, w)
         t = self.pool(f)  # (N, H, S, S)
         t = t + sinusoid_2d(self.S, self.S, t.shape[1], t.device).to(t.dtype)

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.canvas import NUM_TOKENS
 
@@ -21,6 +22,14 @@ def sinusoid_2d(h: int, w: int, dim: int, device: torch.device | None = None) ->
     c = torch.cat([cols.sin(), cols.cos()], 1).T[:, None, :].expand(-1, h, w)
     pe = torch.cat([r, c], 0)
     return F.pad(pe, (0, 0, 0, 0, 0, dim - pe.shape[0]))  # dims not divisible by 4: zero channels
+
+
+def run(fn, *args, recompute: bool = False):
+    """fn(*args); with `recompute` (and gradients on) its activations are not kept but recomputed in
+    the backward pass (torch.utils.checkpoint; the RNG state is restored: the same dropout and noise)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class ChannelNorm(nn.Module):

@@ -19,7 +19,7 @@ from pipeline.canvas import COLOR_OFFSET, PAD
 from pipeline.model.context import ContextEncoder, ContextInjector, PairLayout, Support
 from pipeline.model.dsc import DSC, Clues
 from pipeline.model.hyperlora import LoRA, HyperLoRA
-from pipeline.model.layers import ChannelNorm, GridEmbedding
+from pipeline.model.layers import ChannelNorm, GridEmbedding, run
 from pipeline.model.msre import MSRE
 from pipeline.model.solver import RecursiveSolver
 from pipeline.model.stablemax import log_stablemax
@@ -74,6 +74,12 @@ class RLAN(nn.Module):
         self.fuse = nn.Sequential(nn.Conv2d(2 * H, H, 1), ChannelNorm(H), nn.GELU())
         self.hyperlora = HyperLoRA(cfg, RecursiveSolver.lora_dims(cfg)) if cfg.use_hyperlora else None
         self.solver = RecursiveSolver(cfg)
+        self.recompute = False
+
+    def checkpoint_activations(self, on: bool) -> None:
+        """train.activation_checkpointing: keep none of the activations of the pair encoder, the query
+        path before the solver and each solver step; recompute them in the backward pass."""
+        self.recompute = self.context.recompute = self.solver.recompute = on
 
     def support(self, demo_in, demo_out, demo_mask) -> Support:
         """Padded context pairs (B, D, h, w) with their mask (B, D) -> the encoded Support; only the
@@ -90,14 +96,18 @@ class RLAN(nn.Module):
 
     def solve(self, query_in: torch.Tensor, context: TaskContext, temperature: float, all_steps: bool = False) -> Output:
         """The query canvases (B, h, w) under their task contexts -> logits, clues."""
-        valid, grid_hw = query_grid(query_in)
         s = context.support
-        f = self.inject(self.embed(query_in), s.tokens, s.token_mask, s.pooled)
-        clues = self.dsc(f, s.pooled, temperature, valid)
-        rel = self.msre(clues.centroids, clues.stop_prob, query_in.shape[-2], query_in.shape[-1], grid_hw)
-        x = self.fuse(torch.cat([f, rel.to(f.dtype)], 1))
+        x, clues = run(self.read_query, query_in, s.tokens, s.token_mask, s.pooled, temperature, recompute=self.recompute)
         logits = self.solver(x, s.tokens, s.token_mask, context.lora, all_steps)
         return Output(logits, clues, context)
+
+    def read_query(self, query_in, tokens, token_mask, pooled, temperature: float) -> tuple[torch.Tensor, Clues]:
+        """The query's features with the task read in, its clues, and the solver's input x (B, H, h, w)."""
+        valid, grid_hw = query_grid(query_in)
+        f = self.inject(self.embed(query_in), tokens, token_mask, pooled)
+        clues = self.dsc(f, pooled, temperature, valid)
+        rel = self.msre(clues.centroids, clues.stop_prob, query_in.shape[-2], query_in.shape[-1], grid_hw)
+        return self.fuse(torch.cat([f, rel.to(f.dtype)], 1)), clues
 
     def forward(self, batch: dict[str, torch.Tensor], temperature: float, all_steps: bool = True) -> Output:
         context = self.encode_context(batch["demo_in"], batch["demo_out"], batch["demo_mask"])

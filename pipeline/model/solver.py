@@ -6,8 +6,8 @@ task's HyperLoRA deltas and the hidden map reads the support tokens by cross-att
 conv(H, NUM_TOKENS) with the HyperLoRA delta on its first conv; it reads the last step, or every
 step when asked (best-step selection).
 
-With `checkpoint_steps` (train.activation_checkpointing), each step's activations are recomputed in
-the backward pass instead of being kept: memory per sample no longer grows with the steps.
+With `recompute` (train.activation_checkpointing), each step's activations are recomputed in the
+backward pass instead of being kept: memory per sample no longer grows with the steps.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.canvas import NUM_TOKENS
 from pipeline.model.hyperlora import LoRA
-from pipeline.model.layers import CrossAttention2d
+from pipeline.model.layers import CrossAttention2d, run
 from pipeline.params import ModelParams
 
 
@@ -35,7 +34,7 @@ class RecursiveSolver(nn.Module):
         self.head_hidden = nn.Conv2d(H, H, 1)
         self.head_out = nn.Conv2d(H, NUM_TOKENS, 1)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.checkpoint_steps = False
+        self.recompute = False
 
     @staticmethod
     def lora_dims(cfg: ModelParams) -> dict[str, tuple[int, int]]:
@@ -67,15 +66,11 @@ class RecursiveSolver(nn.Module):
 
     def forward(self, x, tokens, token_mask, lora: LoRA | None, all_steps: bool = False) -> list[torch.Tensor]:
         """x (B, H, h, w) -> logits (B, NUM_TOKENS, h, w) of every step, or of the last one only."""
-        recompute = self.checkpoint_steps and torch.is_grad_enabled()
         memory = self.context.memory(tokens, token_mask) if self.context is not None else None  # once for all steps
         h = x
         logits = []
         for i in range(self.steps):
-            if recompute:
-                h = checkpoint(self.step, x, h, memory, lora, use_reentrant=False)
-            else:
-                h = self.step(x, h, memory, lora)
+            h = run(self.step, x, h, memory, lora, recompute=self.recompute)
             if all_steps or i == self.steps - 1:
                 logits.append(self.readout(h, lora))
         return logits

@@ -187,7 +187,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
     sampler = Sampler(len(cache), tp.seed, tp.batch_size, tp.grad_accumulation_steps, world.size)
     heldout = heldout_examples(tasks, tp.heldout_tasks, tp.seed)
     model = RLAN(params.model).to(device)
-    model.solver.checkpoint_steps = tp.activation_checkpointing
+    model.checkpoint_activations(tp.activation_checkpointing)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema_decay), use_buffers=True)
     opt = build_optimizer(model, tp)
     per_step = tp.batch_size * tp.grad_accumulation_steps
