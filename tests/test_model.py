@@ -321,3 +321,24 @@ def test_pair_encoding_in_chunks_is_the_same_encoding(monkeypatch):
         g = torch.autograd.grad(parts[0].sum() + parts[1].sum(), list(m.context.parameters()))
         g0 = torch.autograd.grad(whole[0].sum() + whole[1].sum(), list(m.context.parameters()), retain_graph=True)
         assert all(torch.allclose(a, c, rtol=1e-4, atol=1e-5) for a, c in zip(g, g0))
+
+
+def test_cross_attention_in_chunks_on_the_cpu_is_the_same_attention(monkeypatch):
+    import pipeline.model.layers as layers
+
+    torch.manual_seed(0)
+    att = CrossAttention2d(16, 2, 0.0).train()
+    x, tokens = torch.randn(5, 16, 3, 3, requires_grad=True), torch.randn(5, 4, 16)
+    valid = torch.rand(5, 4) > 0.3
+    valid[:, 0] = True
+    whole = att(x, tokens, valid)
+    att.dropout = 0.1  # chunking applies to training with dropout; the same weights with p = 0 below
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK_BYTES", 2 * 2 * 9 * 4 * 4)  # two samples per call
+    assert att._rows(torch.zeros(5, 2, 9, 8), torch.zeros(5, 2, 4, 8)) == 2
+    monkeypatch.setattr(CrossAttention2d, "_attend", lambda self, q, k, v, b: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=b))  # no dropout: comparable numbers
+    chunked = att(x, tokens, valid)
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    g1 = torch.autograd.grad(chunked.sum(), x)[0]
+    g2 = torch.autograd.grad(whole.sum(), x)[0]
+    assert torch.allclose(g1, g2, atol=1e-5)

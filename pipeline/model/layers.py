@@ -57,6 +57,9 @@ class GridEmbedding(nn.Module):
         return x + sinusoid_2d(h, w, self.dim, canvas.device).to(x.dtype)
 
 
+ATTENTION_CHUNK_BYTES = 128 * 1024**2
+
+
 class CrossAttention2d(nn.Module):
     """Every cell of a (B, C, H, W) map reads a set of tokens (B, T, C); returns the residual update.
     `memory` projects the tokens to keys and values once, so a map that reads the same tokens at
@@ -83,11 +86,30 @@ class CrossAttention2d(nn.Module):
 
     def read(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, C, H, W = x.shape
-        k, v, mask = memory
+        k, v, bias = memory
         q = self.q(self.norm_q(x.flatten(2).transpose(1, 2))).view(B, H * W, self.heads, C // self.heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype),
-                                             dropout_p=self.dropout if self.training else 0.0)
+        k, v, bias = k.to(q.dtype), v.to(q.dtype), bias.to(q.dtype)
+        rows = self._rows(q, k)
+        if rows >= B:
+            out = self._attend(q, k, v, bias)
+        else:  # each chunk recomputed on its own in the backward pass: its weights are never all kept
+            out = torch.cat([run(self._attend, q[i : i + rows], k[i : i + rows], v[i : i + rows], bias[i : i + rows],
+                                 recompute=True) for i in range(0, B, rows)])
         return self.out(out.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).reshape(B, C, H, W)
+
+    def _attend(self, q, k, v, bias) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+
+    def _rows(self, q: torch.Tensor, k: torch.Tensor) -> int:
+        """Samples per attention call. On the CPU, attention with dropout in training takes the math path,
+        which keeps the (B, heads, HW, T) weights (and their dropout) for the backward pass: split the
+        batch so that one call's weights stay under ATTENTION_CHUNK_BYTES, whatever T (the number of
+        context pairs) is. Elsewhere, and for torch.compile, one call."""
+        if not (self.training and self.dropout and q.device.type == "cpu" and torch.is_grad_enabled()) \
+                or torch.compiler.is_compiling():
+            return q.shape[0]
+        per_sample = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
+        return max(1, ATTENTION_CHUNK_BYTES // per_sample)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return self.read(x, self.memory(tokens, valid))
