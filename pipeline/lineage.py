@@ -46,8 +46,9 @@ MODEL_OUT = "models/model.pt"
 
 
 def _workspace() -> Path:
-    """Where this stage runs: the repository, or DVC's temporary copy of it for a queued experiment."""
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    """Where this stage runs: the repository, or DVC's temporary copy of it for a queued experiment
+    (the stages of dvc.yaml run from its root; DVC_ROOT names the main repository for a queued one)."""
+    return Path.cwd().resolve()
 
 
 def dvc_hash(path: str | Path) -> str | None:
@@ -208,11 +209,14 @@ def format_run(run_id: str, params: Params) -> str:
              f"  DVC experiment: {t.get('dvc_exp_name') or 'workspace'} (baseline {t.get('dvc_baseline_rev') or '-'}), "
              f"git commit {t.get('git_commit', '-')}",
              f"  {MODEL_OUT} md5 {t.get('model_md5', '-')}, training fingerprint {t.get('fingerprint', '-')}"]
-    for d in run.inputs.dataset_inputs:
-        src = json.loads(d.dataset.source) if d.dataset.source_type == "dvc" else {}
-        lines.append(f"  input {d.dataset.name} digest {d.dataset.digest}: {src.get('checkout', d.dataset.source)}")
+    exp = t.get("dvc_exp_name")
+    for d in run.inputs.dataset_inputs:  # a dataset is stored once per digest: its source is its first run's
+        path = json.loads(d.dataset.source).get("path") if d.dataset.source_type == "dvc" else None
+        get = (f"dvc exp apply {exp}" if exp else f"git checkout {t.get('git_commit')}") + f" && dvc checkout {path}"
+        lines.append(f"  input {d.dataset.name} digest {d.dataset.digest}: {get if path else d.dataset.source}")
     name = params.tracking.registered_model
-    for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+    for found in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        v = client.get_model_version(name, found.version)  # (searches leave the aliases out)
         lines.append(f"  registered {name} version {v.version}, aliases {', '.join(v.aliases) or '-'}")
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """MLflow runs, reached through this one thin module (stages use it; the model never does).
 
-The default store is `sqlite:///<repo root>/mlflow.db`, its artifacts in `<repo root>/mlruns`. The
-repository root comes from DVC_ROOT, mapped back to the main repository when DVC runs the
+The default store is `sqlite:///<repo root>/mlflow.db`, its artifacts in `<repo root>/mlruns/<experiment>`.
+The repository root comes from DVC_ROOT, mapped back to the main repository when DVC runs the
 experiment in a temporary copy (`dvc exp run --temp` / `--queue` work in `<repo>/.dvc/tmp/exps/...`),
 so every run and its artifacts land in one store; MLFLOW_TRACKING_URI, then `tracking.tracking_uri`,
 override it. Runs are named after the DVC experiment (DVC_EXP_NAME, else "workspace").
@@ -76,12 +76,12 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len(_SQLITE):]) if uri.startswith(_SQLITE) else None
 
 
-def artifact_location(uri: str) -> str | None:
-    """Artifacts of a sqlite store go beside the database (`mlruns/`), wherever the process runs:
-    MLflow's own default is relative to the working directory, which for a queued experiment is a
-    temporary copy that DVC deletes. Other stores choose for themselves (None)."""
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database (`mlruns/<experiment>/`), wherever the
+    process runs: MLflow's own default is relative to the working directory, which for a queued
+    experiment is a temporary copy that DVC deletes. Other stores choose for themselves (None)."""
     db = _sqlite_path(uri)
-    return str(db.parent.resolve() / "mlruns") if db is not None else None
+    return str(db.parent.resolve() / "mlruns" / re.sub(r"[^\w.-]", "_", experiment)) if db is not None else None
 
 
 @contextlib.contextmanager
@@ -194,7 +194,7 @@ def prepare_store(uri: str, experiment: str) -> str:
         client = mlflow.MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            return client.create_experiment(experiment, artifact_location=artifact_location(uri))
+            return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
     if _EXP_TMP in found.artifact_location:
         log.warning("MLflow experiment %s keeps its artifacts in %s, a temporary DVC copy: rename or delete the "
                     "experiment to start one whose artifacts stay", experiment, found.artifact_location)

@@ -89,8 +89,8 @@ def test_artifacts_land_beside_the_main_repository_database(tmp_path, monkeypatc
     repo = tmp_path / "repo"
     temp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpab12" / "cd34"
     temp_copy.mkdir(parents=True)
-    monkeypatch.chdir(temp_copy)
-    monkeypatch.setenv("DVC_ROOT", str(temp_copy))
+    monkeypatch.chdir(temp_copy)  # where DVC runs the stage; MLflow's default artifact root is relative to it
+    monkeypatch.setenv("DVC_ROOT", str(repo))  # what DVC sets for a queued experiment
     params = params_with(tracking__tracking_uri=None)
     assert tracking_uri(params.tracking) == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
     tracker = Tracker(params)
@@ -263,7 +263,7 @@ def test_training_run_logs_the_cache_and_the_tasks_with_their_dvc_hashes(tmp_pat
     lock = {"stages": {"prepare": {"outs": [{"path": "raw", "md5": "1" * 32 + ".dir"}]},
                        "augment": {"outs": [{"path": "cache", "md5": "2" * 32 + ".dir"}]}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # where DVC runs the stage
     monkeypatch.setenv("DVC_EXP_NAME", "fixed")
     tracker = Tracker(load_params(ws["params"]))
     tracker.inputs = lambda: lineage.training_inputs(ws["cache"], ws["raw"])
