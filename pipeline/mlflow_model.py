@@ -71,8 +71,9 @@ def alias_for(experiment: str) -> str:
     return f"exp-{alias}" if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias) else alias
 
 
-def example_views(cache: str | Path, n: int = 2) -> np.ndarray:
-    """A small input example: the first `n` samples of the augmentation cache."""
+def example_views(cache: str | Path, n: int = 1) -> np.ndarray:
+    """A small input example: the first `n` samples of the augmentation cache (MLflow runs the logged
+    model on it once, to check it loads and predicts: 2 s on a CPU for the production model)."""
     from pipeline.loader import AugmentedCache
 
     reader = AugmentedCache(cache)
