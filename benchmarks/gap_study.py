@@ -1,62 +1,46 @@
-"""A small CPU study: the stable and the fixed configuration trained for the same budget on a
-subset of ARC-AGI-1, through the real workflow (a clone of HEAD, `dvc repro`, the two named
-experiments, the compare report). Prints the compare report with the gap table.
+"""A small CPU study: the stable and the fixed configuration (or any named experiments) at the cpu
+scale of `pipeline.experiments.SCALES`, through the real workflow in a clone of HEAD (the named
+experiments, then the compare report). Prints the compare report with the gap table and the time.
 
-    python -m benchmarks.gap_study [--tasks 20] [--samples 100] [--epochs 12] [--steps 30] [--keep DIR]
+    python -m benchmarks.gap_study [--scale cpu] [--jobs 2] [--keep DIR] [NAME|GROUP ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from benchmarks.common import REPO
-
-TINY_MODEL = {"model.hidden_dim": 32, "model.num_solver_steps": 3, "model.max_clues": 3, "model.spatial_downsample": 4,
-              "model.dsc_num_heads": 2, "model.solver_context_heads": 2}
-
-
-def sh(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    subprocess.run(cmd, cwd=cwd, env=env, check=True)
+from pipeline.experiments import DEFAULT, SCALES, child_env
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--tasks", type=int, default=20, help="tasks per split")
-    ap.add_argument("--samples", type=int, default=100, help="augmented versions per task")
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per epoch")
-    ap.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temporary dir)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", default=DEFAULT, help="experiments or groups (default: stable fixed)")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    ap.add_argument("--jobs", type=int, default=1, help="> 1: run them in the DVC queue, this many at a time")
+    ap.add_argument("--keep", type=Path, default=None, help="work here and keep it (created if missing)")
     args = ap.parse_args()
 
-    from pipeline.params import load_params
-
-    overrides = {**TINY_MODEL, "data.max_tasks": args.tasks, "augment.samples_per_task": args.samples,
-                 "train.epochs": args.epochs, "train.steps_per_epoch": args.steps, "train.batch_size": 16,
-                 "train.grad_accumulation_steps": 1, "train.heldout_tasks": args.tasks, "train.device": "cpu",
-                 "train.save_every": args.epochs, "evaluate.device": "cpu", "evaluate.batch_size": 128}
-    params = load_params(REPO / "params.yaml").override(overrides)
-    work = args.keep or Path(tempfile.mkdtemp(prefix="gap_study_"))
+    work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="gap_study_"))
+    work.mkdir(parents=True, exist_ok=True)
     repo = work / "repo"
+    if repo.exists():
+        sys.exit(f"{repo} exists already: give --keep a new or empty directory")
+    env = child_env(REPO)
     t0 = time.perf_counter()
-    sh(["git", "clone", "-q", str(REPO), str(repo)], work)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    for cmd in (["git", "commit", "-qam", "gap study params"], [sys.executable, "-m", "dvc", "repro", "-q"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "baseline outputs"],
-                [sys.executable, "-m", "pipeline.experiments", "run", "--queue", "-j", "2"]):
-        sh(cmd, repo)
-    report = subprocess.run([sys.executable, "-m", "pipeline.experiments", "compare", "stable", "fixed"], cwd=repo,
+    subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
+    queue = ["--queue", "-j", str(args.jobs)] if args.jobs > 1 else []
+    subprocess.run([sys.executable, "-m", "pipeline.experiments", "run", "--scale", args.scale, *queue, *args.names],
+                   cwd=repo, env=env, check=True)
+    report = subprocess.run([sys.executable, "-m", "pipeline.experiments", "compare", *args.names], cwd=repo, env=env,
                             check=True, capture_output=True, text=True).stdout
-    print(f"\nGap study: {args.tasks}+{args.tasks} tasks, {args.samples} versions each, {args.epochs} epochs x "
-          f"{args.steps} steps of batch 16, tiny model ({time.perf_counter() - t0:.0f} s, work dir {work})\n")
+    print(f"\nGap study at the {args.scale} scale ({SCALES[args.scale].about}): {time.perf_counter() - t0:.0f} s "
+          f"on this machine, work dir {work}\n")
     print(report)
 
 

@@ -1,17 +1,25 @@
-"""Training throughput, peak memory and FLOPs per sample of the production and a tiny RLAN.
+"""Training cost of RLAN, measured on the objective exactly as the training loop calls it.
 
-    python -m benchmarks.train [--device cpu|cuda] [--steps N] [--batch B]
+    python -m benchmarks.train [--device cpu|cuda] [--steps N] [--batch B] [--skip-memory]
 
-Each configuration runs in its own process (so peak memory is its own): a few optimizer steps of
-the real training objective (task loss, plus LOO and equivariance from `--meta`), on batches from
-`data/cache` when it exists, else random ARC-sized grids. FLOPs come from torch's FlopCounterMode
-over one forward and backward. On CUDA the step runs in bf16 and model-FLOP utilisation is given
-against the measured bf16 matmul peak of the device.
+- GFLOP per sample: torch's FlopCounterMode over forward and backward of micro-batches of the
+  stable size (train.batch_size) prepared as training prepares them (`pipeline.train.batches.prepare`:
+  packed context pairs, `max_holdouts` leave-one-out examples per sample, `num_augmentations`
+  equivariance contexts, all from params.yaml), counted on the "meta" device (shapes only, no
+  arithmetic), averaged over `--flop-batches` micro-batches; with meta-learning off (task loss) and on.
+- samples/s: optimizer steps (forward, backward, AdamW) of the production and the tiny model on the
+  device, batch `--batch` (2 on the CPU, the stable 75 on CUDA), meta-learning on and off.
+- peak memory: one stable micro-batch with meta-learning, forward and backward, in a process of its
+  own (float32 on the CPU, the resident set's peak; on CUDA the allocator's peak in bf16).
+- projected cost of the stable configuration: 200 epochs x 400K samples at 40% of the H100's dense
+  bf16 peak (989 TFLOP/s).
+Every configuration runs in a child process. Targets are issue 11's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -27,117 +35,242 @@ CONFIGS = {
     "tiny": {"model.hidden_dim": 32, "model.num_solver_steps": 3, "model.max_clues": 3,
              "model.spatial_downsample": 4, "model.dsc_num_heads": 2, "model.solver_context_heads": 2},
 }
+H100_BF16_DENSE = 989e12
+STABLE_SAMPLES = 200 * 400_000
+BEFORE = {"samples_per_s_meta": 0.16, "gflop_task": 166.0, "gflop_meta": 776.0, "peak_gb": 23.0}
 
 
-def _batches(params, n: int, batch: int, seed: int = 0):
-    from pipeline.loader import AugmentedCache, batch_from_pairs
+def _setup(name: str, device: torch.device, batch: int):
+    from pipeline.loader import AugmentedCache
+    from pipeline.params import load_params
+    from pipeline.train.sampler import Sampler
 
-    rng = np.random.default_rng(seed)
-    if (REPO / "data/cache/manifest.json").exists():
-        cache = AugmentedCache(REPO / "data/cache")
-        ids = [rng.integers(0, len(cache), batch) for _ in range(n)]
-        return [(cache.batch(i, rng), [cache.batch(i, rng, dihedral=rng.integers(1, 8, batch))]) for i in ids]
-
-    def g():
-        return rng.integers(0, 10, tuple(rng.integers(5, 21, 2))).astype(np.uint8)
-
-    out = []
-    for _ in range(n):
-        b = batch_from_pairs([([(g(), g()) for _ in range(3)], g(), g()) for _ in range(batch)])
-        out.append((b, [b]))
-    return out
+    if not (REPO / "data/cache/manifest.json").exists():
+        sys.exit("data/cache is missing: run `dvc repro augment` first")
+    p = load_params(REPO / "params.yaml").override({**CONFIGS[name], "train.device": device.type})
+    cache = AugmentedCache(REPO / "data/cache")
+    sampler = Sampler(len(cache), p.train.seed, batch, 1)
+    return p, cache, sampler, sampler.order(0)
 
 
-def bf16_peak_tflops(device) -> float:
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0, reps = time.perf_counter(), 20
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-
-
-def measure(name: str, device_name: str, steps: int, batch: int, meta: bool) -> dict:
-    """One configuration, in this process: samples/s, peak memory, FLOPs per sample."""
-    import resource
-
+def count_flops(name: str, batches: int) -> dict:
+    """GFLOP per sample of training's forward and backward, meta-learning off and on (meta device)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.model import RLAN
-    from pipeline.runtime import autocast, to_device
+    from pipeline.train.batches import prepare
     from pipeline.train.losses import training_losses
-    from pipeline.train.loop import build_optimizer
+
+    meta_dev = torch.device("meta")
+    p, cache, sampler, order = _setup(name, torch.device("cpu"), load_batch_size())
+    with meta_dev:
+        model = RLAN(p.model).train()
+    out = {}
+    for meta in (False, True):
+        total, samples = 0, 0
+        for step in range(batches):
+            mb = sampler.micro_batches(order, 0, step, 0)[0]
+            tb = prepare(cache, mb, p.train, meta, p.model.use_hyperlora).to(meta_dev)
+            with FlopCounterMode(display=False) as fc:
+                loss, _ = training_losses(model, tb, p.train.temperature_start, p.train)
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+            total, samples = total + fc.get_total_flops(), samples + tb.size
+        out["gflop_meta" if meta else "gflop_task"] = total / samples / 1e9
+    return out
+
+
+def load_batch_size() -> int:
     from pipeline.params import load_params
 
-    torch.manual_seed(0)
-    device = torch.device(device_name)
-    p = load_params(REPO / "params.yaml").override({**CONFIGS[name], "train.device": device_name})
-    model = RLAN(p.model).to(device).train()
-    opt = build_optimizer(model, p.train)
-    data = [(to_device(b, device), [to_device(e, device) for e in eq]) for b, eq in _batches(p, steps + 1, batch)]
+    return load_params(REPO / "params.yaml").train.batch_size
 
-    def step(b, eq):
+
+def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bool, compiled: bool = False) -> dict:
+    """samples/s of optimizer steps, as the loop runs them (eager unless `compiled`)."""
+    from pipeline.model import RLAN
+    from pipeline.runtime import autocast
+    from pipeline.train.batches import prepare
+    from pipeline.train.loop import build_optimizer
+    from pipeline.train.losses import Objective
+
+    torch.manual_seed(0)
+    p, cache, sampler, order = _setup(name, device, batch)
+    model = RLAN(p.model).to(device).train()
+    model.solver.checkpoint_steps = p.train.activation_checkpointing
+    opt = build_optimizer(model, p.train)
+    objective = Objective(model, p.train)
+    fn = torch.compile(objective) if compiled else objective
+    slots = cache.max_context() if compiled else None
+    data = [prepare(cache, sampler.micro_batches(order, 0, s, 0)[0], p.train, meta, p.model.use_hyperlora, slots)
+            for s in range(steps + 2)]
+
+    def step(tb):
+        tb = tb.to(device)
+        if compiled:
+            tb.mark_dynamic()
         with autocast(device, p.train.precision):
-            loss, _ = training_losses(model, b, 1.0, p.train, meta_active=meta, equivariant_batches=eq)
+            loss, _ = fn(tb, p.train.temperature_start)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as fc:
-        step(*data[0])
-    flops = fc.get_total_flops() / batch
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    t_first = time.perf_counter()
+    for tb in data[:2]:  # warm-up (and compilation)
+        step(tb)
+    _sync(device)
+    warm = time.perf_counter() - t_first
     t0 = time.perf_counter()
-    for b, eq in data[1:]:
-        step(b, eq)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    for tb in data[2:]:
+        step(tb)
+    _sync(device)
     rate = steps * batch / (time.perf_counter() - t0)
-    out = {"name": name, "params": sum(q.numel() for q in model.parameters()), "samples_per_s": rate,
-           "flops_per_sample": flops, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
-    if device.type == "cuda":
-        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
-        out["bf16_peak_tflops"] = bf16_peak_tflops(device)
-        out["mfu"] = rate * flops / (out["bf16_peak_tflops"] * 1e12)
+    return {"params": sum(q.numel() for q in model.parameters()), "samples_per_s": rate, "warmup_s": warm}
+
+
+def peak_memory(name: str, device: torch.device, checkpointing: bool | None) -> dict:
+    """Peak memory of one stable micro-batch with meta-learning (forward and backward)."""
+    from pipeline.model import RLAN
+    from pipeline.runtime import autocast
+    from pipeline.train.batches import prepare
+    from pipeline.train.losses import training_losses
+    from pipeline.train.preflight import measure
+
+    torch.manual_seed(0)
+    p, cache, sampler, order = _setup(name, device, load_batch_size())
+    model = RLAN(p.model).to(device).train()
+    model.solver.checkpoint_steps = p.train.activation_checkpointing if checkpointing is None else checkpointing
+    tb = prepare(cache, sampler.micro_batches(order, 0, 0, 0)[0], p.train, True, p.model.use_hyperlora)
+
+    def step(n: int) -> None:
+        with autocast(device, p.train.precision):
+            loss, _ = training_losses(model, tb.to(device), p.train.temperature_start, p.train)
+        loss.backward()
+
+    seconds, peak = measure(step, tb.size, device)
+    return {"peak_gb": peak / 1024**3, "seconds": seconds, "checkpointing": model.solver.checkpoint_steps,
+            "pairs": len(tb.pair_in), "holdouts": len(tb.loo_pair)}
+
+
+def encoding(name: str, device: torch.device, reps: int) -> dict:
+    """Seconds to encode the context of one stable micro-batch (forward and backward): every padding
+    slot (B x D canvases), only the real pairs packed then laid out per sample (what training does),
+    or bucketed (samples grouped by their number of pairs, one call per group, as a sampler that
+    buckets micro-batches by demonstration count would see them)."""
+    from pipeline.model import RLAN
+    from pipeline.model.context import PairLayout
+
+    torch.manual_seed(0)
+    p, cache, sampler, order = _setup(name, device, load_batch_size())
+    enc = RLAN(p.model).to(device).train().context
+    batches = [cache.batch(sampler.micro_batches(order, 0, s, 0)[0].ids, np.random.default_rng(s)) for s in range(reps)]
+
+    def padded(b):
+        B, D = b["demo_mask"].shape
+        t, pooled = enc.encode_pairs(b["demo_in"].flatten(0, 1).to(device), b["demo_out"].flatten(0, 1).to(device))
+        return t.sum() + pooled.sum()
+
+    def packed(b):
+        where = PairLayout.from_mask(b["demo_mask"].to(device))
+        t, pooled = enc.encode_pairs(b["demo_in"].to(device)[where.sample, where.slot],
+                                     b["demo_out"].to(device)[where.sample, where.slot])
+        s = enc.layout(t, pooled, where)
+        return s.tokens.sum() + s.pooled.sum()
+
+    def bucketed(b):
+        n = b["demo_mask"].sum(1)
+        total = 0.0
+        for k in n.unique().tolist():
+            rows = n == k
+            t, pooled = enc.encode_pairs(b["demo_in"][rows, :k].flatten(0, 1).to(device),
+                                         b["demo_out"][rows, :k].flatten(0, 1).to(device))
+            total = total + t.sum() + pooled.sum()
+        return total
+
+    out = {"slots": sum(int(b["demo_mask"].numel()) for b in batches) / reps,
+           "pairs": sum(int(b["demo_mask"].sum()) for b in batches) / reps}
+    for label, fn in (("padded", padded), ("packed", packed), ("bucketed", bucketed)):
+        fn(batches[0]).backward()  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for b in batches:
+            fn(b).backward()
+        _sync(device)
+        out[label] = (time.perf_counter() - t0) / reps
     return out
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train", *args], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmarks.train {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None, help="default: 75 on CUDA, 2 on the CPU")
-    ap.add_argument("--meta", action="store_true", help="include the LOO and equivariance losses")
-    ap.add_argument("--one", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    ap.add_argument("--flop-batches", type=int, default=8, help="micro-batches averaged for the FLOP count")
+    ap.add_argument("--skip-memory", action="store_true", help="skip the stable micro-batch memory measurement")
+    ap.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # a child: what to measure
     args = ap.parse_args()
-    batch = args.batch or (75 if args.device == "cuda" else 2)
+    device = torch.device(args.device)
+    batch = args.batch or (75 if device.type == "cuda" else 2)
     if args.one:
-        print(json.dumps(measure(args.one, args.device, args.steps, batch, args.meta)))
+        kind, name, *rest = args.one
+        if kind == "flops":
+            out = count_flops(name, args.flop_batches)
+        elif kind == "encode":
+            out = encoding(name, device, args.steps)
+        elif kind == "speed":
+            out = throughput(name, device, args.steps, batch, meta=rest[0] == "meta")
+        else:
+            out = peak_memory(name, device, None if rest[0] == "params" else rest[0] == "on")
+        print(json.dumps(out))
         return
+
     rows = []
+    flops = _child(["flops", "production", "--flop-batches", str(args.flop_batches)])
+    ratio = flops["gflop_meta"] / flops["gflop_task"]
+    hours = STABLE_SAMPLES * flops["gflop_meta"] * 1e9 / (0.4 * H100_BF16_DENSE) / 3600
+    rows += [Row("production: GFLOP/sample, task loss", flops["gflop_task"], "GFLOP", f"was {BEFORE['gflop_task']:.0f}"),
+             Row("production: GFLOP/sample, with LOO + equivariance", flops["gflop_meta"], "GFLOP",
+                 f"was {BEFORE['gflop_meta']:.0f}"),
+             Row("production: meta-learning / task-loss FLOPs", ratio, "x", "<= 2", ratio <= 2.0),
+             Row("stable run (80M samples) at 40% of H100 bf16 peak", hours, "H100-h", "<= 24", hours <= 24)]
     for name in CONFIGS:
         b = batch if name == "production" else max(batch, 16)
-        cmd = [sys.executable, "-m", "benchmarks.train", "--one", name, "--device", args.device,
-               "--steps", str(args.steps), "--batch", str(b)] + (["--meta"] if args.meta else [])
-        r = json.loads(subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        tag = f"{name} ({r['params'] / 1e6:.2f}M params, batch {b}, {args.device})"
-        rows += [Row(f"{tag}: samples/s", r["samples_per_s"], "samples/s"),
-                 Row(f"{tag}: train FLOPs/sample", r["flops_per_sample"] / 1e9, "GFLOP"),
-                 Row(f"{tag}: peak RSS", r["peak_rss_gb"], "GB")]
-        if "mfu" in r:
-            rows += [Row(f"{tag}: peak GPU memory", r["peak_gpu_gb"], "GB"),
-                     Row(f"{tag}: measured bf16 peak", r["bf16_peak_tflops"], "TFLOP/s"),
-                     Row(f"{tag}: MFU", 100 * r["mfu"], "%", ">= 40" if name == "production" else "",
-                         r["mfu"] >= 0.4 if name == "production" else None)]
-    print_table(f"Training ({'task + LOO + equivariance' if args.meta else 'task loss'})", rows)
+        for meta in ("task", "meta"):
+            r = _child(["speed", name, meta, "--device", args.device, "--steps", str(args.steps), "--batch", str(b)])
+            label = f"{name} ({r['params'] / 1e6:.2f}M params, batch {b}, {args.device}, {meta}): samples/s"
+            target = ""
+            ok = None
+            if name == "production" and meta == "meta" and device.type == "cpu":
+                target, ok = f">= {3 * BEFORE['samples_per_s_meta']:.2f}", r["samples_per_s"] >= 3 * BEFORE["samples_per_s_meta"]
+            rows.append(Row(label, r["samples_per_s"], "samples/s", target, ok))
+    enc = _child(["encode", "production", "--device", args.device, "--steps", str(args.steps)])
+    for label in ("padded", "packed", "bucketed"):
+        what = {"padded": f"every slot ({enc['slots']:.0f} canvases)", "packed": f"real pairs packed ({enc['pairs']:.0f})",
+                "bucketed": "real pairs, one call per pair count"}[label]
+        rows.append(Row(f"production: context encoding of a stable micro-batch, {what}", enc[label], "s"))
+    if not args.skip_memory:
+        for setting in ("params", "on") if device.type == "cpu" else ("params",):
+            m = _child(["memory", "production", setting, "--device", args.device])
+            what = "activation checkpointing " + ("on" if m["checkpointing"] else "off")
+            limit = 12 if device.type == "cpu" else None
+            rows.append(Row(f"production: peak memory, micro-batch {load_batch_size()} with meta ({what}, "
+                            f"{m['pairs']} pairs, {m['holdouts']} held out)", m["peak_gb"], "GB",
+                            f"<= {limit}" if limit else "", m["peak_gb"] <= limit if limit else None))
+    print_table(f"Training cost ({args.device}; FLOPs counted as the training loop calls the objective)", rows)
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

@@ -122,6 +122,13 @@ def sum_all(world: World, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def sum_tensor(world: World, t: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum over the ranks of a tensor of the same shape on every rank (no host sync)."""
+    if world.size > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def union_keys(world: World, keys: set[str]) -> list[str]:
     if world.size == 1:
         return sorted(keys)

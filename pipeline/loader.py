@@ -31,6 +31,10 @@ from pipeline.canvas import CANVAS, place_grids, segments, transformed_coords
 class AugmentedCache(CacheReader):
     """The cache written by `pipeline.cache.build_cache`, served as padded tensor batches."""
 
+    def max_context(self) -> int:
+        """The most context pairs a sample can have (the D of a batch is at most this)."""
+        return int(np.where(self.n_test > 0, self.n_demo, self.n_demo - 1).max(initial=1))
+
     def batch(
         self, ids: np.ndarray, rng: np.random.Generator, dihedral: np.ndarray | None = None
     ) -> dict[str, torch.Tensor]:

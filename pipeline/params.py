@@ -48,7 +48,6 @@ class AugmentParams(_Section):
     dihedral: bool
     color_permutation_prob: float = _prob()
     translation: bool
-    track_augmentation: bool
     max_tries_factor: int = Field(ge=1, le=100)
 
 
@@ -78,6 +77,7 @@ class LooParams(_Section):
     loss_weight: float = Field(ge=0.0, le=100.0)
     # The rule `loo-min-pairs` asks for >= 2 (one pair held out, at least one left as context).
     min_pairs_for_loo: int = Field(ge=1, le=10)
+    max_holdouts: int | None = Field(ge=1, le=10)  # held-out pairs per sample and step; None = every pair
 
 
 class EquivarianceParams(_Section):
@@ -119,6 +119,9 @@ class TrainParams(_Section):
     heldout_tasks: int = Field(ge=0, le=10_000)
     max_consecutive_nonfinite: int = Field(ge=1, le=100_000)
     precision: Literal["bf16", "fp32"]
+    activation_checkpointing: bool
+    compile: bool
+    max_cpu_hours: float = Field(gt=0.0)
     nproc_per_node: int = Field(ge=1, le=1024)
     nnodes: int = Field(ge=1, le=100_000)
     rdzv_endpoint: str = Field(min_length=1, pattern=r"^[^:\s]+:\d{1,5}$")
@@ -180,6 +183,17 @@ class TrackingParams(_Section):
     timeout_s: int = Field(ge=1, le=600)
 
 
+class ValidationParams(_Section):
+    # ids of error rules (pipeline/rules.py) this configuration breaks on purpose, e.g. to re-run a
+    # failure mode of the seeds: each becomes a recorded warning ("accepted"), never a silent pass
+    accept_broken_rules: tuple[str, ...]
+
+    @field_validator("accept_broken_rules", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+
 class Params(_Section):
     data: DataParams
     augment: AugmentParams
@@ -188,6 +202,7 @@ class Params(_Section):
     evaluate: EvaluateParams
     monitoring: MonitoringParams
     tracking: TrackingParams
+    validation: ValidationParams
 
     def flat(self) -> dict[str, Any]:
         """All values with dotted keys (`train.loo_training.loss_weight`), for logging."""

@@ -3,6 +3,7 @@ with the true output and the top voted predictions, in ARC's colours. matplotlib
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,35 +37,50 @@ CURVES = [
 ]
 
 
+STYLES = ["-", "--", ":", "-."]  # line style per column when several runs are overlaid
+
+
 def read_series(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t")
 
 
-def plot_curves(series: dict[str, pd.DataFrame], out_dir: Path) -> list[tuple[str, str]]:
-    """One figure per entry of CURVES; with several runs (name -> series) they are overlaid.
-    Returns (file name, title) of the figures written."""
+def curve_figure(series: dict[str, pd.DataFrame], cols: list[str], title: str,
+                 meta_learning_starts: Sequence[int] = ()) -> plt.Figure | None:
+    """One figure of `cols` against the (1-based) epoch, None when no run measured any of them. One run:
+    a colour per column. Several (name -> series): a colour per run and a line style per column. The
+    legend sits outside the axes; a dotted vertical line at start + 0.5 marks where meta-learning (LOO,
+    equivariance) begins, after `start` epochs of the task loss alone."""
+    drawn = [(k, run, col, df[["epoch", col]].dropna()) for k, (run, df) in enumerate(series.items())
+             for col in cols if col in df and df[col].notna().any()]
+    if not drawn:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    several = len(series) > 1
+    for k, run, col, d in drawn:
+        style = dict(color=f"C{k}", linestyle=STYLES[cols.index(col) % len(STYLES)]) if several else {}
+        ax.plot(d["epoch"], d[col], marker="o", ms=3, label=f"{run}: {col}" if several else col, **style)
+    last = max(float(d["epoch"].max()) for *_, d in drawn)
+    for start in meta_learning_starts:
+        if start < last:
+            ax.axvline(start + 0.5, color="grey", linestyle=":", label=f"meta-learning from epoch {start + 1}")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return fig
+
+
+def plot_curves(series: dict[str, pd.DataFrame], out_dir: Path,
+                meta_learning_starts: Sequence[int] = ()) -> list[tuple[str, str]]:
+    """One figure per entry of CURVES (see `curve_figure`); returns (file name, title) of those written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    styles = ["-", "--", ":", "-."]
     for fname, title, cols in CURVES:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        drawn = False
-        for k, (run, df) in enumerate(series.items()):
-            for col in cols:
-                if col in df and df[col].notna().any():
-                    d = df[["epoch", col]].dropna()
-                    label = col if len(series) == 1 else f"{run}: {col}"
-                    ax.plot(d["epoch"], d[col], styles[k % len(styles)], marker="o", ms=3, label=label)
-                    drawn = True
-        if drawn:
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(out_dir / fname, dpi=110)
+        fig = curve_figure(series, cols, title, meta_learning_starts)
+        if fig is not None:
+            fig.savefig(out_dir / fname, dpi=110, bbox_inches="tight")  # the box includes the legend
+            plt.close(fig)
             written.append((fname, title))
-        plt.close(fig)
     return written
 
 

@@ -4,6 +4,10 @@ The schema (`pipeline.params`) checks each value alone; a rule checks how values
 the stable configuration's validation report (seed 000) and the train/eval-gap analysis with
 its fixed configuration (seed 004). Each rule has an id, a severity and a message; `check_rules`
 returns the violations and `render_report` the readable report of the `validate_params` stage.
+
+An error rule listed in `validation.accept_broken_rules` is broken on purpose (e.g. to re-run a failure
+mode of the seeds): its violation is "accepted", a recorded warning counted on its own, never a
+silent pass. Two rules check the list itself: every id names an error rule, and each is broken.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Literal
 from pipeline.params import HYPERLORA_CODE_DEFAULTS, Params
 
 Severity = Literal["error", "warning"]
+Status = Literal["error", "warning", "accepted"]  # accepted: an error rule broken on purpose
 
 # Samples in the cache per data source when data.max_tasks is null (400+400, 1000+120 tasks).
 _TASKS_PER_SOURCE = {"arc-agi-1": (400, 400), "arc-agi-2": (1000, 120)}
@@ -34,13 +39,15 @@ class Rule:
 class Violation:
     rule: Rule
     message: str
+    accepted: bool = False  # an error rule listed in validation.accept_broken_rules
 
     @property
-    def severity(self) -> Severity:
-        return self.rule.severity
+    def severity(self) -> Status:
+        return "accepted" if self.accepted else self.rule.severity
 
     def __str__(self) -> str:
-        return f"[{self.rule.severity}] {self.rule.id} ({', '.join(self.rule.keys)}): {self.message}"
+        note = " (accepted in validation.accept_broken_rules)" if self.accepted else ""
+        return f"[{self.severity}] {self.rule.id} ({', '.join(self.rule.keys)}): {self.message}{note}"
 
 
 def _when(cond: bool, message: str) -> str | None:
@@ -79,6 +86,29 @@ def _threshold_order(p: Params) -> str | None:
     ]
     bad = [f"monitoring.{n}_warning={w} > monitoring.{n}_critical={c}" for n, w, c in pairs if w > c]
     return "; ".join(bad) or None
+
+
+ACCEPT_KEY = "validation.accept_broken_rules"
+_ACCEPT_RULES = ("accepted-rules-known", "accepted-rules-broken")  # check the list; cannot be accepted
+
+
+def acceptable() -> list[str]:
+    """Ids of the error rules that `validation.accept_broken_rules` may list."""
+    return [r.id for r in RULES if r.severity == "error" and r.id not in _ACCEPT_RULES]
+
+
+def _unknown_accepted(p: Params) -> str | None:
+    known = acceptable()
+    bad = [i for i in p.validation.accept_broken_rules if i not in known]
+    return _when(bool(bad), f"{ACCEPT_KEY} lists {', '.join(bad)}, not an error rule that can be accepted "
+                            f"(those are: {', '.join(known)})")
+
+
+def _accepted_not_broken(p: Params) -> str | None:
+    rules = {r.id: r for r in RULES}
+    idle = [i for i in p.validation.accept_broken_rules if i in acceptable() and rules[i].check(p) is None]
+    return _when(bool(idle), f"{ACCEPT_KEY} lists {', '.join(idle)}, which this configuration does not break: "
+                             "remove it, so that a later breach is an error again")
 
 
 RULES: tuple[Rule, ...] = (
@@ -141,19 +171,6 @@ RULES: tuple[Rule, ...] = (
             p.train.equivariance_training.enabled and not p.model.use_hyperlora,
             "train.equivariance_training.enabled is true but model.use_hyperlora is false: there are no "
             "LoRA deltas to compare",
-        ),
-    ),
-    Rule(
-        "augmentation-tracked", "error",
-        ("augment.track_augmentation", "augment.color_permutation_prob", "augment.dihedral", "augment.translation"),
-        "every augmentation applied to the cache is recorded",
-        "seed 000 §6",
-        lambda p: _when(
-            not p.augment.track_augmentation
-            and (p.augment.dihedral or p.augment.color_permutation_prob > 0 or p.augment.translation),
-            "augment.track_augmentation must be true when any augmentation is on "
-            f"(dihedral={p.augment.dihedral}, color_permutation_prob={p.augment.color_permutation_prob}, "
-            f"translation={p.augment.translation}): inverse augmentation needs the record",
         ),
     ),
     Rule(
@@ -317,20 +334,37 @@ RULES: tuple[Rule, ...] = (
         "seed 004 §7 fix 5",
         _threshold_order,
     ),
+    Rule(
+        "accepted-rules-known", "error", (ACCEPT_KEY,),
+        "every rule accepted as broken is an error rule of this list",
+        "issue: ablations and failure modes",
+        _unknown_accepted,
+    ),
+    Rule(
+        "accepted-rules-broken", "warning", (ACCEPT_KEY,),
+        "every rule accepted as broken is broken by this configuration",
+        "issue: ablations and failure modes",
+        _accepted_not_broken,
+    ),
 )
+_ORDER = {"error": 0, "accepted": 1, "warning": 2}
 
 
 def check_rules(params: Params, rules: tuple[Rule, ...] = RULES) -> list[Violation]:
-    """Every violated rule with its message, errors first, in rule order."""
-    found = [Violation(r, msg) for r in rules if (msg := r.check(params)) is not None]
-    return sorted(found, key=lambda v: v.severity != "error")
+    """Every violated rule with its message, errors first, then accepted errors, then warnings, in rule
+    order; an error rule listed in `validation.accept_broken_rules` is accepted."""
+    accept = set(params.validation.accept_broken_rules) - set(_ACCEPT_RULES)
+    found = [Violation(r, msg, accepted=r.severity == "error" and r.id in accept)
+             for r in rules if (msg := r.check(params)) is not None]
+    return sorted(found, key=lambda v: _ORDER[v.severity])
 
 
-def summary(violations: list[Violation], rules: tuple[Rule, ...] = RULES) -> dict[str, int]:
-    errors = sum(v.severity == "error" for v in violations)
-    warnings = len(violations) - errors
-    return {"errors": errors, "warnings": warnings, "rules_checked": len(rules),
-            "rules_passed": len(rules) - len(violations)}
+def summary(violations: list[Violation], rules: tuple[Rule, ...] = RULES) -> dict[str, int | str]:
+    """Counts for metrics/params_validation.json; `accepted_rules` names the accepted errors."""
+    count = {s: sum(v.severity == s for v in violations) for s in _ORDER}
+    return {"errors": count["error"], "warnings": count["warning"], "accepted_errors": count["accepted"],
+            "accepted_rules": ",".join(v.rule.id for v in violations if v.accepted),
+            "rules_checked": len(rules), "rules_passed": len(rules) - len(violations)}
 
 
 def render_report(violations: list[Violation], rules: tuple[Rule, ...] = RULES) -> str:
@@ -341,10 +375,13 @@ def render_report(violations: list[Violation], rules: tuple[Rule, ...] = RULES) 
     lines = [
         "# params.yaml validation",
         "",
-        f"**{verdict}**: {s['errors']} error(s), {s['warnings']} warning(s), "
-        f"{s['rules_passed']} of {s['rules_checked']} rules passed.",
+        f"**{verdict}**: {s['errors']} error(s), {s['accepted_errors']} accepted error(s), {s['warnings']} "
+        f"warning(s), {s['rules_passed']} of {s['rules_checked']} rules passed.",
         "",
     ]
+    if s["accepted_errors"]:
+        lines += [f"Broken on purpose (`{ACCEPT_KEY}`): {', '.join(f'`{i}`' for i in s['accepted_rules'].split(','))}. "
+                  "Its results show what breaking them does; they are not a valid run of the pipeline.", ""]
     if violations:
         lines += ["## Problems", ""]
         lines += [f"- **{v.severity}** `{v.rule.id}`: {v.message}" for v in violations]

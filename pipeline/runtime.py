@@ -34,5 +34,13 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def without_autocast(device_type: str):
+    """Autocast off for a float32 region. A device with no autocast (the "meta" device, on which the
+    benchmarks count FLOPs without computing) has none to turn off."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -306,6 +306,8 @@ class Tracker:
                 **process_tags()}
         if earlier:
             tags["restored_from_run"] = earlier[0].info.run_id
+        if self.params.validation.accept_broken_rules:  # error rules broken on purpose (validate_params)
+            tags["validation.accepted_rules"] = ",".join(self.params.validation.accept_broken_rules)
         self.run_id = self._client.create_run(exp_id, run_name=name, tags=tags).info.run_id
         self.log_params(self.params.flat())
         if self.inputs is not None:

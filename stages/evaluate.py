@@ -62,7 +62,8 @@ def main() -> None:
     except ModelFileError as err:
         fail(str(err))
         return
-    predict = model_predictor(model, meta["temperature"], ep.use_best_step_selection, world.device)
+    predict = model_predictor(model, meta["temperature"], ep.use_best_step_selection, world.device,
+                              params.train.precision)
     tasks = arc.read_raw(Path(args.raw) / "pairs.parquet")
 
     results = {}

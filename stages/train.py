@@ -12,6 +12,7 @@ from pipeline.params import load_params
 from pipeline.stage import fail, parser, setup_logging
 from pipeline.tracking import Tracker
 from pipeline.train.loop import TrainPaths, train
+from pipeline.train.preflight import PreflightError
 
 log = logging.getLogger("train")
 
@@ -43,6 +44,9 @@ def main() -> None:
                        Path(args.plots))
     try:
         final = train(params, arc.read_raw(Path(args.raw) / "pairs.parquet"), paths, tracker, world)
+    except PreflightError as err:  # the run would not finish on this machine: say why, no traceback
+        fail(str(err))
+        return
     except (ModelFileError, IntegrityError, FileNotFoundError) as err:  # damaged or missing inputs: one line
         tracker.end("FAILED")
         fail(str(err))

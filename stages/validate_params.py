@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.committed import restore_hint
 from pipeline.io import write_json, write_text
 from pipeline.params import ParamsError, load_params
 from pipeline.rules import check_rules, render_report, summary
 from pipeline.stage import fail, parser, setup_logging
 
 log = logging.getLogger("validate_params")
+
+
+def failure(message: str, params_path: str) -> str:
+    """The message, and what differs from the committed params file with how to restore it."""
+    hint = restore_hint(params_path)
+    return f"{message}\n{hint}" if hint else message
 
 
 def main() -> None:
@@ -26,19 +33,20 @@ def main() -> None:
         write_json(args.metrics, {"errors": len(err.problems), "warnings": 0, "schema_errors": len(err.problems)})
         write_text(args.report, "# params.yaml validation\n\n**FAILED** (schema):\n\n"
                    + "".join(f"- {p}\n" for p in err.problems))
-        fail(str(err))
+        fail(failure(str(err), args.params))
         return
 
     violations = check_rules(params)
     for v in violations:
-        (log.error if v.severity == "error" else log.warning)(str(v))
+        (log.error if v.severity == "error" else log.warning)(str(v))  # accepted errors are warnings
     counts = summary(violations)
     write_json(args.metrics, {**counts, "schema_errors": 0})
     write_text(args.report, render_report(violations))
     if counts["errors"]:
-        fail(f"params.yaml breaks {counts['errors']} rule(s); see {args.report}")
+        fail(failure(f"params.yaml breaks {counts['errors']} rule(s); see {args.report}", args.params))
     write_text(args.stamp, "params.yaml passed the schema and every error-level rule (pipeline/rules.py)\n")
-    log.info("params.yaml valid: %d warning(s), %d rules checked", counts["warnings"], counts["rules_checked"])
+    log.info("params.yaml valid: %d warning(s), %d accepted error(s), %d rules checked", counts["warnings"],
+             counts["accepted_errors"], counts["rules_checked"])
 
 
 if __name__ == "__main__":

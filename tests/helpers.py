@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 
 from pipeline.arc import Task
+from pipeline.experiments import SCALES
 from pipeline.params import Params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,9 +101,9 @@ def write_params(repo: Path, **overrides: Any) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-TINY_MODEL = dict(model__hidden_dim=16, model__num_solver_steps=2, model__max_clues=2, model__spatial_downsample=2,
-                  model__dsc_num_heads=2, model__solver_context_heads=2, model__msre_encoding_dim=8,
-                  model__msre_num_freq=2, model__hyperlora_rank=2)
+# The tiny scale of pipeline.experiments.SCALES (the e2e tests' scale), as section__key overrides.
+TINY = {k.replace(".", "__"): v for k, v in SCALES["tiny"].overrides.items()}
+TINY_MODEL = {k: v for k, v in TINY.items() if k.startswith("model__")}
 
 
 def example_batch(n: int = 3, seed: int = 0, demos: int = 3, max_side: int = 5):
@@ -117,9 +118,7 @@ def example_batch(n: int = 3, seed: int = 0, demos: int = 3, max_side: int = 5):
     return batch_from_pairs([([(g(), g()) for _ in range(demos)], g(), g()) for _ in range(n)])
 
 
-TINY_TRAIN = dict(train__epochs=3, train__steps_per_epoch=2, train__batch_size=3, train__grad_accumulation_steps=2,
-                  train__heldout_tasks=2, train__meta_learning_start_epoch=1, train__eval_every=1, train__save_every=1,
-                  train__device="cpu", train__equivariance_training__num_augmentations=1, augment__samples_per_task=6)
+TINY_TRAIN = {**{k: v for k, v in TINY.items() if k.startswith("train__")}, "augment__samples_per_task": 6}
 
 
 def tiny_workspace(root: Path, **overrides: Any) -> dict[str, Path]:

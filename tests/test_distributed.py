@@ -24,7 +24,7 @@ SETTINGS = dict(train__epochs=3, train__grad_accumulation_steps=2, train__dist_t
                 evaluate__max_tasks=3, evaluate__batch_size=24, evaluate__device="cpu")
 # Only the order of float sums differs between one process and two: 1e-4 relative or 1e-5 absolute
 # (the absolute part for quantities near 0 that come from differences, such as lora_diversity).
-TOLERANCE = dict(rel=1e-4, abs=1e-5)
+TOLERANCE = dict(rel=1e-4, abs=1e-5, nan_ok=True)  # NaN: a term not computed in that epoch
 
 
 def _stage(cmd, env_extra=None, timeout=600):

@@ -1,88 +1,91 @@
-"""Stable versus fixed as named DVC experiments, at tiny scale, with the real dvc commands."""
+"""The named experiments end to end, with the real dvc commands at the tiny scale, each started from a
+workspace whose params.yaml holds leftover overrides: in the workspace, and in the DVC queue through
+`make run` on a fresh clone with no git identity."""
 
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
+import subprocess
 import sys
 
 import pytest
+import yaml
 
-from pipeline.experiments import EXPERIMENTS, FIXED, distance, set_args
-from pipeline.rules import check_rules
-from tests.helpers import TINY_MODEL, TINY_TRAIN, commit_all, copy_repo, params_with, run, write_params
+from pipeline.experiments import FIXED, SCALES, expected_changes, experiment_revs
+from pipeline.params import flatten
+from tests.helpers import REPO, commit_all, copy_repo, run, tool_env, write_params
 
+pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
-TINY = {**TINY_MODEL, **TINY_TRAIN, "data__max_tasks": 3, "augment__samples_per_task": 8, "evaluate__max_tasks": 2,
-        "evaluate__batch_size": 64, "evaluate__device": "cpu"}
-
-
-def test_fixed_configuration_is_valid_and_is_the_seeds():
-    p = params_with().override(FIXED)
-    assert not [v for v in check_rules(p) if v.severity == "error"]
-    assert not p.model.use_gumbel_softmax and p.model.task_conditioned_clues
-    assert p.train.temperature_start == p.train.temperature_end == 0.5
-    assert p.train.entropy_on_raw_logits and p.train.lambda_kl_consistency == 0.1 and p.train.eval_every == 1
-    assert EXPERIMENTS["stable"] == {}
-    assert set_args({"a.b": False, "c": 0.5}) == ["-S", "a.b=false", "-S", "c=0.5"]
-
-
-def test_gap_distance():
-    assert distance("loss_ratio", 2.0) == distance("loss_ratio", 0.5)
-    assert distance("exact_match_gap", -0.1) == pytest.approx(0.1)
+EXPERIMENTS = [sys.executable, "-m", "pipeline.experiments"]
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("exp"))
-    write_params(repo, **TINY)
-    commit_all(repo, "tiny params")
-    run(DVC + ["repro"], repo)
-    commit_all(repo, "baseline outputs")
+    commit_all(repo, "baseline")
     return repo
 
 
-@pytest.mark.e2e
-def test_stable_and_fixed_queued_in_parallel_then_compared(repo):
-    run([sys.executable, "-m", "pipeline.experiments", "run", "--queue", "-j", "2"], repo, timeout=900)
-    assert {"stable", "fixed"} <= set(run(DVC + ["exp", "list", "--name-only"], repo).stdout.split())
+def changed(repo, a: str, b: str) -> dict:
+    """`dvc params diff a b` as key -> new value."""
+    diff = json.loads(run(DVC + ["params", "diff", a, b, "--json"], repo).stdout or "{}").get("params.yaml", {})
+    return {k: d["new"] for k, d in diff.items()}
 
-    # both queued runs logged to the one MLflow store of the main repository, named after the experiments
+
+def assert_stable_versus_fixed(repo) -> None:
+    """The result itself: stable is HEAD plus the tiny scale, fixed is stable plus its overrides, the two
+    measured differently, and the workspace back on HEAD's params.yaml."""
+    committed = run(["git", "show", "HEAD:params.yaml"], repo).stdout
+    base = flatten(yaml.safe_load(committed))
+    tiny = SCALES["tiny"].overrides
+    assert changed(repo, "HEAD", "stable") == expected_changes(tiny, base)
+    assert changed(repo, "stable", "fixed") == expected_changes(FIXED, {**base, **tiny})
+    metrics = json.loads(run(DVC + ["metrics", "diff", "stable", "fixed", "--json"], repo).stdout)
+    assert metrics["metrics/train.json"] and metrics["metrics/gap.json"]
+    assert (repo / "params.yaml").read_text() == committed
+
+
+def test_workspace_after_a_failed_override(repo):
+    accept = "validation.accept_broken_rules=[fixed-constant-temperature]"  # a list, as no-gumbel sets it
+    failed = run(DVC + ["exp", "run", "-S", "model.hyperlora_rank=0", "-S", accept], repo, check=False)
+    assert failed.returncode != 0
+    for line in ("model.hyperlora_rank: committed 8, now 0",
+                 "validation.accept_broken_rules: committed [], now ['fixed-constant-temperature']",
+                 "git checkout -- params.yaml"):
+        assert line in failed.stdout + failed.stderr
+    assert "hyperlora_rank: 0" in (repo / "params.yaml").read_text()  # what DVC leaves behind
+
+    out = run(EXPERIMENTS + ["run", "--scale", "tiny", "stable", "fixed"], repo, timeout=1200)
+    assert "params.yaml differs from HEAD" in out.stderr and "model.hyperlora_rank: committed 8, now 0" in out.stderr
+    [backup] = (repo / ".dvc" / "tmp").glob("params.yaml.*")
+    assert "hyperlora_rank: 0" in backup.read_text()
+    assert_stable_versus_fixed(repo)
     with sqlite3.connect(repo / "mlflow.db") as db:
-        runs = dict(db.execute("select name, status from runs where name in ('stable', 'fixed')"))
-    assert runs == {"stable": "FINISHED", "fixed": "FINISHED"}
+        runs = dict(db.execute("select name, status from runs"))
+    assert {n: runs.get(n) for n in ("stable", "fixed")} == {"stable": "FINISHED", "fixed": "FINISHED"}
 
-    diff = json.loads(run(DVC + ["metrics", "diff", "stable", "fixed", "--all", "--json"], repo).stdout)
-    gap = diff["metrics/gap.json"]
-    for view in ("training", "evaluation"):
-        assert {f"{view}.{m}" for m in ("exact_match_gap", "attention_entropy_ratio", "stop_value_gap",
-                                        "loss_ratio", "status")} <= set(gap)
-    assert "overall_status" in gap
-    # Gumbel noise in training mode only: the stable configuration's train/eval entropy ratio differs
-    assert gap["training.attention_entropy_ratio"]["old"] != gap["training.attention_entropy_ratio"]["new"]
-    kl = diff["metrics/train.json"]["loss_kl"]
-    assert kl["old"] > 0 and kl["new"] == 0  # no Gumbel noise in the fixed configuration: nothing for KL to see
-
-    params = json.loads(run(DVC + ["params", "diff", "stable", "fixed", "--json"], repo).stdout)["params.yaml"]
-    assert (params["model.use_gumbel_softmax"]["old"], params["model.use_gumbel_softmax"]["new"]) == (True, False)
-    assert (params["train.temperature_start"]["old"], params["train.temperature_start"]["new"]) == (1.0, 0.5)
-
-    run(DVC + ["plots", "diff", "stable", "fixed", "-o", "plots_diff"], repo)
-    assert (repo / "plots_diff" / "index.html").exists()
-
-    report = run([sys.executable, "-m", "pipeline.experiments", "compare", "stable", "fixed"], repo).stdout
-    assert "| gap | stable | fixed | smaller gap |" in report
-    assert len(re.findall(r"^- (training|evaluation): (exact_match_gap|exact_match_relative_gap|"
-                          r"attention_entropy_ratio|stop_value_gap|loss_ratio): ", report, flags=re.M)) == 10
+    report = run(EXPERIMENTS + ["compare", "stable", "fixed"], repo).stdout
+    assert "| gap | stable | fixed | smallest gap |" in report and "| training: attention_entropy_ratio |" in report
+    assert (repo / "metrics/compare/compare.md").read_text().strip() == report.strip()
     assert (repo / "metrics/compare/attention_entropy.png").exists()
 
 
-@pytest.mark.e2e
-def test_single_override_from_a_fresh_clone(repo, tmp_path):
+def test_make_run_on_a_fresh_clone_without_git_identity(repo, tmp_path):
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
-    out = run(DVC + ["exp", "run", "-S", "model.hyperlora_init_scale=0.05"], clone, timeout=900).stdout
-    assert "Running stage 'gap_report'" in out
-    before = json.loads((repo / "metrics/params_validation.json").read_text())["warnings"]
-    assert json.loads((clone / "metrics/params_validation.json").read_text())["warnings"] == before + 1  # init scale
+    (clone / ".venv").symlink_to(REPO / ".venv")  # set up already: `-o` below keeps make from reinstalling
+    write_params(clone, train__learning_rate=0.001, model__use_gumbel_softmax=False)  # leftovers
+    env = {k: v for k, v in tool_env().items() if not k.startswith(("GIT_AUTHOR_", "GIT_COMMITTER_"))}
+    env.update(HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1")  # no git identity anywhere
+    proc = subprocess.run(["make", "-o", ".venv/.installed", "run", "SCALE=tiny"], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("make run: SCALE=tiny: the stable-versus-fixed workflow at the tiny scale")
+    assert "train.learning_rate: committed 0.0005, now 0.001" in proc.stderr
+    assert "queue after" in proc.stderr  # progress while the queue runs
+    assert_stable_versus_fixed(clone)
+    assert (clone / "metrics/compare/compare.md").exists()
+    rev = experiment_revs(clone)["stable"]
+    assert run(["git", "log", "-1", "--format=%an", rev], clone).stdout.strip() == "rlan-pipeline"

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from pipeline.arc import Task
+from pipeline.compare import GAP_MEASURES, Outputs, distance, render, smallest
 from pipeline.gap import gap_checks, gap_metrics
-from pipeline.report import CURVES, plot_curves, task_picture
+from pipeline.report import CURVES, curve_figure, plot_curves, task_picture
 from stages.gap_report import pick_pictures
 from tests.helpers import params_with
 
@@ -44,12 +45,59 @@ def test_training_view_needs_a_held_out_measurement():
     assert set(groups) == {"evaluation"}
 
 
-def test_curves_for_one_run_and_overlaid(tmp_path):
-    df = pd.DataFrame({"epoch": [0, 1, 2], **{c: [0.1, 0.2, 0.3] for _, _, cols in CURVES for c in cols}})
-    one = plot_curves({"run": df}, tmp_path / "one")
-    two = plot_curves({"stable": df, "fixed": df * 1.5}, tmp_path / "two")
-    assert len(one) == len(two) == len(CURVES)
-    assert all((tmp_path / "two" / name).read_bytes()[:4] == b"\x89PNG" for name, _ in two)
+def _series(epochs: int, scale: float = 1.0, **cols) -> pd.DataFrame:
+    """A training series with 1-based epochs; columns given as lists, the others empty."""
+    return pd.DataFrame({"epoch": range(1, epochs + 1), **{c: [None] * epochs for _, _, cs in CURVES for c in cs},
+                         **{c: [None if v is None else v * scale for v in vals] for c, vals in cols.items()}})
+
+
+def _legend_outside(fig) -> bool:
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    return legend.x0 >= ax.get_window_extent().x1  # right of the axes, over no data
+
+
+def test_curve_figure_draws_the_measured_columns_and_marks_meta_learning():
+    df = _series(4, train_exact_match=[0.1, 0.2, 0.3, 0.4], heldout_exact_match=[None, None, None, 0.1])
+    fig = curve_figure({"run": df}, ["train_exact_match", "heldout_exact_match", "train_pixel_accuracy"], "t", [2])
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    # a column never measured is not drawn; one measured at some epochs is drawn where it was
+    assert set(lines) == {"train_exact_match", "heldout_exact_match", "meta-learning from epoch 3"}
+    assert list(lines["train_exact_match"].get_xdata()) == [1, 2, 3, 4]
+    assert list(lines["heldout_exact_match"].get_xdata()) == [4]
+    assert list(lines["meta-learning from epoch 3"].get_xdata()) == [2.5, 2.5]  # between epochs 2 and 3
+    assert _legend_outside(fig)
+    assert curve_figure({"run": df}, ["loo_accuracy"], "t") is None  # nothing measured: no figure
+
+
+def test_meta_learning_marker_only_when_it_starts_within_the_run():
+    df = _series(3, loss_task=[3.0, 2.0, 1.0])
+    labels = [ln.get_label() for ln in curve_figure({"run": df}, ["loss_task"], "t", [3]).axes[0].get_lines()]
+    assert labels == ["loss_task"]
+
+
+def test_overlaid_runs_each_have_their_series_in_their_colour():
+    a = _series(3, attention_entropy_train=[1.0, 1.1, 1.2], attention_entropy_eval=[6.0, 6.0, 6.0])
+    b = _series(3, 0.5, attention_entropy_train=[1.0, 1.1, 1.2], attention_entropy_eval=[6.0, 6.0, 6.0])
+    cols = ["attention_entropy_train", "attention_entropy_eval"]
+    fig = curve_figure({"stable": a, "fixed": b}, cols, "t", [1])
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert {f"{r}: {c}" for r in ("stable", "fixed") for c in cols} <= set(lines)
+    assert list(lines["fixed: attention_entropy_eval"].get_ydata()) == [3.0, 3.0, 3.0]
+    assert lines["stable: attention_entropy_train"].get_color() == lines["stable: attention_entropy_eval"].get_color()
+    assert lines["stable: attention_entropy_train"].get_color() != lines["fixed: attention_entropy_train"].get_color()
+    styles = {c: lines[f"fixed: {c}"].get_linestyle() for c in cols}
+    assert styles["attention_entropy_train"] != styles["attention_entropy_eval"]
+    assert _legend_outside(fig)
+
+
+def test_plot_curves_writes_one_png_per_measured_figure(tmp_path):
+    df = _series(2, loss_task=[2.0, 1.0], heldout_loss=[2.5, 1.5], stop_value_train=[0.5, 0.4])
+    written = plot_curves({"run": df}, tmp_path, [1])
+    assert [name for name, _ in written] == ["loss.png", "stop_value.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "stop_value.png"]
+    assert all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name, _ in written)
 
 
 def test_task_picture_and_selection(tmp_path):
@@ -61,3 +109,30 @@ def test_task_picture_and_selection(tmp_path):
     candidates = {"b": [{"test_index": 0, "truth_rank": None}], "a": [{"test_index": 0, "truth_rank": None}],
                   "c": [{"test_index": 0, "truth_rank": 2}, {"test_index": 1, "truth_rank": None}]}
     assert pick_pictures(candidates, 3) == [("c", 0), ("a", 0), ("b", 0)]  # solved first, then by id
+
+
+def test_gap_distance_and_smallest():
+    assert distance("loss_ratio", 2.0) == pytest.approx(distance("loss_ratio", 0.5))
+    assert distance("exact_match_gap", -0.1) == pytest.approx(0.1)
+    assert smallest("attention_entropy_ratio", {"stable": 4.5, "fixed": 1.1, "no-gumbel": 0.95}) == ["no-gumbel"]
+    assert smallest("exact_match_gap", {"a": 0.0, "b": 0.0, "c": 0.1}) == ["a", "b"]
+    assert smallest("exact_match_gap", {"a": 0.0, "b": 0.0}) == []  # a tie
+
+
+def test_compare_table_has_a_column_per_experiment_and_marks_the_smallest_gap():
+    def outputs(ratio: float, status: int) -> Outputs:
+        view = {**{m: 0.0 for m in GAP_MEASURES}, **{f"{m}_status": 0 for m in GAP_MEASURES},
+                "attention_entropy_ratio": ratio, "attention_entropy_ratio_status": status}
+        side = {"pass@1": 0.0, "loss": 1.5}
+        return Outputs("0123456789", {"training": view, "evaluation": view, "overall_status": status},
+                       {"train": side, "eval": side}, _series(2), 3)
+
+    text = render({"stable": outputs(4.47, 1), "fixed": outputs(1.10, 0), "raw-entropy": outputs(3.0, 1)})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["gap"] == "| gap | stable | fixed | raw-entropy | smallest gap |"
+    assert rows["training: attention_entropy_ratio"] == (
+        "| training: attention_entropy_ratio | 4.4700 (warning) | **1.1000** (ok) | 3.0000 (warning) | fixed |")
+    assert rows["training: exact_match_gap"].endswith("| tie |")
+    assert rows["overall status"] == "| overall status | warning | ok | warning | |"
+    assert rows["eval: loss"] == "| eval: loss | 1.5 | 1.5 | 1.5 |"
+    assert len([r for r in rows if r.startswith(("training: ", "evaluation: "))]) == 2 * len(GAP_MEASURES)

@@ -1,18 +1,23 @@
-"""The RLAN modules: shapes, switches, HyperLoRA sizes, losses, step selection, model files."""
+"""The RLAN modules: shapes, switches, the public RLAN details (output head, DSC, MSRE), HyperLoRA
+sizes, losses, step selection, model files."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.canvas import NUM_TOKENS, PAD
-from pipeline.loader import crop_canvas
+from pipeline.loader import batch_from_pairs, crop_canvas
 from pipeline.model import RLAN
-from pipeline.model.dsc import attention_entropy
+from pipeline.model.dsc import MASK_FLOOR, attention_entropy, gumbel_noise
 from pipeline.model.io import ModelFileError, load_model, save_model
-from pipeline.train.losses import loo_batch, stablemax_cross_entropy, token_accuracy
+from pipeline.model.layers import CrossAttention2d, EmbeddedPairConv
+from pipeline.model.msre import periods, relative_features
+from pipeline.model.rlan import query_grid
+from pipeline.train.losses import stablemax_cross_entropy, token_accuracy
 from tests.helpers import TINY_MODEL, example_batch, params_with
 
 
@@ -41,11 +46,19 @@ def test_model_runs_on_a_smaller_canvas():
 @pytest.mark.parametrize("kw", [dict(model__use_cross_attention_context=False), dict(model__use_solver_context=False),
                                 dict(model__use_hyperlora=False, train__equivariance_training__enabled=False),
                                 dict(model__task_conditioned_clues=True)])
-def test_switches_build_and_run(kw):
+def test_switches_change_the_model_and_it_still_learns(kw):
     m = tiny(**kw)
     out = m(example_batch(2), temperature=0.5)
-    out.logits[-1].sum().backward()
-    assert (out.context.lora is None) == (not m.cfg.use_hyperlora)
+    stablemax_cross_entropy(out.logits[-1], example_batch(2)["query_out"]).mean().backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    # every parameter that exists takes part: a finite gradient, not all zero
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values()), \
+        [n for n, g in grads.items() if g is None or g.abs().sum() == 0]
+    cfg = m.cfg
+    assert hasattr(m.inject, "attn") == cfg.use_cross_attention_context and hasattr(m.inject, "film") != hasattr(m.inject, "attn")
+    assert (m.solver.context is not None) == cfg.use_solver_context
+    assert (out.context.lora is None) == (not cfg.use_hyperlora) and (m.hyperlora is None) == (not cfg.use_hyperlora)
+    assert hasattr(m.dsc, "query_proj") == cfg.task_conditioned_clues != hasattr(m.dsc, "query_bank")
 
 
 def test_gumbel_noise_only_in_training():
@@ -138,18 +151,6 @@ def test_token_accuracy():
     assert exact.tolist() == [False] and abs(pixel.item() - 2 / 3) < 1e-6
 
 
-def test_loo_skips_samples_with_too_few_pairs():
-    b = example_batch(3, demos=3)
-    b["demo_mask"][1, 1:] = False  # one context pair: cannot hold one out
-    b["demo_mask"][2, 2] = False  # two pairs
-    lb, skipped = loo_batch(b, min_pairs=2)
-    assert skipped.tolist() == [False, True, False]
-    assert len(lb["query_in"]) == 3 + 2
-    assert torch.equal(lb["query_in"][0], b["demo_in"][0, 0]) and not lb["demo_mask"][0, 0]
-    assert lb["demo_mask"].sum(1).tolist() == [2, 2, 2, 1, 1]
-    assert loo_batch(b, min_pairs=4)[0] is None
-
-
 def test_attention_entropy_bounds():
     uniform = torch.full((1, 2, 30, 30), 1 / 900)
     assert torch.allclose(attention_entropy(uniform), torch.tensor([math.log(900)]))
@@ -183,3 +184,123 @@ def test_corrupt_model_file_is_a_clear_error(tmp_path, content):
 def test_missing_model_file(tmp_path):
     with pytest.raises(ModelFileError, match="no such file"):
         load_model(tmp_path / "nope.pt")
+
+
+# --- the public RLAN module details --------------------------------------------------------------
+
+
+def test_output_head_is_two_convolutions_with_the_delta_on_the_first():
+    m = tiny().eval()
+    H = m.cfg.hidden_dim
+    assert (m.solver.head_hidden.in_channels, m.solver.head_hidden.out_channels) == (H, H)
+    assert (m.solver.head_out.in_channels, m.solver.head_out.out_channels) == (H, NUM_TOKENS)
+    assert m.solver.lora_dims(m.cfg)["output_head"] == (H, H) and m.hyperlora.dims["output_head"] == (H, H)
+    b = example_batch(2)
+    ctx = m.encode_context(b["demo_in"], b["demo_out"], b["demo_mask"])
+    base = m.solve(b["query_in"], ctx, 0.5).logits[-1]
+    for target in ctx.lora.a:  # a non-zero delta of each target changes the logits; a zero one does not
+        lora = type(ctx.lora)({t: (v * 0 if t == target else v) for t, v in ctx.lora.a.items()}, ctx.lora.b,
+                              ctx.lora.scaling)
+        changed = m.solve(b["query_in"], type(ctx)(ctx.support, lora), 0.5).logits[-1]
+        assert not torch.allclose(changed, base), target
+    zero = type(ctx.lora)({t: v * 0 for t, v in ctx.lora.a.items()}, ctx.lora.b, ctx.lora.scaling)
+    no_lora = m.solve(b["query_in"], type(ctx)(ctx.support, None), 0.5).logits[-1]
+    assert torch.allclose(m.solve(b["query_in"], type(ctx)(ctx.support, zero), 0.5).logits[-1], no_lora, atol=1e-6)
+
+
+def _dsc_by_hand(dsc, feats, pooled, tau, valid):
+    """The DSC maps and stop logits written out from the public module's description."""
+    B, H, h, w = feats.shape
+    heads, dh = dsc.heads, H // dsc.heads
+    q = dsc.q(dsc.clue_queries(pooled)).view(B, dsc.K, heads, dh)
+    k = dsc.k(feats).view(B, heads, dh, h * w)
+    scores = torch.einsum("bkhd,bhdn->bkn", q, k) / (heads * math.sqrt(dh))
+    mask = valid.float().clamp_min(MASK_FLOOR)
+    maps, stops = [], []
+    for c in range(dsc.K):
+        a = torch.softmax((scores[:, c] + mask.log()).clamp(-50, 50) / tau, -1)
+        ent = -(a.clamp_min(1e-12) * a.clamp_min(1e-12).log()).sum(-1) / math.log(h * w)
+        attended = torch.einsum("bn,bhn->bh", a, feats.flatten(2))
+        stops.append(dsc.stop(torch.cat([attended, ent[:, None]], -1)).squeeze(-1))
+        maps.append(a)
+        mask = (mask * (1 - 0.9 * a.detach())).clamp_min(MASK_FLOOR)
+    return torch.stack(maps, 1).view(B, dsc.K, h, w), torch.stack(stops, 1)
+
+
+def test_dsc_follows_the_public_module():
+    m = tiny(model__max_clues=3).eval()
+    torch.manual_seed(1)
+    feats = torch.randn(2, 16, 6, 6, requires_grad=True)
+    pooled = torch.randn(2, 16)
+    valid = torch.zeros(2, 36, dtype=torch.bool)
+    valid[0, :12], valid[1, 7:9] = True, True  # the query grids' cells
+    clues = m.dsc(feats, pooled, 0.7, valid)
+    maps, stops = _dsc_by_hand(m.dsc, feats, pooled, 0.7, valid)
+    assert torch.allclose(clues.attention, maps, atol=1e-6) and torch.allclose(clues.stop_logits, stops, atol=1e-5)
+    # the mask update is detached: gradients of a later clue's map equal the hand-written detached ones
+    g1 = torch.autograd.grad(clues.attention[:, 2].pow(2).sum(), feats)[0]
+    g2 = torch.autograd.grad(maps[:, 2].pow(2).sum(), feats)[0]
+    assert torch.allclose(g1, g2, atol=1e-6)
+    # the maps stay on the grid: the PAD canvas gets a vanishing share
+    outside = (clues.attention.flatten(2) * (~valid[:, None, :]).float()).sum(-1)
+    assert outside.max() < 2e-3
+    # the public initialisation: stop bias -1, entropy weights around +1.5
+    H = m.cfg.hidden_dim
+    assert m.dsc.stop[0].in_features == H + 1 and m.dsc.stop[2].bias.item() == -1.0
+    assert 1.3 < m.dsc.stop[0].weight[:, H].mean().item() < 1.7
+
+
+def test_gumbel_noise_is_float32_under_bf16_autocast():
+    g = gumbel_noise(torch.Size([200_000]), torch.device("cpu"))
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    assert len(torch.unique(g)) > 190_000  # not quantised to bf16's few thousand values
+    assert g.max() > 9.0 and abs(g.mean().item() - 0.5772) < 0.02  # the tail and the mean (Euler's constant)
+    m = tiny(model__use_gumbel_softmax=True).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(example_batch(2), 1.0)
+    assert out.clues.attention.dtype == torch.float32 and torch.isfinite(out.clues.attention).all()
+    assert torch.allclose(out.clues.attention.flatten(2).sum(-1), torch.ones(2, 2), atol=1e-5)
+
+
+def test_msre_scales_are_resolvable_and_offsets_are_normalised_by_the_grid():
+    p = periods(8)
+    assert p[0] == 60.0 and p[-1] == pytest.approx(2.0) and torch.all(p[1:] < p[:-1])
+    assert torch.all(2 * math.pi / p <= math.pi + 1e-6)  # at most half a turn per cell: no scale aliases
+    assert periods(1).tolist() == [60.0]
+    centroids = torch.zeros(2, 1, 2)  # both at the top-left cell
+    f = relative_features(centroids, 30, 30, torch.tensor([[5, 10], [20, 3]]), periods(4))
+    # the grid's far corner is at 1 in grid units whatever the grid's size; canvas units differ
+    assert f[0, 0, 4, 9, 2:4].tolist() == pytest.approx([4 / 5, 9 / 10])
+    assert f[1, 0, 19, 2, 2:4].tolist() == pytest.approx([19 / 20, 2 / 3])
+    assert f[0, 0, 4, 9, 0:2].tolist() == pytest.approx([4 / 30, 9 / 30])
+
+
+def test_query_grid_finds_the_grid_wherever_it_is_on_the_canvas():
+    g = np.ones((3, 5), np.uint8)
+    b = batch_from_pairs([([(g, g)], g, g)])
+    q = torch.roll(b["query_in"], shifts=(4, 7), dims=(1, 2))  # a translated grid
+    valid, hw = query_grid(q)
+    assert hw.tolist() == [[3, 5]] and valid.sum().item() == 15
+
+
+def test_embedded_pair_conv_is_the_convolution_of_the_embeddings():
+    torch.manual_seed(0)
+    conv = EmbeddedPairConv(16)
+    b = example_batch(3, demos=2)
+    x, y = b["demo_in"].flatten(0, 1), b["demo_out"].flatten(0, 1)
+    assert torch.allclose(conv(x, y), conv.reference(x, y), atol=1e-5)
+    g1 = torch.autograd.grad(conv(x, y).pow(2).sum(), list(conv.parameters()))
+    g2 = torch.autograd.grad(conv.reference(x, y).pow(2).sum(), list(conv.parameters()))
+    assert all(torch.allclose(a, c, rtol=1e-4, atol=1e-4) for a, c in zip(g1, g2))
+
+
+def test_cross_attention_ignores_masked_tokens_and_reuses_its_memory():
+    torch.manual_seed(0)
+    att = CrossAttention2d(16, 2, 0.0).eval()
+    x, tokens = torch.randn(2, 16, 3, 3), torch.randn(2, 5, 16)
+    valid = torch.tensor([[True, True, False, True, False], [True, False, False, False, False]])
+    out = att(x, tokens, valid)
+    assert torch.allclose(att.read(x, att.memory(tokens, valid)), out)
+    other = tokens.clone()
+    other[~valid] = torch.randn(int((~valid).sum()), 16) * 100  # masked tokens changed
+    assert torch.allclose(att(x, other, valid), out, atol=1e-6)

@@ -101,3 +101,13 @@ def test_bad_yaml_file(tmp_path):
     f.write_text("model: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(f)
+
+
+def test_accepted_rules_are_a_typed_frozen_list():
+    p = parse_params(set_key(raw_params(), "validation.accept_broken_rules", ["fixed-constant-temperature"]))
+    assert p.validation.accept_broken_rules == ("fixed-constant-temperature",)
+    assert load_params(REPO / "params.yaml").validation.accept_broken_rules == ()
+    err = _error(set_key(raw_params(), "validation.accept_broken_rules", "fixed-constant-temperature"))
+    assert any(line.startswith("validation.accept_broken_rules:") for line in err.problems), err.problems
+    err = _error(set_key(raw_params(), "validation.accept_broken_rules", [1]))
+    assert any(line.startswith("validation.accept_broken_rules") for line in err.problems), err.problems

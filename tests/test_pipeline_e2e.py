@@ -13,14 +13,10 @@ import time
 
 import pytest
 
-from tests.helpers import TINY_MODEL, TINY_TRAIN, commit_all, copy_repo, run, tool_env, write_params
+from tests.helpers import TINY, commit_all, copy_repo, run, tool_env, write_params
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
-
-
-TINY = {**TINY_MODEL, **TINY_TRAIN, "data__max_tasks": 3, "augment__samples_per_task": 8, "evaluate__max_tasks": 2,
-        "evaluate__batch_size": 64, "evaluate__device": "cpu"}
 
 
 def stages_run(output: str) -> list[str]:

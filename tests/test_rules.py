@@ -8,13 +8,10 @@ import sys
 
 import pytest
 
+from pipeline.experiments import FIXED
 from pipeline.params import Params
-from pipeline.rules import RULES, check_rules, render_report, summary
-from tests.helpers import REPO, params_with, tool_env, write_params
-
-FIXED = dict(model__use_gumbel_softmax=False, model__task_conditioned_clues=True, train__temperature_start=0.5,
-             train__temperature_end=0.5, train__entropy_on_raw_logits=True, train__lambda_kl_consistency=0.1,
-             train__eval_every=1, train__ema_decay=0.99)
+from pipeline.rules import RULES, acceptable, check_rules, render_report, summary
+from tests.helpers import REPO, params_with, run, tool_env, write_params
 
 
 def ids(p: Params, severity: str | None = None) -> set[str]:
@@ -39,7 +36,7 @@ def test_stable_configuration_has_no_errors_and_the_known_warnings():
 
 
 def test_fixed_configuration_has_no_errors():
-    p = params_with(**FIXED)
+    p = params_with().override(FIXED)
     assert ids(p, "error") == set()
     # KL consistency acts on Gumbel noise, which the fixed configuration turns off
     assert "kl-needs-gumbel" in ids(p, "warning")
@@ -52,7 +49,6 @@ def test_fixed_configuration_has_no_errors():
         (dict(model__hyperlora_init_scale=0.01), "hyperlora-init-scale-negligible"),
         (dict(train__use_best_step_selection=True), "train-last-step"),
         (dict(train__loo_training__min_pairs_for_loo=1), "loo-min-pairs"),
-        (dict(augment__track_augmentation=False), "augmentation-tracked"),
         (dict(evaluate__use_inverse_aug=False), "color-permutation-inverse-aug"),
         (dict(evaluate__use_inverse_aug=False, augment__color_permutation_prob=0.0), "eval-views-inverse-aug"),
         (dict(model__use_gumbel_softmax=False), "fixed-constant-temperature"),
@@ -117,7 +113,8 @@ def _stage(tmp_path, **overrides) -> tuple[subprocess.CompletedProcess, dict]:
 def test_stage_passes_stable_and_writes_outputs(tmp_path):
     proc, out = _stage(tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(out["metrics"].read_text()) == {"errors": 0, "warnings": 2, "rules_checked": len(RULES),
+    assert json.loads(out["metrics"].read_text()) == {"errors": 0, "warnings": 2, "accepted_errors": 0,
+                                                      "accepted_rules": "", "rules_checked": len(RULES),
                                                       "rules_passed": len(RULES) - 2, "schema_errors": 0}
     assert out["stamp"].exists() and "passed" in out["report"].read_text()
 
@@ -135,4 +132,76 @@ def test_stage_fails_on_schema_error_naming_the_key(tmp_path):
     assert proc.returncode != 0
     assert "model.hyperlora_rank" in proc.stderr and ">= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not out["stamp"].exists()
+
+
+# --- rules broken on purpose: validation.accept_broken_rules ------------------------------------
+
+NO_GUMBEL = dict(model__use_gumbel_softmax=False)  # with stable's decaying temperature: an error
+
+
+def test_an_accepted_error_is_a_recorded_warning_not_a_pass():
+    p = params_with(**NO_GUMBEL, validation__accept_broken_rules=["fixed-constant-temperature"])
+    found = check_rules(p)
+    [v] = [v for v in found if v.rule.id == "fixed-constant-temperature"]
+    assert v.accepted and v.severity == "accepted" and "accepted" in str(v)
+    s = summary(found)
+    assert (s["errors"], s["accepted_errors"], s["accepted_rules"]) == (0, 1, "fixed-constant-temperature")
+    assert s["warnings"] == len(ids(params_with(**NO_GUMBEL), "warning"))  # counted apart from the warnings
+    text = render_report(found)
+    assert "**passed**: 0 error(s), 1 accepted error(s)" in text and "| ACCEPTED |" in text
+    assert "Broken on purpose" in text
+    assert ids(params_with(**NO_GUMBEL), "error") == {"fixed-constant-temperature"}  # not accepted: an error
+
+
+def test_accepting_an_unknown_or_warning_rule_is_an_error_naming_it():
+    p = params_with(validation__accept_broken_rules=["no-such-rule", "hyperlora-scaling-default"])
+    [v] = [v for v in check_rules(p) if v.severity == "error"]
+    assert v.rule.id == "accepted-rules-known"
+    assert "no-such-rule" in v.message and "hyperlora-scaling-default" in v.message
+    assert "accepted-rules-known" not in acceptable()  # the list's own checks cannot be accepted
+    p = params_with(validation__accept_broken_rules=["accepted-rules-known", "no-such-rule"])
+    assert "accepted-rules-known" in ids(p, "error")
+
+
+def test_accepting_a_rule_that_holds_is_a_warning():
+    p = params_with(validation__accept_broken_rules=["fixed-constant-temperature"])
+    assert ids(p, "error") == set()
+    [v] = [v for v in check_rules(p) if v.rule.id == "accepted-rules-broken"]
+    assert v.severity == "warning" and "fixed-constant-temperature" in v.message
+
+
+def test_stage_records_accepted_errors(tmp_path):
+    proc, out = _stage(tmp_path, **NO_GUMBEL, validation__accept_broken_rules=["fixed-constant-temperature"])
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(out["metrics"].read_text())
+    assert (m["errors"], m["accepted_errors"], m["accepted_rules"]) == (0, 1, "fixed-constant-temperature")
+    assert "WARNING" in proc.stderr and "[accepted] fixed-constant-temperature" in proc.stderr
+    assert out["stamp"].exists() and "ACCEPTED" in out["report"].read_text()
+
+
+def test_training_run_is_tagged_with_the_accepted_rules(tmp_path):
+    from pipeline.tracking import Tracker
+
+    p = params_with(**NO_GUMBEL, validation__accept_broken_rules=["fixed-constant-temperature"],
+                    tracking__tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = Tracker(p)
+    tracker.start()
+    tags = tracker._client.get_run(tracker.run_id).data.tags
+    tracker.end()
+    assert tags["validation.accepted_rules"] == "fixed-constant-temperature"
+
+
+@pytest.mark.parametrize("key, value, fragment", [("model.hyperlora_rank", 0, ">= 1"),
+                                                  ("model.hyperlora_init_scale", 0.01, "breaks 1 rule")])
+def test_stage_error_names_the_override_left_in_params_yaml(tmp_path, key, value, fragment):
+    """A failed `dvc exp run -S` leaves its override in params.yaml: the error says so and how to restore."""
+    write_params(tmp_path)
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "baseline"]):
+        run(cmd, tmp_path)
+    committed = params_with().flat()[key]
+    proc, out = _stage(tmp_path, **{key.replace(".", "__"): value})
+    assert proc.returncode != 0 and fragment in proc.stderr
+    assert f"{key}: committed {committed!r}, now {value!r}" in proc.stderr
+    assert "git checkout -- params.yaml" in proc.stderr and "Traceback" not in proc.stderr
     assert not out["stamp"].exists()

@@ -19,13 +19,15 @@ from pipeline.model import RLAN
 from pipeline.model.io import ModelFileError, load_model
 from pipeline.params import load_params
 from pipeline.tracking import Tracker, tracking_uri
-from pipeline.train import schedule
+from pipeline.train import preflight, schedule
+from pipeline.train.batches import pack
 from pipeline.train.losses import evaluation_measures, training_losses
 from tests.helpers import REPO, params_with, tiny_workspace, tool_env, train_cmd
 
 RECOLOURINGS = [{1: 2, 3: 4}, {1: 3, 3: 1}, {5: 7}, {1: 5, 5: 1}]
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_a_handful_of_tasks():
     """Four recolouring tasks, told apart only by their demonstrations: 100% exact match on fresh
     test inputs within a few hundred steps (about 10 s on 2 CPU cores)."""
@@ -53,7 +55,7 @@ def test_tiny_model_learns_a_handful_of_tasks():
     for step in range(400):
         model.train()
         batch = crop_canvas(batch_from_pairs([example(k) for k in range(4) for _ in range(8)]), 6)
-        loss, _ = training_losses(model, batch, 0.5, p.train, meta_active=False)
+        loss, _ = training_losses(model, pack(batch), 0.5, p.train)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -81,7 +83,7 @@ def test_optimizer_groups_and_schedules():
     assert schedule.learning_rate(tp, 0.7) == tp.learning_rate
     cos = params_with(train__lr_schedule="cosine").train
     assert schedule.learning_rate(cos, 0.0) == pytest.approx(5e-4) and schedule.learning_rate(cos, 1.0) == pytest.approx(5e-5)
-    assert not schedule.meta_learning_active(tp, 2) and schedule.meta_learning_active(tp, 3)
+    assert not schedule.meta_learning_active(tp, 3) and schedule.meta_learning_active(tp, 4)  # epochs from 1
 
 
 def _paths(out):
@@ -89,6 +91,7 @@ def _paths(out):
                            out["root"] / "plots")
 
 
+@pytest.mark.slow
 def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
     ws = tiny_workspace(tmp_path, monitoring__lora_magnitude_max=1e-3)  # so that the explosion warning fires
     params = load_params(ws["params"])
@@ -115,9 +118,10 @@ def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
     assert run.data.params["train.loo_training.loss_weight"] == "0.5"
     assert run.data.tags["mlflow.runName"] == "workspace" and "git_commit" in run.data.tags
     assert run.data.tags["fingerprint"] == meta["fingerprint"]  # how the run is found again
-    assert run.data.tags["health.lora_explosion"].startswith("epoch 2: critical")
+    assert run.data.tags["health.lora_explosion"].startswith("epoch 3: critical")
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     ws = tiny_workspace(tmp_path, train__max_consecutive_nonfinite=3)
     params = load_params(ws["params"])
@@ -166,6 +170,7 @@ def _run(ws, out, kill_after_checkpoint=False):
     return json.loads((out / "train.json").read_text()), err
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     ws = tiny_workspace(tmp_path / "ws", train__epochs=4)
     straight, _ = _run(ws, tmp_path / "a")
@@ -179,6 +184,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path, caplog):
     ws = tiny_workspace(tmp_path, train__epochs=2)
     tasks = read_raw(ws["raw"] / "pairs.parquet")
@@ -194,7 +200,7 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level("INFO"):  # the same run again: its finished checkpoint gives the outputs back
         final = loop.train(other, tasks, _paths(ws), Tracker(other, enabled=False))
-    assert "finished: restoring its outputs" in caplog.text and "epoch 0:" not in caplog.text
+    assert "finished: restoring its outputs" in caplog.text and "epoch 1/" not in caplog.text
     assert final["epochs"] == 2 and (tmp_path / "plots" / "epochs.tsv").exists()
     again, _ = load_model(tmp_path / "model.pt")
     (tmp_path / "first.pt").write_bytes(first_weights)
@@ -202,6 +208,7 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, caplog):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), before.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_nonfinite_gradient_with_finite_loss_skips_the_step(tmp_path, monkeypatch):
     ws = tiny_workspace(tmp_path, train__epochs=1, train__max_consecutive_nonfinite=50)
     params = load_params(ws["params"])
@@ -217,3 +224,63 @@ def test_nonfinite_gradient_with_finite_loss_skips_the_step(tmp_path, monkeypatc
     assert final["nonfinite_steps"] == 2 and final["loss_total"] is None  # every step skipped, nothing measured
     model, _ = load_model(tmp_path / "model.pt")
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+@pytest.mark.slow
+def test_epochs_are_numbered_from_one_everywhere(tmp_path, caplog):
+    ws = tiny_workspace(tmp_path)  # 3 epochs, meta-learning after the first
+    params = load_params(ws["params"])
+    tracker = Tracker(params)
+    with caplog.at_level("INFO"):
+        loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), tracker)
+    tracker.end()
+    series = (tmp_path / "plots" / "epochs.tsv").read_text().splitlines()
+    rows = [dict(zip(series[0].split("\t"), line.split("\t"))) for line in series[1:]]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert rows[0]["loss_loo"] == "" and rows[0]["loss_equiv"] == ""  # not computed before meta-learning starts
+    assert all(r["loss_loo"] and r["loss_equiv"] and r["heldout_pixel_accuracy"] for r in rows[1:])
+    assert [f"epoch {e}/3:" in caplog.text for e in (1, 2, 3)] == [True] * 3 and "epoch 0" not in caplog.text
+    assert "to the end of the run" in caplog.text and "pre-flight: projected" in caplog.text
+    import mlflow
+
+    history = mlflow.MlflowClient(tracking_uri(params.tracking)).get_metric_history(tracker.run_id, "loss_total")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert [m.step for m in mlflow.MlflowClient(tracking_uri(params.tracking)).get_metric_history(
+        tracker.run_id, "loss_loo")] == [2, 3]
+
+
+def test_preflight_refuses_a_run_that_does_not_fit_in_memory(tmp_path, monkeypatch):
+    ws = tiny_workspace(tmp_path)
+    params = load_params(ws["params"])
+    monkeypatch.setattr(preflight, "available_memory", lambda device: 64 * 1024**2)  # a 64 MB machine
+    with pytest.raises(preflight.PreflightError, match=r"micro-batch of 3 is projected to need [\d.]+ GB, more than"):
+        loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_train_stage_refuses_a_cpu_run_longer_than_the_limit(tmp_path):
+    ws = tiny_workspace(tmp_path / "ws", train__max_cpu_hours=1e-7)
+    proc = subprocess.run(train_cmd(ws, tmp_path / "out"), cwd=REPO, env=tool_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "training refused: projected" in proc.stderr and "train.max_cpu_hours=1e-07" in proc.stderr
+    assert "--scale cpu" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_projection_from_measured_steps():
+    sizes = []
+
+    def step(n):  # memory grows by 10 MB per sample
+        sizes.append(n)
+        block = np.ones(n * 10 * 1024**2 // 8)
+        block.sum()
+
+    p = preflight.project(step, 16, 1000, torch.device("cpu"))
+    assert sizes == [2, 2, 4, 16]  # warm-up, two small sizes, then the full micro-batch (projected to fit)
+    assert p.samples == 1000 and p.hours > 0 and "measured at 2, 4 and 16 samples" in p.measured
+    assert p.peak_bytes >= 150 * 1024**2
+    preflight.check(p, max_cpu_hours=1e9)
+    with pytest.raises(preflight.PreflightError, match="train.max_cpu_hours=1e-09"):
+        preflight.check(p, max_cpu_hours=1e-9)

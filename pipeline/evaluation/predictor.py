@@ -27,8 +27,9 @@ class Prediction:
 Predictor = Callable[[dict[str, torch.Tensor]], Prediction]
 
 
-def model_predictor(model: RLAN, temperature: float, best_step: bool, device: torch.device) -> Predictor:
-    """The model in eval mode, bf16 autocast on CUDA."""
+def model_predictor(model: RLAN, temperature: float, best_step: bool, device: torch.device,
+                    precision: str) -> Predictor:
+    """The model in eval mode, with the training precision (`train.precision`: bf16 autocast on CUDA)."""
     from pipeline.model.dsc import attention_entropy
 
     model.eval()
@@ -36,8 +37,8 @@ def model_predictor(model: RLAN, temperature: float, best_step: bool, device: to
     @torch.no_grad()
     def predict(batch: dict[str, torch.Tensor]) -> Prediction:
         b = to_device(batch, device)
-        with autocast(device, "bf16"):
-            out = model(b, temperature)
+        with autocast(device, precision):
+            out = model(b, temperature, all_steps=best_step)
             logits = out.step_logits(best_step).float()
         logp, tokens = log_stablemax(logits, dim=1).max(dim=1)
         return Prediction(tokens.to(torch.uint8).cpu().numpy(), logp.cpu().numpy(),

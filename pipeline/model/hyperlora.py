@@ -5,7 +5,7 @@ A (B, n_out, r) and B (B, n_in, r) from the pooled context; the layer computes
 W x + scaling * (A B^T) x, with scaling = `hyperlora_scaling`. The heads are initialised so that
 the first deltas have magnitude `hyperlora_init_scale`, where the magnitude of a delta is
 ||delta_W||_F / sqrt(n_out): its root-mean-square gain on a unit-variance input. The targets are
-the GRU reset, update and candidate gates and the output head.
+the GRU reset, update and candidate gates and the output head's first (H x H) convolution.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.params import HYPERLORA_CODE_DEFAULTS, ModelParams
+from pipeline.runtime import without_autocast
 
 TARGETS = ("gru_reset", "gru_update", "gru_candidate", "output_head")
 DEFAULT_INIT_SCALE = HYPERLORA_CODE_DEFAULTS["init_scale"]
@@ -31,6 +33,13 @@ class LoRA:
     b: dict[str, torch.Tensor]
     scaling: float
 
+    @property
+    def _device_type(self) -> str:
+        return next(iter(self.a.values())).device.type
+
+    def rows(self, sl: slice) -> LoRA:
+        return LoRA({t: v[sl] for t, v in self.a.items()}, {t: v[sl] for t, v in self.b.items()}, self.scaling)
+
     def apply(self, target: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * delta_W x for a (B, n_in, H, W) map -> (B, n_out, H, W)."""
         u = torch.einsum("bir,bihw->brhw", self.b[target], x)
@@ -40,25 +49,29 @@ class LoRA:
         """(B,) ||A B^T||_F / sqrt(n_out) per target (the predicted delta, before `scaling`), from
         r x r Gram matrices, in float32 whatever the autocast (differentiable: the equivariance loss)."""
         out = {}
-        with torch.autocast(self.a[TARGETS[0]].device.type, enabled=False):
+        with without_autocast(self._device_type):
             for t, a in self.a.items():
                 a, b = a.float(), self.b[t].float()
                 sq = ((a.transpose(1, 2) @ a) * (b.transpose(1, 2) @ b)).sum((1, 2))
                 out[t] = (sq.clamp_min(0) + 1e-12).sqrt() / math.sqrt(a.shape[1])  # eps: finite gradient at 0
         return out
 
-    @torch.no_grad()
     def diversity(self) -> torch.Tensor:
         """Root-mean-square distance of each sample's delta from the batch mean, in magnitude units,
-        averaged over the targets: 0 when every task gets the same delta. A measurement: float32
-        deltas, centred explicitly (no difference of large sums)."""
+        averaged over the targets: 0 when every task gets the same delta (NaN for a single sample).
+        A measurement, from the (B, B) Gram matrix of the deltas, <dW_b, dW_c> =
+        sum((A_b^T A_c) * (B_b^T B_c)), in float64 (centring in Gram space subtracts sums of squares;
+        float64 keeps the difference exact far below `monitoring.lora_diversity_min`), without ever
+        forming the (B, n_out, n_in) deltas."""
         vals = []
-        with torch.autocast(self.a[TARGETS[0]].device.type, enabled=False):
+        with torch.no_grad(), without_autocast(self._device_type):
             for t, a in self.a.items():
-                dw = a.float() @ self.b[t].float().transpose(1, 2)  # (B, n_out, n_in)
-                centred = dw - dw.mean(0, keepdim=True)
-                vals.append(centred.pow(2).sum((1, 2)).mean().sqrt() / math.sqrt(a.shape[1]))
-        return torch.stack(vals).mean()
+                a, b = a.double(), self.b[t].double()
+                gram = (torch.einsum("bor,cos->bcrs", a, a) * torch.einsum("bir,cis->bcrs", b, b)).sum((2, 3))
+                n = len(gram)
+                centred = gram.diagonal() - 2 * gram.mean(1) + gram.mean()  # ||dW_b - mean||^2
+                vals.append(centred.clamp_min(0).mean().sqrt() / math.sqrt(a.shape[1]) if n > 1 else gram.new_full((), math.nan))
+        return torch.stack(vals).mean().float()
 
 
 class HyperLoRA(nn.Module):
@@ -67,8 +80,9 @@ class HyperLoRA(nn.Module):
         super().__init__()
         H, r = cfg.hidden_dim, cfg.hyperlora_rank
         self.rank, self.scaling, self.dims = r, cfg.hyperlora_scaling, dims
-        self.trunk = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, H), nn.GELU(), nn.Dropout(cfg.hyperlora_dropout),
-                                   nn.LayerNorm(H))
+        self.trunk = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, H), nn.GELU())
+        self.dropout = cfg.hyperlora_dropout
+        self.norm = nn.LayerNorm(H)
         self.head_a = nn.ModuleDict({t: nn.Linear(H, n_out * r) for t, (_, n_out) in dims.items()})
         self.head_b = nn.ModuleDict({t: nn.Linear(H, n_in * r) for t, (n_in, _) in dims.items()})
         # z = trunk(ctx) has unit mean square per sample (final LayerNorm), so with these weights
@@ -79,8 +93,10 @@ class HyperLoRA(nn.Module):
             nn.init.zeros_(self.head_a[t].bias)
             nn.init.zeros_(self.head_b[t].bias)
 
-    def forward(self, pooled: torch.Tensor) -> LoRA:
-        z = self.trunk(pooled)
+    def forward(self, pooled: torch.Tensor, dropout: bool = True) -> LoRA:
+        """Deltas for (B, H) pooled contexts; `dropout=False` leaves out `hyperlora_dropout` (the
+        equivariance comparison)."""
+        z = self.norm(F.dropout(self.trunk(pooled), self.dropout, self.training and dropout))
         B = pooled.shape[0]
         a = {t: self.head_a[t](z).view(B, n_out, self.rank) for t, (_, n_out) in self.dims.items()}
         b = {t: self.head_b[t](z).view(B, n_in, self.rank) for t, (n_in, _) in self.dims.items()}

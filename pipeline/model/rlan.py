@@ -1,8 +1,11 @@
 """RLAN: context encoder -> context injection -> DSC clues -> MSRE -> recursive solver.
 
-    batch (pipeline.loader) --ContextEncoder--> support tokens, pooled task vector --HyperLoRA--> deltas
+    context pairs (packed) --ContextEncoder--> Support: tokens, pooled task vector --HyperLoRA--> deltas
     query_in --embed--> features --inject context--> --DSC--> clue maps, centroids, stop logits
-             --MSRE--> relative-position features --fuse--> x --RecursiveSolver(deltas)--> logits per step
+             --MSRE--> relative-position features --fuse--> x --RecursiveSolver(deltas)--> logits
+
+`forward(batch)` does it all from a padded batch; training calls `support`/`context.layout`,
+`task_context` and `solve` itself, so that one encoding of each pair serves several queries.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.canvas import PAD
-from pipeline.model.context import ContextEncoder, ContextInjector
+from pipeline.canvas import COLOR_OFFSET, PAD
+from pipeline.model.context import ContextEncoder, ContextInjector, PairLayout, Support
 from pipeline.model.dsc import DSC, Clues
 from pipeline.model.hyperlora import LoRA, HyperLoRA
 from pipeline.model.layers import ChannelNorm, GridEmbedding
@@ -25,15 +28,17 @@ from pipeline.params import ModelParams
 
 @dataclass
 class TaskContext:
-    tokens: torch.Tensor  # (B, T, H) support tokens
-    token_mask: torch.Tensor  # (B, T) valid tokens
-    pooled: torch.Tensor  # (B, H)
+    support: Support  # support tokens and pooled vector of each sample
     lora: LoRA | None
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        return self.support.pooled
 
 
 @dataclass
 class Output:
-    logits: list[torch.Tensor]  # per solver step, (B, NUM_TOKENS, h, w)
+    logits: list[torch.Tensor]  # per solver step (every step, or the last only), each (B, NUM_TOKENS, h, w)
     clues: Clues
     context: TaskContext
 
@@ -50,6 +55,12 @@ class Output:
         return stacked[best, torch.arange(stacked.shape[1], device=best.device)].to(self.logits[-1].dtype)
 
 
+def query_grid(query_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query grid's cells (B, h*w) bool and its size (B, 2): its colour cells on the canvas."""
+    cells = query_in >= COLOR_OFFSET
+    return cells.flatten(1), torch.stack([cells.any(2).sum(1), cells.any(1).sum(1)], 1)
+
+
 class RLAN(nn.Module):
     def __init__(self, cfg: ModelParams):
         super().__init__()
@@ -64,19 +75,30 @@ class RLAN(nn.Module):
         self.hyperlora = HyperLoRA(cfg, RecursiveSolver.lora_dims(cfg)) if cfg.use_hyperlora else None
         self.solver = RecursiveSolver(cfg)
 
-    def encode_context(self, demo_in, demo_out, demo_mask) -> TaskContext:
-        tokens, token_mask, pooled = self.context(demo_in, demo_out, demo_mask)
-        lora = self.hyperlora(pooled) if self.hyperlora is not None else None
-        return TaskContext(tokens, token_mask, pooled, lora)
+    def support(self, demo_in, demo_out, demo_mask) -> Support:
+        """Padded context pairs (B, D, h, w) with their mask (B, D) -> the encoded Support; only the
+        real pairs are encoded."""
+        where = PairLayout.from_mask(demo_mask)
+        tokens, pooled = self.context.encode_pairs(demo_in[where.sample, where.slot], demo_out[where.sample, where.slot])
+        return self.context.layout(tokens, pooled, where)
 
-    def forward(self, batch: dict[str, torch.Tensor], temperature: float,
-                context: TaskContext | None = None) -> Output:
-        if context is None:
-            context = self.encode_context(batch["demo_in"], batch["demo_out"], batch["demo_mask"])
-        q = batch["query_in"]
-        f = self.inject(self.embed(q), context.tokens, context.token_mask, context.pooled)
-        clues = self.dsc(f, context.pooled, temperature)
-        rel = self.msre(clues.centroids, clues.stop_prob, q.shape[-2], q.shape[-1])
-        x = self.fuse(torch.cat([f, rel], 1))
-        logits = self.solver(x, context.tokens, context.token_mask, context.lora)
+    def task_context(self, support: Support) -> TaskContext:
+        return TaskContext(support, self.hyperlora(support.pooled) if self.hyperlora is not None else None)
+
+    def encode_context(self, demo_in, demo_out, demo_mask) -> TaskContext:
+        return self.task_context(self.support(demo_in, demo_out, demo_mask))
+
+    def solve(self, query_in: torch.Tensor, context: TaskContext, temperature: float, all_steps: bool = False) -> Output:
+        """The query canvases (B, h, w) under their task contexts -> logits, clues."""
+        valid, grid_hw = query_grid(query_in)
+        s = context.support
+        f = self.inject(self.embed(query_in), s.tokens, s.token_mask, s.pooled)
+        clues = self.dsc(f, s.pooled, temperature, valid)
+        rel = self.msre(clues.centroids, clues.stop_prob, query_in.shape[-2], query_in.shape[-1], grid_hw)
+        x = self.fuse(torch.cat([f, rel.to(f.dtype)], 1))
+        logits = self.solver(x, s.tokens, s.token_mask, context.lora, all_steps)
         return Output(logits, clues, context)
+
+    def forward(self, batch: dict[str, torch.Tensor], temperature: float, all_steps: bool = True) -> Output:
+        context = self.encode_context(batch["demo_in"], batch["demo_out"], batch["demo_mask"])
+        return self.solve(batch["query_in"], context, temperature, all_steps)

@@ -1,14 +1,21 @@
 """RecursiveSolver: a convolutional GRU refines a hidden map for `num_solver_steps` steps.
 
 At every step the GRU gates (reset, update, candidate; 3x3 convolutions over [x, h]) get the
-task's HyperLoRA deltas, the hidden map reads the support tokens by cross-attention
-(`use_solver_context`), and the output head (with its delta) gives per-cell token logits.
+task's HyperLoRA deltas and the hidden map reads the support tokens by cross-attention
+(`use_solver_context`; their keys and values are projected once for all steps). The output head, as in the public code, is conv(H, H) -> GELU ->
+conv(H, NUM_TOKENS) with the HyperLoRA delta on its first conv; it reads the last step, or every
+step when asked (best-step selection).
+
+With `checkpoint_steps` (train.activation_checkpointing), each step's activations are recomputed in
+the backward pass instead of being kept: memory per sample no longer grows with the steps.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.canvas import NUM_TOKENS
 from pipeline.model.hyperlora import LoRA
@@ -25,30 +32,50 @@ class RecursiveSolver(nn.Module):
         self.update = nn.Conv2d(2 * H, H, 3, padding=1)
         self.candidate = nn.Conv2d(2 * H, H, 3, padding=1)
         self.context = CrossAttention2d(H, cfg.solver_context_heads, cfg.dropout) if cfg.use_solver_context else None
-        self.head = nn.Conv2d(H, NUM_TOKENS, 1)
+        self.head_hidden = nn.Conv2d(H, H, 1)
+        self.head_out = nn.Conv2d(H, NUM_TOKENS, 1)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.checkpoint_steps = False
 
     @staticmethod
     def lora_dims(cfg: ModelParams) -> dict[str, tuple[int, int]]:
         H = cfg.hidden_dim
         return {"gru_reset": (2 * H, H), "gru_update": (2 * H, H), "gru_candidate": (2 * H, H),
-                "output_head": (H, NUM_TOKENS)}
+                "output_head": (H, H)}
 
-    def forward(self, x, tokens, token_mask, lora: LoRA | None) -> list[torch.Tensor]:
-        """x (B, H, h, w) -> logits of every step, each (B, NUM_TOKENS, h, w)."""
+    def step(self, x, h, memory, lora: LoRA | None) -> torch.Tensor:
+        """One GRU step and one read of the support tokens: (B, H, h, w) -> (B, H, h, w)."""
         def delta(target: str, inp: torch.Tensor) -> torch.Tensor | float:
             return lora.apply(target, inp) if lora is not None else 0.0
 
+        xh = torch.cat([x, h], 1)
+        r = torch.sigmoid(self.reset(xh) + delta("gru_reset", xh))
+        z = torch.sigmoid(self.update(xh) + delta("gru_update", xh))
+        xrh = torch.cat([x, r * h], 1)
+        n = torch.tanh(self.candidate(xrh) + delta("gru_candidate", xrh))
+        h = (1 - z) * h + z * self.dropout(n)
+        if self.context is not None:
+            h = h + self.context.read(h, memory)
+        return h
+
+    def readout(self, h: torch.Tensor, lora: LoRA | None) -> torch.Tensor:
+        """(B, H, h, w) -> token logits (B, NUM_TOKENS, h, w)."""
+        hidden = self.head_hidden(h)
+        if lora is not None:
+            hidden = hidden + lora.apply("output_head", h)
+        return self.head_out(F.gelu(hidden))
+
+    def forward(self, x, tokens, token_mask, lora: LoRA | None, all_steps: bool = False) -> list[torch.Tensor]:
+        """x (B, H, h, w) -> logits (B, NUM_TOKENS, h, w) of every step, or of the last one only."""
+        recompute = self.checkpoint_steps and torch.is_grad_enabled()
+        memory = self.context.memory(tokens, token_mask) if self.context is not None else None  # once for all steps
         h = x
         logits = []
-        for _ in range(self.steps):
-            xh = torch.cat([x, h], 1)
-            r = torch.sigmoid(self.reset(xh) + delta("gru_reset", xh))
-            z = torch.sigmoid(self.update(xh) + delta("gru_update", xh))
-            xrh = torch.cat([x, r * h], 1)
-            n = torch.tanh(self.candidate(xrh) + delta("gru_candidate", xrh))
-            h = (1 - z) * h + z * self.dropout(n)
-            if self.context is not None:
-                h = h + self.context(h, tokens, token_mask)
-            logits.append(self.head(h) + delta("output_head", h))
+        for i in range(self.steps):
+            if recompute:
+                h = checkpoint(self.step, x, h, memory, lora, use_reentrant=False)
+            else:
+                h = self.step(x, h, memory, lora)
+            if all_steps or i == self.steps - 1:
+                logits.append(self.readout(h, lora))
         return logits

@@ -1,4 +1,11 @@
-"""The training loop: one loop with commented phases, on one device (CUDA when present)."""
+"""The training loop: one loop with commented phases, on one device (CUDA when present).
+
+Epochs are numbered from 1 everywhere (logs, progress, epochs.tsv, MLflow steps); a checkpoint's
+`epoch` is the number of epochs completed. The host never waits for the device inside a step but
+once per optimizer step (is the step finite?): measurements stay on the device until the end of
+the epoch, and the next micro-batches are prepared on a background thread (pinned on CUDA) while
+the current one computes.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +36,10 @@ from pipeline.model.io import ModelFileError, save_model
 from pipeline.params import Params, TrainParams
 from pipeline.runtime import autocast, resolve_device, seed_everything, to_device
 from pipeline.tracking import Tracker, health_tags
-from pipeline.train import checkpoint, schedule
+from pipeline.train import checkpoint, preflight, schedule
+from pipeline.train.batches import Prefetcher, TrainBatch, prepare
 from pipeline.train.losses import Objective, evaluation_measures
-from pipeline.train.sampler import Sampler
+from pipeline.train.sampler import MicroBatch, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,7 @@ EPOCH_METRICS = (
     "lora_magnitude_gru_reset", "lora_magnitude_gru_update", "lora_magnitude_gru_candidate",
     "lora_magnitude_output_head", "lora_diversity", "loo_accuracy", "loo_skipped_ratio", "equiv_delta_norm",
     "attention_entropy_train", "attention_entropy_eval", "stop_value_train", "stop_value_eval",
-    "temperature", "learning_rate", "nonfinite_steps", "heldout_exact_match", "heldout_loss",
+    "temperature", "learning_rate", "nonfinite_steps", "heldout_exact_match", "heldout_pixel_accuracy", "heldout_loss",
 )
 
 
@@ -59,27 +68,29 @@ class TrainPaths:
 
 
 class Meter:
-    """Per-epoch means of logged values, ignoring steps where a value was not measured."""
+    """Per-epoch means of logged values, ignoring steps where a value was not measured or not finite.
+    Values are 0-dim tensors and stay on their device until `global_means` (one read per epoch)."""
 
     def __init__(self) -> None:
-        self.sum: dict[str, float] = defaultdict(float)
-        self.n: dict[str, int] = defaultdict(int)
+        self.sum: dict[str, torch.Tensor] = {}
+        self.n: dict[str, torch.Tensor] = {}
 
-    def add(self, values: dict[str, float]) -> None:
+    def add(self, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
-            if v is not None and math.isfinite(v):
-                self.sum[k] += v
-                self.n[k] += 1
-
-    def means(self) -> dict[str, float]:
-        return {k: self.sum[k] / self.n[k] for k in self.sum}
+            v = v.detach().float()
+            ok = torch.isfinite(v)
+            self.sum[k] = self.sum.get(k, 0.0) + torch.where(ok, v, 0.0)
+            self.n[k] = self.n.get(k, 0.0) + ok.float()
 
     def global_means(self, world: distributed.World) -> dict[str, float]:
         """Means over the values of every rank (each rank may have measured different keys)."""
         keys = distributed.union_keys(world, set(self.sum))
-        totals = distributed.sum_all(world, {**{f"s:{k}": self.sum.get(k, 0.0) for k in keys},
-                                             **{f"n:{k}": float(self.n.get(k, 0)) for k in keys}})
-        return {k: totals[f"s:{k}"] / totals[f"n:{k}"] for k in keys if totals[f"n:{k}"] > 0}
+        if not keys:
+            return {}
+        zero = torch.zeros((), device=world.device)
+        totals = torch.stack([self.sum.get(k, zero) for k in keys] + [self.n.get(k, zero) for k in keys])
+        totals = distributed.sum_tensor(world, totals.double()).tolist()
+        return {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
 
 
 def build_optimizer(model: RLAN, tp: TrainParams) -> torch.optim.AdamW:
@@ -150,6 +161,16 @@ def micro_seed(seed: int, epoch: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step, micro]).generate_state(1)[0])
 
 
+def schedule_of(sampler: Sampler, world: distributed.World, tp: TrainParams, first_epoch: int,
+                steps_per_epoch: int) -> Iterator[tuple[MicroBatch, bool]]:
+    """This rank's micro-batches in training order, each with whether meta-learning is on (epochs from 1)."""
+    for epoch in range(first_epoch, tp.epochs + 1):
+        order = sampler.order(epoch - 1)
+        for step in range(steps_per_epoch):
+            for mb in sampler.micro_batches(order, epoch - 1, step, world.rank):
+                yield mb, schedule.meta_learning_active(tp, epoch)
+
+
 def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker,
           world: distributed.World | None = None) -> dict[str, Any] | None:
     """Train; returns the final metrics on rank 0 (None on other ranks).
@@ -166,6 +187,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
     sampler = Sampler(len(cache), tp.seed, tp.batch_size, tp.grad_accumulation_steps, world.size)
     heldout = heldout_examples(tasks, tp.heldout_tasks, tp.seed)
     model = RLAN(params.model).to(device)
+    model.solver.checkpoint_steps = tp.activation_checkpointing
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema_decay), use_buffers=True)
     opt = build_optimizer(model, tp)
     per_step = tp.batch_size * tp.grad_accumulation_steps
@@ -193,87 +215,107 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
         start_epoch, history = state["epoch"], state["history"]
         consecutive_bad = state["consecutive_nonfinite"]
     objective = Objective(model, tp)
-    net = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else objective
     restored = start_epoch >= tp.epochs
+
+    # -- pre-flight: project the remaining run on this machine; refuse what it cannot finish
+    if not restored:
+        remaining = (tp.epochs - start_epoch) * steps_per_epoch * per_step
+        error = None
+        if world.is_main:
+            error = preflight_check(objective, cache, sampler, tp, params.model.use_hyperlora, device, remaining,
+                                    world.size)
+        error = distributed.broadcast_from_main(world, error)
+        if error is not None:
+            raise preflight.PreflightError(error)
+    loss_fn = torch.compile(objective) if tp.compile else objective
+    net = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else loss_fn
     if world.is_main:  # the MLflow run is found by the fingerprint (pipeline.tracking), never stored
         tracker.start(fp, resume=state is not None, finished=restored)
         if history and not tracker.continued:  # a new run for epochs trained before: their history
             tracker.log_history(history, lambda row: epoch_checks(row, params))
 
-    for epoch in range(start_epoch, tp.epochs):
-        model.train()
-        meter, bad_steps, t0 = Meter(), 0, time.perf_counter()
-        order = sampler.order(epoch)
-        meta = schedule.meta_learning_active(tp, epoch)
-        for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tp.epochs}", unit="step",
-                         mininterval=5.0, leave=False, disable=not world.is_main):
-            # -- schedules
-            progress = (epoch * steps_per_epoch + step) / max(total_steps - 1, 1)
-            tau = schedule.temperature(tp, progress)
-            lr = schedule.learning_rate(tp, progress)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_mult"]
+    slots = cache.max_context() if tp.compile else None  # compiled: a static number of context slots
 
-            # -- forward and backward over this rank's micro-batches; gradients meet on the last one
-            finite, step_logs = True, []
-            micro_batches = sampler.micro_batches(order, epoch, step, world.rank)
-            for j, mb in enumerate(micro_batches):
-                batch = to_device(cache.batch(mb.ids, np.random.default_rng(mb.key)), device)
-                equiv = []
-                if meta and tp.equivariance_training.enabled and params.model.use_hyperlora:
-                    d_rng = np.random.default_rng([*mb.key, 1])
-                    for _ in range(tp.equivariance_training.num_augmentations):
-                        ds = d_rng.integers(1, 8, len(mb.ids))
-                        equiv.append(to_device(cache.batch(mb.ids, np.random.default_rng(mb.key), dihedral=ds), device))
-                torch.manual_seed(micro_seed(*mb.key))
-                sync = j == len(micro_batches) - 1 or world.size == 1
-                with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device, tp.precision):
-                    loss, logs = net(batch, tau, meta, equiv)
-                    finite &= bool(torch.isfinite(loss))
-                    (loss / len(micro_batches)).backward()  # also when non-finite: every rank joins the all-reduce
-                step_logs.append(logs)
+    def load(item: tuple[MicroBatch, bool]) -> TrainBatch:  # runs on the prefetch thread
+        tb = prepare(cache, item[0], tp, item[1], params.model.use_hyperlora, slots)
+        return tb.pin() if device.type == "cuda" else tb
 
-            # -- clip; a non-finite loss on any rank, or a non-finite gradient, skips the step
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tp.gradient_clip)
-            bad = distributed.sum_all(world, {"bad": float(not finite)})["bad"] > 0 or not torch.isfinite(norm)
-            if bad:
+    batches = Prefetcher(load, schedule_of(sampler, world, tp, start_epoch + 1, steps_per_epoch))
+    progress_bar = tqdm(total=total_steps * per_step, initial=start_epoch * steps_per_epoch * per_step, unit="sample",
+                        unit_scale=True, smoothing=0.05, mininterval=5.0, disable=not world.is_main)
+    t_run = time.perf_counter()
+    with batches, progress_bar:
+        for epoch in range(start_epoch + 1, tp.epochs + 1):
+            model.train()
+            meter, bad_steps, t0 = Meter(), 0, time.perf_counter()
+            progress_bar.set_description(f"epoch {epoch}/{tp.epochs}")
+            for step in range(steps_per_epoch):
+                # -- schedules
+                progress = ((epoch - 1) * steps_per_epoch + step) / max(total_steps - 1, 1)
+                tau = schedule.temperature(tp, progress)
+                lr = schedule.learning_rate(tp, progress)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g["lr_mult"]
+
+                # -- forward and backward over this rank's micro-batches; gradients meet on the last one
+                bad = torch.zeros((), device=device)
+                step_logs = []
+                for j in range(sampler.per_rank):
+                    tb = next(batches).to(device)
+                    if tp.compile:
+                        tb.mark_dynamic()
+                    torch.manual_seed(micro_seed(tp.seed, epoch - 1, step, world.rank * sampler.per_rank + j))
+                    sync = j == sampler.per_rank - 1 or world.size == 1
+                    with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device, tp.precision):
+                        loss, logs = net(tb, tau)
+                        bad = bad + (~torch.isfinite(loss.detach())).float()
+                        (loss / sampler.per_rank).backward()  # also when non-finite: every rank joins the all-reduce
+                    step_logs.append(logs)
+
+                # -- clip; a non-finite loss on any rank, or a non-finite gradient, skips the step
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tp.gradient_clip)
+                bad = distributed.sum_tensor(world, bad) + (~torch.isfinite(norm)).float()
+                progress_bar.update(per_step)
+                if bad.item() > 0:  # the one host read of the step
+                    opt.zero_grad(set_to_none=True)
+                    bad_steps += 1
+                    consecutive_bad += 1
+                    if world.is_main:
+                        log.warning("epoch %d step %d: non-finite loss or gradient, step skipped", epoch, step + 1)
+                    if consecutive_bad >= tp.max_consecutive_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{consecutive_bad} consecutive optimizer steps with a NaN/Inf loss or gradient (epoch "
+                            f"{epoch}, step {step + 1}); train.max_consecutive_nonfinite={tp.max_consecutive_nonfinite}")
+                    continue
+                consecutive_bad = 0
+
+                # -- step, EMA (every rank holds the same weights, so the same EMA), measurements
+                opt.step()
                 opt.zero_grad(set_to_none=True)
-                bad_steps += 1
-                consecutive_bad += 1
-                if world.is_main:
-                    log.warning("epoch %d step %d: non-finite loss or gradient, step skipped", epoch, step)
-                if consecutive_bad >= tp.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{consecutive_bad} consecutive optimizer steps with a NaN/Inf loss or gradient (epoch "
-                        f"{epoch}, step {step}); train.max_consecutive_nonfinite={tp.max_consecutive_nonfinite}")
-                continue
-            consecutive_bad = 0
+                ema.update_parameters(model)
+                for logs in step_logs:
+                    meter.add(logs)
 
-            # -- step, EMA (every rank holds the same weights, so the same EMA), measurements
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update_parameters(model)
-            for logs in step_logs:
-                meter.add(logs)
-
-        # -- end of epoch: means over all ranks, then rank 0 measures, checks, logs and saves
-        means = meter.global_means(world)
-        elapsed = time.perf_counter() - t0
-        if world.is_main:
-            row: dict[str, Any] = {"epoch": epoch, **{k: None for k in EPOCH_METRICS}, **means,
-                                   "temperature": tau, "learning_rate": lr, "nonfinite_steps": bad_steps}
-            if (epoch + 1) % tp.eval_every == 0 or epoch + 1 == tp.epochs:
-                row.update(measure_heldout(ema.module, heldout, tau, tp.batch_size, device, tp.precision))
-            row = {k: row.get(k) for k in ["epoch", *EPOCH_METRICS]}
-            history.append(row)
-            log_epoch(row, params, tracker, steps_per_epoch * per_step / elapsed)
-            write_series(history, paths.plots)
-            if (epoch + 1) % tp.save_every == 0 or epoch + 1 == tp.epochs:
-                checkpoint.save(paths.checkpoints, {
-                    "fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(), "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(), "history": history, "consecutive_nonfinite": consecutive_bad,
-                    "params": params.model_dump()})
-        distributed.barrier(world)
+            # -- end of epoch: means over all ranks, then rank 0 measures, checks, logs and saves
+            means = meter.global_means(world)
+            elapsed = time.perf_counter() - t0
+            if world.is_main:
+                row: dict[str, Any] = {"epoch": epoch, **{k: None for k in EPOCH_METRICS}, **means,
+                                       "temperature": tau, "learning_rate": lr, "nonfinite_steps": bad_steps}
+                if epoch % tp.eval_every == 0 or epoch == tp.epochs:
+                    row.update(measure_heldout(ema.module, heldout, tau, tp.batch_size, device, tp.precision))
+                row = {k: row.get(k) for k in ["epoch", *EPOCH_METRICS]}
+                history.append(row)
+                rate = steps_per_epoch * per_step / elapsed
+                eta = (time.perf_counter() - t_run) / (epoch - start_epoch) * (tp.epochs - epoch)
+                log_epoch(row, params, tracker, rate, eta)
+                write_series(history, paths.plots)
+                if epoch % tp.save_every == 0 or epoch == tp.epochs:
+                    checkpoint.save(paths.checkpoints, {
+                        "fingerprint": fp, "epoch": epoch, "model": model.state_dict(), "ema": ema.state_dict(),
+                        "optimizer": opt.state_dict(), "history": history, "consecutive_nonfinite": consecutive_bad,
+                        "params": params.model_dump()})
+            distributed.barrier(world)
 
     if not world.is_main:
         return None
@@ -286,7 +328,33 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
     return final
 
 
-def log_epoch(row: dict[str, Any], params: Params, tracker: Tracker, samples_per_second: float) -> None:
+def preflight_check(objective: Objective, cache: AugmentedCache, sampler: Sampler, tp: TrainParams,
+                    use_hyperlora: bool, device: torch.device, samples: int, world_size: int) -> str | None:
+    """Project the run from measured steps (meta-learning on: the heaviest step) and log it; the
+    reason to refuse it, or None. Runs forward and backward only: the weights do not change."""
+    model = objective.model
+    first = sampler.micro_batches(sampler.order(0), 0, 0, 0)[0]
+
+    def step(n: int) -> None:
+        mb = MicroBatch(first.index, first.ids[:n], first.key)
+        tb = prepare(cache, mb, tp, True, use_hyperlora).to(device)
+        with autocast(device, tp.precision):
+            loss, _ = objective(tb, tp.temperature_start)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.train()
+    projection = preflight.project(step, tp.batch_size, samples, device, per_process=1.0 / world_size)
+    log.info("pre-flight: %s", projection.describe())
+    try:
+        preflight.check(projection, tp.max_cpu_hours)
+    except preflight.PreflightError as err:
+        return str(err)
+    return None
+
+
+def log_epoch(row: dict[str, Any], params: Params, tracker: Tracker, samples_per_second: float,
+              eta_seconds: float) -> None:
     epoch = row["epoch"]
     checks = epoch_checks(row, params)
     for c in checks:
@@ -296,6 +364,6 @@ def log_epoch(row: dict[str, Any], params: Params, tracker: Tracker, samples_per
                          **{f"gap_{c.name}": c.value for c in checks if c.name not in row},
                          "samples_per_second": samples_per_second}, step=epoch)
     tracker.set_tags(health_tags(epoch, checks))
-    log.info("epoch %d: loss %.4f, train exact %.3f, held-out exact %s, %.1f samples/s", epoch,
-             row["loss_total"] or math.nan, row["train_exact_match"] or 0.0, row["heldout_exact_match"],
-             samples_per_second)
+    log.info("epoch %d/%d: loss %.4f, train exact %.3f, held-out exact %s, %.1f samples/s, %s to the end of the run",
+             epoch, params.train.epochs, row["loss_total"] or math.nan, row["train_exact_match"] or 0.0,
+             row["heldout_exact_match"], samples_per_second, preflight.format_hours(eta_seconds / 3600))

@@ -3,23 +3,40 @@
     L_total = L_task + w_loo L_loo + w_equiv L_equiv
               + lambda_entropy L_entropy + lambda_kl L_kl + lambda_sparsity L_sparsity
 
-L_task is TRM's stablemax cross-entropy on the last solver step over the answer's cells (PAD is
-ignored; EOS is predicted). L_loo holds out each context pair of a sample in turn and predicts it
-from the others; L_equiv compares the HyperLoRA delta magnitudes of the original and dihedrally
-transformed contexts. Logged loss terms are unweighted; `loss_total` is the weighted sum.
+L_task is TRM's stablemax cross-entropy on the last solver step (or the best step with
+`train.use_best_step_selection`) over the answer's cells (PAD is ignored; EOS is predicted).
+
+Each context pair of a micro-batch is encoded once (`TrainBatch`: packed, no padding slots). The
+leave-one-out examples reuse those encodings: example (b, j) takes sample b's support with pair j's
+tokens masked out and its pooled vector subtracted, and predicts pair j's output from its input;
+they run through the solver in the same pass as the main queries. L_loo is their mean
+cross-entropy.
+
+L_equiv follows the public RLAN module: the transformed contexts are encoded without gradient (a
+forward pass of the context encoder, no solver), HyperLoRA predicts their deltas, and the penalty is
+the mean squared difference between those deltas' magnitudes and the original context's, which is
+the fixed target (detached). Both sides are computed with HyperLoRA's dropout off, so the penalty
+compares like with like.
+
+Logged loss terms are unweighted; `loss_total` is the weighted sum. Every logged value stays a tensor
+on the device (no host synchronisation); a term that is not computed is not logged.
 """
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.canvas import PAD
 from pipeline.model import RLAN, Output
+from pipeline.model.context import PairLayout, Support, pooled_without
 from pipeline.model.dsc import attention_entropy
 from pipeline.model.stablemax import log_stablemax
 from pipeline.params import TrainParams
+
+if TYPE_CHECKING:
+    from pipeline.train.batches import TrainBatch
 
 
 def stablemax_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -42,21 +59,6 @@ def token_accuracy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
     return exact, right.sum((1, 2)).float() / valid.sum((1, 2)).clamp_min(1).float()
 
 
-def loo_batch(batch: dict[str, torch.Tensor], min_pairs: int) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor]:
-    """Leave-one-out examples: for every sample with at least `min_pairs` context pairs, one example
-    per context pair, which becomes the query while the others stay context.
-    Returns (the batch or None, skipped (B,) bool)."""
-    mask = batch["demo_mask"]
-    eligible = mask.sum(1) >= min_pairs
-    b, j = torch.nonzero(mask & eligible[:, None], as_tuple=True)
-    if len(b) == 0:
-        return None, ~eligible
-    ctx_mask = mask[b].clone()
-    ctx_mask[torch.arange(len(b), device=b.device), j] = False
-    return {"demo_in": batch["demo_in"][b], "demo_out": batch["demo_out"][b], "demo_mask": ctx_mask,
-            "query_in": batch["demo_in"][b, j], "query_out": batch["demo_out"][b, j]}, ~eligible
-
-
 def sparsity_loss(stop_prob: torch.Tensor, tp: TrainParams) -> torch.Tensor:
     """(B,) clue regularisation: a cost per clue in use, and a penalty below `min_clues`."""
     used = (1 - stop_prob).sum(-1)
@@ -70,73 +72,95 @@ def kl_consistency(noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     return (p * (p.log() - q.log())).sum(-1).mean(-1)
 
 
-def _mean(x: torch.Tensor) -> float:
-    return float(x.detach().float().mean()) if x.numel() else math.nan
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float().mean()
 
 
-def training_losses(model: RLAN, batch: dict[str, torch.Tensor], temperature: float, tp: TrainParams,
-                    meta_active: bool, equivariant_batches: list[dict[str, torch.Tensor]] = ()
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The total loss of one micro-batch and everything logged about it."""
-    out: Output = model(batch, temperature)
-    logits = out.step_logits(best_step=False)  # training always uses the last step
-    task = stablemax_cross_entropy(logits, batch["query_out"])
-    exact, pixel = token_accuracy(logits, batch["query_out"])
-    clues = out.clues
+def equivariance(model: RLAN, tb: TrainBatch, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penalty, mean |difference|) between the LoRA magnitudes of each sample's transformed contexts
+    and of its own context (`pooled` (B, H), the target)."""
+    B, A = tb.size, tb.n_equiv
+    with torch.no_grad():
+        _, pair_pooled = model.context.encode_pairs(tb.equiv_in, tb.equiv_out)
+        target = model.hyperlora(pooled.detach(), dropout=False).magnitudes()
+    ones = torch.ones_like(tb.equiv_group, dtype=pair_pooled.dtype)
+    count = pair_pooled.new_zeros(A * B).index_add(0, tb.equiv_group, ones).clamp_min(1.0)
+    turned = pair_pooled.new_zeros(A * B, pair_pooled.shape[1]).index_add(0, tb.equiv_group, pair_pooled) / count[:, None]
+    mags = model.hyperlora(turned, dropout=False).magnitudes()
+    d = torch.stack([mags[t].view(A, B) - target[t][None] for t in target])  # (targets, A, B)
+    return (d**2).mean(), d.detach().abs().mean()
+
+
+def solve_examples(model: RLAN, tb: TrainBatch, temperature: float, all_steps: bool = False
+                   ) -> tuple[Output, torch.Tensor]:
+    """The main queries (rows 0..B-1) and the leave-one-out examples (rows B..B+L-1) in one pass of
+    the solver, every context pair encoded once; (output, targets)."""
+    B = tb.size
+    tokens, pooled = model.context.encode_pairs(tb.pair_in, tb.pair_out)
+    support = model.context.layout(tokens, pooled, PairLayout(tb.pair_sample, tb.pair_slot, B, tb.n_slots))
+    if not len(tb.loo_pair):
+        return model.solve(tb.query_in, model.task_context(support), temperature, all_steps), tb.query_out
+    held = tb.loo_pair  # example (b, j): sample b's support without pair j, asked pair j's input
+    loo = support.select(tb.pair_sample[held]).without(tb.pair_slot[held], pooled_without(pooled, tb.pair_sample, held))
+    context = model.task_context(Support.cat([support, loo]))
+    out = model.solve(torch.cat([tb.query_in, tb.pair_in[held]]), context, temperature, all_steps)
+    return out, torch.cat([tb.query_out, tb.pair_out[held]])
+
+
+def training_losses(model: RLAN, tb: TrainBatch, temperature: float, tp: TrainParams
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The total loss of one micro-batch and everything logged about it (0-dim tensors)."""
+    B, L = tb.size, len(tb.loo_pair)
+    best = tp.use_best_step_selection
+    out, target = solve_examples(model, tb, temperature, all_steps=best)
+    context = out.context
+    logits = out.step_logits(best)
+    ce = stablemax_cross_entropy(logits, target)
+    exact, pixel = token_accuracy(logits, target)
+
+    task = ce[:B]
+    clues = out.clues.rows(slice(0, B))
     ent_used = attention_entropy(clues.attention)
     entropy = attention_entropy(clues.raw_attention) if tp.entropy_on_raw_logits else ent_used
     kl = kl_consistency(clues.attention, clues.raw_attention)
     sparsity = sparsity_loss(clues.stop_prob, tp)
-    zero = logits.new_zeros(())
-    logs: dict[str, float] = {
-        "train_exact_match": _mean(exact), "train_pixel_accuracy": _mean(pixel),
-        "attention_entropy_train": _mean(ent_used), "stop_value_train": _mean(clues.stop_prob),
+    total = (task.mean() + tp.lambda_entropy * entropy.mean() + tp.lambda_kl_consistency * kl.mean()
+             + tp.lambda_sparsity * sparsity.mean())
+    logs: dict[str, torch.Tensor] = {
+        "loss_task": _mean(task), "loss_entropy": _mean(entropy), "loss_kl": _mean(kl),
+        "loss_sparsity": _mean(sparsity), "train_exact_match": _mean(exact[:B]),
+        "train_pixel_accuracy": _mean(pixel[:B]), "attention_entropy_train": _mean(ent_used),
+        "stop_value_train": _mean(clues.stop_prob),
     }
+    if tb.loo_on:
+        logs["loo_skipped_ratio"] = _mean(~tb.loo_eligible)
+    if L:
+        loo = ce[B:].mean()
+        total = total + tp.loo_training.loss_weight * loo
+        logs.update(loss_loo=_mean(loo), loo_accuracy=_mean(exact[B:]))
 
-    loo_loss = zero
-    if meta_active and tp.loo_training.enabled:
-        lb, skipped = loo_batch(batch, tp.loo_training.min_pairs_for_loo)
-        logs["loo_skipped_ratio"] = _mean(skipped.float())
-        if lb is not None:
-            lo = model(lb, temperature).step_logits(best_step=False)
-            loo_loss = stablemax_cross_entropy(lo, lb["query_out"]).mean()
-            logs["loo_accuracy"] = _mean(token_accuracy(lo, lb["query_out"])[0].float())
-
-    equiv_loss = zero
-    lora = out.context.lora
-    if lora is not None:
-        mags = lora.magnitudes()
-        logs.update({f"lora_magnitude_{t}": _mean(v) for t, v in mags.items()})
-        logs["lora_diversity"] = float(lora.diversity().detach()) if len(task) > 1 else math.nan
-        if meta_active and tp.equivariance_training.enabled and equivariant_batches:
-            diffs = []
-            for eb in equivariant_batches:
-                aug = model.encode_context(eb["demo_in"], eb["demo_out"], eb["demo_mask"]).lora.magnitudes()
-                diffs += [mags[t] - aug[t] for t in mags]
-            d = torch.stack(diffs)
-            equiv_loss = (d**2).mean()
-            logs["equiv_delta_norm"] = _mean(d.abs())
-
-    w = tp
-    total = (task.mean() + w.loo_training.loss_weight * loo_loss + w.equivariance_training.loss_weight * equiv_loss
-             + w.lambda_entropy * entropy.mean() + w.lambda_kl_consistency * kl.mean()
-             + w.lambda_sparsity * sparsity.mean())
-    logs.update({"loss_total": float(total.detach()), "loss_task": _mean(task), "loss_loo": float(loo_loss.detach()),
-                 "loss_equiv": float(equiv_loss.detach()), "loss_entropy": _mean(entropy), "loss_kl": _mean(kl),
-                 "loss_sparsity": _mean(sparsity)})
+    if context.lora is not None:
+        lora = context.lora.rows(slice(0, B))
+        logs.update({f"lora_magnitude_{t}": _mean(v) for t, v in lora.magnitudes().items()})
+        logs["lora_diversity"] = lora.diversity()
+        if tb.n_equiv:
+            penalty, delta = equivariance(model, tb, context.pooled[:B])
+            total = total + tp.equivariance_training.loss_weight * penalty
+            logs.update(loss_equiv=_mean(penalty), equiv_delta_norm=delta)
+    logs["loss_total"] = _mean(total)
     return total, logs
 
 
 class Objective(torch.nn.Module):
     """The training loss as one module call, so that DistributedDataParallel sees a single forward
-    (the main, leave-one-out and equivariance passes) per backward."""
+    (main queries, leave-one-out examples and equivariance encodings) per backward."""
 
     def __init__(self, model: RLAN, tp: TrainParams):
         super().__init__()
         self.model, self.tp = model, tp
 
-    def forward(self, batch, temperature: float, meta_active: bool, equivariant_batches=()):
-        return training_losses(self.model, batch, temperature, self.tp, meta_active, equivariant_batches)
+    def forward(self, tb: TrainBatch, temperature: float):
+        return training_losses(self.model, tb, temperature, self.tp)
 
 
 @torch.no_grad()
@@ -144,7 +168,7 @@ def evaluation_measures(model: RLAN, batch: dict[str, torch.Tensor], temperature
                         best_step: bool = False) -> dict[str, torch.Tensor]:
     """Per-sample measures in eval mode (the caller sets model.eval()): loss, exact, pixel accuracy,
     attention entropy and stop value, plus the output for decoding."""
-    out = model(batch, temperature)
+    out = model(batch, temperature, all_steps=best_step)
     logits = out.step_logits(best_step)
     exact, pixel = token_accuracy(logits, batch["query_out"])
     return {"loss": stablemax_cross_entropy(logits, batch["query_out"]), "exact": exact.float(), "pixel": pixel,

@@ -22,5 +22,6 @@ def learning_rate(tp: TrainParams, progress: float) -> float:
 
 
 def meta_learning_active(tp: TrainParams, epoch: int) -> bool:
-    """LOO and equivariance losses run from epoch `meta_learning_start_epoch` on (epochs count from 0)."""
-    return epoch >= tp.meta_learning_start_epoch
+    """LOO and equivariance losses run after the first `meta_learning_start_epoch` epochs (epochs are
+    numbered from 1: with 3, from epoch 4 on)."""
+    return epoch > tp.meta_learning_start_epoch
