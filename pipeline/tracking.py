@@ -277,7 +277,7 @@ class Tracker:
     def client(self) -> Any:
         return self._client
 
-    def start(self, fingerprint: str, resume: bool = False, finished: bool = False) -> str | None:
+    def start(self, fingerprint: str | None = None, resume: bool = False, finished: bool = False) -> str | None:
         """Start the run of the training with this fingerprint. With `resume` (a checkpoint of this
         training was found) continue this DVC experiment's earlier run of it: an unfinished one to
         go on training, a finished one (`finished`) whose outputs are restored; otherwise start a new
@@ -292,7 +292,8 @@ class Tracker:
         close_dead_runs(self._client, exp_id)
         name = run_name()
         earlier = self._client.search_runs([exp_id], f"tags.fingerprint = '{fingerprint}'",
-                                           order_by=["attributes.start_time DESC"], max_results=100) if resume else []
+                                           order_by=["attributes.start_time DESC"],
+                                           max_results=100) if resume and fingerprint else []
         same = [r for r in earlier if r.info.run_name == name and (r.info.status == "FINISHED") == finished]
         self._install_signal_handlers()
         if same:
@@ -302,8 +303,9 @@ class Tracker:
             log.info("MLflow: continuing run %s (%s)", self.run_id, name)
             return self.run_id
         tags = {"git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-                "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""), "fingerprint": fingerprint,
-                **process_tags()}
+                "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""), **process_tags()}
+        if fingerprint:
+            tags["fingerprint"] = fingerprint
         if earlier:
             tags["restored_from_run"] = earlier[0].info.run_id
         if self.params.validation.accept_broken_rules:  # error rules broken on purpose (validate_params)
