@@ -74,6 +74,7 @@ def test_read_only_store_stops_training_naming_the_file(ws, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_training_without_mlflow_when_it_is_not_required(tmp_path):
     ws = tiny_workspace(tmp_path / "ws", train__epochs=1, tracking__timeout_s=3, tracking__required=False)
     proc = stage(train_cmd(ws, tmp_path / "out"), {"MLFLOW_TRACKING_URI": UNREACHABLE})

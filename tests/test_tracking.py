@@ -119,6 +119,7 @@ def _runs(params):
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+@pytest.mark.slow
 def test_killed_run_is_marked_killed_sigterm_ends_it_and_resume_continues_it(tmp_path):
     ws = tiny_workspace(tmp_path / "ws", train__epochs=4)
     params = load_params(ws["params"])
@@ -172,6 +173,7 @@ def _paths(ws, out):
 OUTPUTS = ("model.pt", "train.json", "plots/epochs.tsv", "ckpt/last.pt", "ckpt/manifest.json")
 
 
+@pytest.mark.slow
 def test_same_inputs_give_identical_outputs_and_restored_runs_keep_their_health_tags(tmp_path, monkeypatch):
     ws = tiny_workspace(tmp_path / "ws", train__epochs=2, monitoring__lora_magnitude_max=1e-3)
     params = load_params(ws["params"])
