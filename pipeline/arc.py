@@ -111,11 +111,15 @@ def parse_task(task_id: str, raw: Any, split: str) -> Task:
 
 
 def _load_json(path: Path) -> Any:
+    """JSON from a file (UTF-8, or UTF-16/32 with its byte order), or TaskError naming the file."""
     try:
-        with path.open() as f:
-            return json.load(f)
+        return json.loads(path.read_bytes())
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise TaskError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise TaskError(f"{path}: cannot be read ({err.strerror})") from None
 
 
 def parse_collection(data: Any, origin: str) -> list[Task]:

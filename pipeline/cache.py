@@ -25,7 +25,8 @@ Layout of the cache directory:
 - `pairs.parquet`: one row per pair of each sample, demonstrations first: sample, is_test,
   input_h, input_w, output_h, output_w (after the dihedral transform), row_offset, col_offset,
   cell_start (input cells, then output cells, in `cells.npy`'s cell numbering).
-- `manifest.json`: the parameters, counts, sizes and shortfalls.
+- `manifest.json`: the parameters, counts, sizes and shortfalls, and the size and digest of each
+  other file (`files`, see pipeline.integrity): every reader checks them before use.
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ from tqdm import tqdm
 from pipeline.arc import Task, task_key
 from pipeline.augment import NUM_DIHEDRAL, dihedral_index, dihedral_shape, inverse_grid, parse_name, random_cmaps
 from pipeline.canvas import CANVAS, ranges
+from pipeline.integrity import IntegrityError, describe_all, verify
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.params import AugmentParams
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records each file's size and digest
 CELLS_FILE, SAMPLES_FILE, PAIRS_FILE, MANIFEST_FILE = "cells.npy", "samples.parquet", "pairs.parquet", "manifest.json"
 
 
@@ -57,6 +59,10 @@ class LeakError(RuntimeError):
 
 class CacheIntegrityError(RuntimeError):
     """A stored version does not map back to its task through its recorded augmentation."""
+
+
+def repair_hint(path: Path) -> str:
+    return f"restore it with `dvc checkout {path}` or rebuild it with `dvc repro -f -s augment`"
 
 
 @dataclass
@@ -134,17 +140,21 @@ def _task_rng(seed: int, task_id: str) -> np.random.Generator:
 
 
 class CacheReader:
-    """A cache directory with its cells memory-mapped; numpy only (tensor batches: pipeline.loader)."""
+    """A cache directory with its cells memory-mapped; numpy only (tensor batches: pipeline.loader).
+    Opening it checks every file against the sizes and digests of its manifest (IntegrityError)."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         missing = [f for f in (CELLS_FILE, SAMPLES_FILE, PAIRS_FILE, MANIFEST_FILE) if not (path / f).exists()]
         if missing:
-            raise FileNotFoundError(f"{path}: not an augmentation cache (missing {', '.join(missing)})")
+            raise FileNotFoundError(f"{path}: not an augmentation cache (missing {', '.join(missing)}); "
+                                    f"{repair_hint(path)}")
         self.path = path
         self.manifest = read_json(path / MANIFEST_FILE)
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: cache format {self.manifest.get('format_version')}, expected {FORMAT_VERSION}")
+            raise IntegrityError(f"{path}: cache format {self.manifest.get('format_version')}, this code reads "
+                                 f"{FORMAT_VERSION}; rebuild it with `dvc repro -f -s augment`")
+        verify(path, self.manifest["files"], repair_hint(path))
         self.cells = np.load(path / CELLS_FILE, mmap_mode="r")
         self.samples = pd.read_parquet(path / SAMPLES_FILE)
         pairs = pd.read_parquet(path / PAIRS_FILE)
@@ -279,6 +289,7 @@ def build_cache(tasks: list[Task], p: AugmentParams, out_dir: str | Path) -> dic
         samples.to_parquet(tmp / SAMPLES_FILE, index=False, compression="zstd")
         pairs.to_parquet(tmp / PAIRS_FILE, index=False, compression="zstd")
         manifest = _manifest(plans, per_task, p, samples, pairs, int(byte_base[-1]))
+        manifest["files"] = describe_all(tmp, (CELLS_FILE, SAMPLES_FILE, PAIRS_FILE))
         write_json(tmp / MANIFEST_FILE, manifest)
         verify_cache(CacheReader(tmp), plans)
     return manifest

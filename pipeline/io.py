@@ -1,14 +1,19 @@
 """Atomic output: write to a temporary sibling path, rename on success, remove it on failure.
 
 A stage that fails half way therefore never leaves a half-written file or directory at the
-declared output path.
+declared output path. A process killed outright (SIGKILL, power loss) cannot remove its temporary
+sibling: the next write of the same path does, once the process that made it is gone. A
+temporary name records its writer, `<name>.tmp-<pid>-<8 hex>` (`...-old` while a directory is
+being replaced), so that a sibling being written by a live process is never touched.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -24,16 +29,45 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _sibling(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def remove_stale_siblings(path: Path) -> list[Path]:
+    """Remove the temporary siblings of `path` left by processes that no longer run (and those of
+    the older `<name>.tmp-<8 hex>` form, which record no process); returns what was removed."""
+    pattern = re.compile(re.escape(path.name) + r"\.tmp-(?:(\d+)-)?(?:old-)?[0-9a-f]{8}(?:-old)?")
+    removed = []
+    for sibling in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        m = pattern.fullmatch(sibling.name)
+        if m and (m.group(1) is None or not _pid_alive(int(m.group(1)))):
+            _remove(sibling)
+            removed.append(sibling)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on normal exit it replaces `path` (file or directory)."""
+    """Yield a temporary path beside `path`; on normal exit it replaces `path` (file or directory).
+    Temporary siblings of `path` left by killed writers are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale_siblings(path)
+    tmp = _sibling(path)
     try:
         yield tmp
         if tmp.is_dir() and path.exists():
-            old = path.with_name(f"{path.name}.tmp-old-{uuid.uuid4().hex[:8]}")
+            old = _sibling(path, "-old")
             os.replace(path, old)
             os.replace(tmp, path)
             _remove(old)

@@ -178,6 +178,9 @@ class MonitoringParams(_Section):
 class TrackingParams(_Section):
     experiment_name: str = Field(min_length=1, max_length=200)
     tracking_uri: str | None = Field(min_length=1)
+    required: bool
+    registered_model: str = Field(min_length=1, max_length=200, pattern=r"^[^/:@]+$")
+    timeout_s: int = Field(ge=1, le=600)
 
 
 class ValidationParams(_Section):

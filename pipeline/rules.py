@@ -306,6 +306,28 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        id="dsc-heads-divide-hidden", severity="error", keys=("model.dsc_num_heads", "model.hidden_dim"),
+        summary="the DSC's attention heads split the hidden channels evenly",
+        source="the model (pipeline/model/dsc.py)",
+        check=lambda p: _when(
+            p.model.hidden_dim % p.model.dsc_num_heads != 0,
+            f"model.dsc_num_heads={p.model.dsc_num_heads} does not divide model.hidden_dim={p.model.hidden_dim}: "
+            "each head attends over hidden_dim / dsc_num_heads channels",
+        ),
+    ),
+    Rule(
+        id="context-heads-divide-hidden", severity="error", keys=("model.solver_context_heads", "model.hidden_dim"),
+        summary="the context cross-attention heads split the hidden channels evenly",
+        source="the model (pipeline/model/layers.py CrossAttention2d)",
+        check=lambda p: _when(
+            (p.model.use_cross_attention_context or p.model.use_solver_context)
+            and p.model.hidden_dim % p.model.solver_context_heads != 0,
+            f"model.solver_context_heads={p.model.solver_context_heads} does not divide model.hidden_dim="
+            f"{p.model.hidden_dim}: the context cross-attention (use_cross_attention_context, use_solver_context) "
+            "gives each head hidden_dim / solver_context_heads channels",
+        ),
+    ),
+    Rule(
         "monitoring-threshold-order", "error",
         ("monitoring.*_warning", "monitoring.*_critical"),
         "each warning threshold is at most its critical threshold",

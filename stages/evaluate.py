@@ -9,10 +9,11 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import arc, distributed
+from pipeline import arc, distributed, lineage, tracking
 from pipeline.evaluation import submission
 from pipeline.evaluation.predictor import model_predictor
 from pipeline.evaluation.runner import SideResult, evaluate_side
+from pipeline.integrity import file_md5
 from pipeline.io import write_json, write_text
 from pipeline.model.io import ModelFileError, load_model
 from pipeline.params import load_params
@@ -46,6 +47,11 @@ def main() -> None:
     setup_logging()
     params = load_params(args.params)
     ep = params.evaluate
+    try:
+        tracked = tracking.check_store(params.tracking)  # before any compute, within tracking.timeout_s
+    except tracking.TrackingError as err:
+        fail(str(err))
+        return
     distributed.relaunch_under_torchrun(params.train, "stages.evaluate")
     world = distributed.init(params.train, ep.device)
     if not world.is_main:
@@ -83,8 +89,9 @@ def main() -> None:
     write_json(args.submission, sub)
     write_json(args.candidates, {side: candidates_json(r) for side, r in results.items()})
 
-    tracker = Tracker(params)
-    if tracker.attach(meta.get("mlflow_run_id")):
+    tracker = Tracker(params, enabled=tracked)
+    if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
+        tracker.log_inputs(lineage.dataset_inputs([lineage.raw_dataset(args.raw)], "evaluation"))
         tracker.log_metrics({f"{side}.{k.replace('@', '_at_')}": v for side, r in results.items()
                              for k, v in r.metrics.items()}, step=meta.get("epochs", 0))
         for f in (args.metrics, args.tasks_table, args.submission):

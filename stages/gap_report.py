@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline import arc, monitor
+from pipeline import arc, monitor, tracking
 from pipeline.gap import gap_checks, gap_metrics
+from pipeline.integrity import file_md5
 from pipeline.io import atomic_path, read_json, write_json
-from pipeline.model.io import safe_load
 from pipeline.params import flatten, load_params
 from pipeline.report import plot_curves, read_series, task_picture
-from pipeline.stage import parser, setup_logging
+from pipeline.stage import fail, parser, setup_logging
 from pipeline.tracking import Tracker
 
 log = logging.getLogger("gap_report")
@@ -55,12 +55,17 @@ def main() -> None:
     ap.add_argument("--train-metrics", required=True, help="final training metrics (JSON)")
     ap.add_argument("--series", required=True, help="per-epoch training series (TSV)")
     ap.add_argument("--raw", required=True, help="raw tasks (stage prepare), for the pictures")
-    ap.add_argument("--model", required=True, help="the model file, for its MLflow run")
+    ap.add_argument("--model", required=True, help="the model file, to find its training's MLflow run")
     ap.add_argument("--metrics", required=True, help="gap metrics (JSON)")
     ap.add_argument("--report", required=True, help="report directory (Markdown and PNG)")
     args = ap.parse_args()
     setup_logging()
     params = load_params(args.params)
+    try:
+        tracked = tracking.check_store(params.tracking)  # before any compute, within tracking.timeout_s
+    except tracking.TrackingError as err:
+        fail(str(err))
+        return
 
     evaluation, training = read_json(args.eval_metrics), read_json(args.train_metrics)
     groups = gap_checks(training, evaluation, params.monitoring)
@@ -84,9 +89,8 @@ def main() -> None:
         (tmp / "report.md").write_text(render_markdown(groups, evaluation, training, figures, pictures))
     write_json(args.metrics, metrics)
 
-    tracker = Tracker(params)
-    run_id = safe_load(args.model).get("meta", {}).get("mlflow_run_id")
-    if tracker.attach(run_id):
+    tracker = Tracker(params, enabled=tracked)
+    if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
         tracker.log_metrics({f"gap.{k}": v for k, v in flatten(metrics).items()}, step=0)
         tracker.set_tags({"gap.overall_status": monitor.overall([c for cs in groups.values() for c in cs])})
         tracker.log_artifact(args.metrics, "gap_report")

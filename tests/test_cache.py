@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -13,6 +16,7 @@ from pipeline.arc import Task
 from pipeline.augment import dihedral, inverse_grid, parse_name
 from pipeline.cache import LeakError, build_cache, plan_task
 from pipeline.canvas import decode_canvas, grid_to_canvas
+from pipeline.integrity import IntegrityError, describe
 from pipeline.loader import AugmentedCache
 from tests.helpers import grid, params_with
 
@@ -105,7 +109,14 @@ def test_leak_guard_stops_the_build(tmp_path, tasks, monkeypatch):
 def test_test_output_equal_to_a_demo_is_not_a_leak(tmp_path):
     a, b = grid([[1, 2]]), grid([[3], [4]])
     task = Task("ev", "eval", ((a, b), (b, a)), ((a, b),))  # test output b is also a demonstration output
-    build_cache([task], aug_params(), tmp_path / "cache")
+    manifest = build_cache([task], aug_params(), tmp_path / "cache")
+    cache = AugmentedCache(tmp_path / "cache")
+    assert manifest["samples"] == len(cache) == N and (cache.n_test == 0).all()
+    for s in range(N):  # every version holds exactly the two demonstrations, mapped back
+        _, d, cmap = parse_name(cache.samples["name"].iat[s])
+        back = [(inverse_grid(p["input"], d, cmap), inverse_grid(p["output"], d, cmap)) for p in cache.pairs(s)]
+        assert len(back) == 2 and all(np.array_equal(x, y) for pair, demo in zip(back, task.demos)
+                                      for x, y in zip(pair, demo))
 
 
 def _fingerprints(cache, s):
@@ -172,6 +183,51 @@ def test_a_task_versions_do_not_depend_on_other_tasks(tmp_path, tasks):
 def test_missing_cache_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an augmentation cache"):
         AugmentedCache(tmp_path)
+
+
+# --- integrity: every reader checks the files against the manifest ---------------------------
+
+
+@pytest.mark.parametrize("damage", ["in_place", "truncated", "appended"])
+@pytest.mark.parametrize("name", [cache_mod.CELLS_FILE, cache_mod.SAMPLES_FILE, cache_mod.PAIRS_FILE])
+def test_damaged_cache_file_is_named_with_the_fix(tmp_path, tasks, name, damage):
+    build_cache(tasks, aug_params(), tmp_path / "cache")
+    path = tmp_path / "cache" / name
+    data = bytearray(path.read_bytes())
+    if damage == "in_place":  # same size: only the digest can tell
+        data[len(data) // 2] ^= 0x01
+    path.write_bytes(data[:-1] if damage == "truncated" else data + b"\0" if damage == "appended" else data)
+    with pytest.raises(IntegrityError) as err:
+        AugmentedCache(tmp_path / "cache")
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "dvc repro -f -s augment" in message and "\n" not in message
+    assert ("changed in place" if damage == "in_place" else "manifest records") in message
+
+
+def test_manifest_records_every_file_and_a_rebuild_verifies(tmp_path, tasks):
+    manifest = build_cache(tasks, aug_params(), tmp_path / "cache")
+    assert set(manifest["files"]) == {cache_mod.CELLS_FILE, cache_mod.SAMPLES_FILE, cache_mod.PAIRS_FILE}
+    for name, record in manifest["files"].items():
+        assert record == describe(tmp_path / "cache" / name)
+    (tmp_path / "cache" / cache_mod.CELLS_FILE).write_bytes(b"broken")
+    build_cache(tasks, aug_params(), tmp_path / "cache")  # what `dvc repro -f -s augment` runs
+    assert len(AugmentedCache(tmp_path / "cache")) == N * len(tasks)
+
+
+def test_build_removes_what_killed_builds_left(tmp_path, tasks):
+    """A killed augment leaves data/cache.tmp-*: the next build removes those of dead processes."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f"cache.tmp-{dead.pid}-0123abcd", tmp_path / "cache.tmp-89abcdef",  # this and the older form
+             tmp_path / f"cache.tmp-{dead.pid}-4567abcd-old"]
+    live = tmp_path / f"cache.tmp-{os.getpid()}-feedbeef"  # a build still running
+    other = tmp_path / f"cache2.tmp-{dead.pid}-0123abcd"  # another output's
+    for d in [*stale, live, other]:
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "cells.npy").write_bytes(b"half written")
+    build_cache(tasks, aug_params(), tmp_path / "cache")
+    assert not any(d.exists() for d in stale) and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", live.name, other.name])
 
 
 # --- the loader ---------------------------------------------------------------------------

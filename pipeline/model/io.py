@@ -22,17 +22,26 @@ class ModelFileError(RuntimeError):
     """A model or checkpoint file that is missing, corrupt or of another format."""
 
 
-def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """torch.load(weights_only=True) with one clear error for a missing, truncated or foreign file."""
+def _reason(err: BaseException) -> str:
+    """The first line of torch's message, without its advice to load with weights_only=False
+    (these files never need it: everything in them is a tensor, a number, a string or a container)."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return type(err).__name__ if not first or "weights_only" in first else f"{type(err).__name__}: {first[:200]}"
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu", hint: str = "") -> dict[str, Any]:
+    """torch.load(weights_only=True) with one clear error line for a missing, truncated or foreign
+    file; `hint` (what to do about it) ends the line."""
     path = Path(path)
+    tail = f"; {hint}" if hint else ""
     if not path.is_file():
-        raise ModelFileError(f"{path}: no such file")
+        raise ModelFileError(f"{path}: no such file{tail}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise ModelFileError(f"{path}: corrupt or not a model file ({type(err).__name__}: {err})") from None
+        raise ModelFileError(f"{path}: corrupt or not a file of this pipeline ({_reason(err)}){tail}") from None
     if not isinstance(obj, dict) or "format" not in obj:
-        raise ModelFileError(f"{path}: not a file written by this pipeline")
+        raise ModelFileError(f"{path}: not a file written by this pipeline{tail}")
     return obj
 
 

@@ -1,6 +1,11 @@
 """Training checkpoints: everything needed to resume exactly, written atomically, loaded with
 `weights_only=True`. A checkpoint resumes only a run with the same fingerprint (the params that
-shape training), and only if that run had not finished."""
+shape training), and only if that run had not finished.
+
+`manifest.json` beside `last.pt` records its size and digest (pipeline.integrity); a checkpoint that
+does not match is an error, never a silent restart. While `last.pt` is being replaced the manifest
+accepts the old and the new file, so a run killed at any point leaves a checkpoint that verifies.
+No MLflow run id is stored: the run is found again by the fingerprint (pipeline.tracking)."""
 
 from __future__ import annotations
 
@@ -12,13 +17,15 @@ from typing import Any
 
 import torch
 
-from pipeline.io import atomic_path
+from pipeline import integrity
+from pipeline.io import atomic_path, read_json, write_json
 from pipeline.model.io import ModelFileError, safe_load
 from pipeline.params import Params
 
 log = logging.getLogger(__name__)
 FORMAT = 1
 LAST = "last.pt"
+MANIFEST = "manifest.json"
 
 
 # Keys that do not change what training produces: how many processes run and how they meet, how
@@ -54,32 +61,58 @@ def fingerprint(params: Params, data: list[Path], extra: bytes = b"") -> str:
     return h.hexdigest()
 
 
+def fresh_hint(directory: str | Path) -> str:
+    return f"delete {directory} to start training afresh, or restore it with `dvc checkout {directory}`"
+
+
+def _records(directory: Path) -> list[dict[str, Any]] | None:
+    path = directory / MANIFEST
+    return read_json(path).get(LAST) if path.exists() else None
+
+
 def save(directory: str | Path, state: dict[str, Any]) -> Path:
-    path = Path(directory) / LAST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f"{LAST}.tmp-*"):  # left by a run killed while writing
-        stale.unlink()
+    directory = Path(directory)
+    path = directory / LAST
+    directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
+        record = integrity.describe(tmp)
+        write_json(directory / MANIFEST, {LAST: [record, *(_records(directory) or [])][:3]})
+    write_json(directory / MANIFEST, {LAST: [record]})
     return path
+
+
+def verify(directory: str | Path) -> None:
+    """ModelFileError when last.pt does not match its manifest (a checkpoint without a manifest,
+    from before there were manifests, is only loaded)."""
+    directory = Path(directory)
+    records = _records(directory)
+    if records is None:
+        log.warning("%s has no %s: the checkpoint is not verified", directory, MANIFEST)
+        return
+    found = integrity.problem(directory / LAST, *records)
+    if found is not None:
+        raise ModelFileError(f"{directory / LAST}: corrupt: {found}; {fresh_hint(directory)}")
 
 
 def load_resumable(directory: str | Path, fp: str, epochs: int) -> dict[str, Any] | None:
     """The last checkpoint if it belongs to this run (same fingerprint), else None to start fresh.
     A finished run's checkpoint is returned too: its outputs are rebuilt without training. A corrupt
-    checkpoint is an error naming the file rather than a silent restart."""
+    checkpoint is an error naming the file and how to start afresh, rather than a silent restart."""
     path = Path(directory) / LAST
     if not path.exists():
         return None
-    state = safe_load(path)
+    verify(directory)
+    state = safe_load(path, hint=fresh_hint(directory))
     if state.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: checkpoint format {state.get('format')}, this code reads {FORMAT}")
+        raise ModelFileError(f"{path}: checkpoint format {state.get('format')}, this code reads {FORMAT}; "
+                             f"{fresh_hint(directory)}")
     if state.get("fingerprint") != fp:
         log.info("checkpoint %s belongs to other params, code or data: starting fresh", path)
         return None
     if state.get("epoch", 0) >= epochs:
         log.info("checkpoint %s is of this very run, finished: restoring its outputs", path)
     else:
-        log.info("resuming from %s after epoch %d", path, state["epoch"])
+        log.info("resuming from %s after epoch %d of %d", path, state["epoch"], epochs)
     state["path"] = str(path)
     return state

@@ -35,7 +35,7 @@ from pipeline.model import RLAN
 from pipeline.model.io import ModelFileError, save_model
 from pipeline.params import Params, TrainParams
 from pipeline.runtime import autocast, resolve_device, seed_everything, to_device
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, health_tags
 from pipeline.train import checkpoint, preflight, schedule
 from pipeline.train.batches import Prefetcher, TrainBatch, prepare
 from pipeline.train.losses import Objective, evaluation_measures
@@ -204,7 +204,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
     fp = checkpoint.fingerprint(params, [paths.cache], held) if world.is_main else None
     state = checkpoint.load_resumable(paths.checkpoints, fp, tp.epochs) if world.is_main else None
     state, fp = distributed.broadcast_from_main(world, (state, fp))
-    start_epoch, history, consecutive_bad, run_id = 0, [], 0, None
+    start_epoch, history, consecutive_bad = 0, [], 0
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -213,7 +213,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
         except (RuntimeError, KeyError, ValueError) as err:
             raise ModelFileError(f"{state['path']}: does not fit this model ({err})") from None
         start_epoch, history = state["epoch"], state["history"]
-        consecutive_bad, run_id = state["consecutive_nonfinite"], state["mlflow_run_id"]
+        consecutive_bad = state["consecutive_nonfinite"]
     objective = Objective(model, tp)
     restored = start_epoch >= tp.epochs
 
@@ -229,12 +229,10 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
             raise preflight.PreflightError(error)
     loss_fn = torch.compile(objective) if tp.compile else objective
     net = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else loss_fn
-    if world.is_main:
-        earlier, run_id = run_id, tracker.start(run_id=run_id, only_if_same_name=restored)
-        if restored and run_id != earlier:  # a new run for this experiment: give it the whole history
-            for row in history:
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-            tracker.set_tags({"restored_from_run": str(earlier)})
+    if world.is_main:  # the MLflow run is found by the fingerprint (pipeline.tracking), never stored
+        tracker.start(fp, resume=state is not None, finished=restored)
+        if history and not tracker.continued:  # a new run for epochs trained before: their history
+            tracker.log_history(history, lambda row: epoch_checks(row, params))
 
     slots = cache.max_context() if tp.compile else None  # compiled: a static number of context slots
 
@@ -316,7 +314,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
                     checkpoint.save(paths.checkpoints, {
                         "fingerprint": fp, "epoch": epoch, "model": model.state_dict(), "ema": ema.state_dict(),
                         "optimizer": opt.state_dict(), "history": history, "consecutive_nonfinite": consecutive_bad,
-                        "mlflow_run_id": run_id, "params": params.model_dump()})
+                        "params": params.model_dump()})
             distributed.barrier(world)
 
     if not world.is_main:
@@ -325,7 +323,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
     final = final_metrics(history)
     write_series(history, paths.plots)
     save_model(paths.model, ema.module, {"temperature": schedule.temperature(tp, 1.0), "epochs": tp.epochs,
-                                         "fingerprint": fp, "mlflow_run_id": run_id})
+                                         "fingerprint": fp})
     write_json(paths.metrics, final)
     return final
 
@@ -365,7 +363,7 @@ def log_epoch(row: dict[str, Any], params: Params, tracker: Tracker, samples_per
     tracker.log_metrics({**{k: v for k, v in row.items() if k != "epoch"},
                          **{f"gap_{c.name}": c.value for c in checks if c.name not in row},
                          "samples_per_second": samples_per_second}, step=epoch)
-    tracker.set_tags({f"health.{c.name}": f"epoch {epoch}: {c.status}: {c.message}" for c in checks if c.status != "ok"})
+    tracker.set_tags(health_tags(epoch, checks))
     log.info("epoch %d/%d: loss %.4f, train exact %.3f, held-out exact %s, %.1f samples/s, %s to the end of the run",
              epoch, params.train.epochs, row["loss_total"] or math.nan, row["train_exact_match"] or 0.0,
              row["heldout_exact_match"], samples_per_second, preflight.format_hours(eta_seconds / 3600))
