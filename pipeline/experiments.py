@@ -8,6 +8,7 @@ augmentation and voting over the 8 dihedral views. Each ablation applies one fix
     python -m pipeline.experiments run [--scale cpu] [--queue -j 2] [NAME|GROUP ...]   # default: stable fixed
     python -m pipeline.experiments compare stable fixed [NAME ...] | ablations [--out metrics/compare]
     python -m pipeline.experiments overrides fixed [--scale cpu]    # the -S arguments, to use by hand
+    python -m pipeline.experiments runs [NAME ...] [--run RUN_ID]   # MLflow runs and model versions (pipeline.lineage)
 
 then `dvc metrics diff stable fixed`, `dvc params diff stable fixed`, `dvc plots diff stable fixed`.
 """
@@ -290,9 +291,17 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("compare", help="gap reports of experiments side by side")
     c.add_argument("names", nargs="+", help="two or more experiments, or a group")
     c.add_argument("--out", default="metrics/compare")
+    sub.add_parser("runs", help="each experiment's MLflow runs and registered model version (python -m pipeline.lineage)",
+                   add_help=False)
     o = sub.add_parser("overrides", help="print the -S arguments of an experiment")
     o.add_argument("name", choices=sorted(EXPERIMENTS))
     o.add_argument("--scale", choices=sorted(SCALES), default="full")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["runs"]:  # the lineage command, with its own arguments (names, --run RUN_ID)
+        from pipeline import lineage
+
+        lineage.main(argv[1:])
+        return
     args = ap.parse_args(argv)
     cwd = Path(os.getcwd())
     try:

@@ -96,7 +96,7 @@ def test_queued_experiment_logs_registers_and_is_found_both_ways(repo):
     with torch.no_grad():
         assert model(pack_views(batch)).shape == (3, 12, 30, 30)
 
-    out = run([sys.executable, "-m", "pipeline.lineage", "no-gumbel"], repo).stdout  # DVC -> MLflow
+    out = run([sys.executable, "-m", "pipeline.experiments", "runs", "no-gumbel"], repo).stdout  # DVC -> MLflow
     assert f"run {r.info.run_id} no-gumbel FINISHED" in out and "<- made this experiment's model" in out
     assert "refs/exps/" in out and "models:/rlan@no-gumbel: version 2" in out
     back = run([sys.executable, "-m", "pipeline.lineage", "--run", r.info.run_id], repo).stdout  # MLflow -> DVC

@@ -31,7 +31,7 @@ MANIFEST = "manifest.json"
 # Keys that do not change what training produces: how many processes run and how they meet, how
 # often checkpoints are written, when to give up on NaN. A run resumes whatever they are.
 NEUTRAL_TRAIN_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id", "dist_timeout_s", "save_every",
-                      "max_consecutive_nonfinite")
+                      "max_consecutive_nonfinite", "max_cpu_hours")
 # The code that shapes training, relative to the pipeline package.
 TRAINING_CODE = ("model", "train", "loader.py", "cache.py", "canvas.py", "augment.py", "arc.py", "params.py",
                  "runtime.py", "distributed.py")
