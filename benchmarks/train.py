@@ -87,8 +87,9 @@ def load_batch_size() -> int:
     return load_params(REPO / "params.yaml").train.batch_size
 
 
-def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bool, compiled: bool = False) -> dict:
-    """samples/s of optimizer steps, as the loop runs them (eager unless `compiled`)."""
+def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bool, compiled: bool = False,
+               backend: str = "inductor") -> dict:
+    """samples/s of optimizer steps, as the loop runs them (eager unless `compiled`, with `backend`)."""
     from pipeline.model import RLAN
     from pipeline.runtime import autocast
     from pipeline.train.batches import prepare
@@ -101,7 +102,7 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
     model.checkpoint_activations(p.train.activation_checkpointing)
     opt = build_optimizer(model, p.train)
     objective = Objective(model, p.train)
-    fn = torch.compile(objective) if compiled else objective
+    fn = torch.compile(objective, backend=backend) if compiled else objective
     slots = cache.max_context() if compiled else None
     data = [prepare(cache, sampler.micro_batches(order, 0, s, 0)[0], p.train, meta, p.model.use_hyperlora, slots)
             for s in range(steps + 2)]
