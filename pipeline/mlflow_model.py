@@ -107,7 +107,7 @@ def publish(tracker: Any, model_path: str | Path, cache: str | Path) -> Any:
     and point the DVC experiment's alias at it; returns the ModelVersion (None without a run).
     A run that already registered this very model (a restored training) only moves the alias."""
     from pipeline.model.io import load_model
-    from pipeline.tracking import run_name, store_lock
+    from pipeline.tracking import run_name, store_lock, using_tracking_uri
 
     if tracker.client is None:
         return None
@@ -123,8 +123,8 @@ def publish(tracker: Any, model_path: str | Path, cache: str | Path) -> Any:
     else:
         t0 = time.perf_counter()
         model, meta = load_model(model_path)
-        mlflow.set_tracking_uri(tracker.uri)
-        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=tracker.run_id), _quiet("mlflow.pytorch"):
+        with using_tracking_uri(tracker.uri), tempfile.TemporaryDirectory() as tmp, \
+                mlflow.start_run(run_id=tracker.run_id), _quiet("mlflow.pytorch"):
             # pickle, not MLflow's default torch.export (14 s for the tiny model): the README's MLflow
             # section says why (MLflow warns that pickled models run code when loaded: trust the store)
             code = shutil.copytree(PACKAGE, Path(tmp) / PACKAGE.name,
@@ -136,7 +136,7 @@ def publish(tracker: Any, model_path: str | Path, cache: str | Path) -> Any:
         run = client.get_run(tracker.run_id)
         tags = {"dvc_exp_name": run_name(), "model_md5": md5, "fingerprint": run.data.tags.get("fingerprint", ""),
                 "git_commit": run.data.tags.get("git_commit", "")}
-        with store_lock(tracker.uri):
+        with store_lock(tracker.uri), using_tracking_uri(tracker.uri):
             found = mlflow.register_model(info.model_uri, name, tags=tags)
         log.info("MLflow: logged the model and registered %s version %s in %.1f s", name, found.version,
                  time.perf_counter() - t0)

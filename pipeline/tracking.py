@@ -33,6 +33,23 @@ from typing import Any
 from pipeline.params import Params, TrackingParams
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str):
+    """MLflow's fluent API (mlflow.start_run, log_model, load_model) pointed at `uri` for the block.
+    mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI for child processes: both are put back."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    previous, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 _EXP_TMP = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 _SQLITE = "sqlite:///"
 

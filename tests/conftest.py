@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipeline.arc import Task
@@ -11,3 +13,18 @@ from tests.helpers import tiny_task_set
 @pytest.fixture
 def tiny_tasks() -> list[Task]:
     return tiny_task_set()
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_not_leaked():
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which every later test's DVC and stage
+    processes would inherit: whatever a test sets is put back after it."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != env:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env

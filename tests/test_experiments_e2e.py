@@ -77,7 +77,8 @@ def test_make_run_on_a_fresh_clone_without_git_identity(repo, tmp_path):
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     (clone / ".venv").symlink_to(REPO / ".venv")  # set up already: `-o` below keeps make from reinstalling
     write_params(clone, train__learning_rate=0.001, model__use_gumbel_softmax=False)  # leftovers
-    env = {k: v for k, v in tool_env().items() if not k.startswith(("GIT_AUTHOR_", "GIT_COMMITTER_"))}
+    env = {k: v for k, v in tool_env().items()  # no git identity; not a make inside `make test` either
+           if not k.startswith(("GIT_AUTHOR_", "GIT_COMMITTER_")) and k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     env.update(HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1")  # no git identity anywhere
     proc = subprocess.run(["make", "-o", ".venv/.installed", "run", "SCALE=tiny"], cwd=clone, env=env,
                           capture_output=True, text=True, timeout=1200)

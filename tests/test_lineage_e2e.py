@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.loader import AugmentedCache
 from pipeline.mlflow_model import pack_views
+from pipeline.tracking import using_tracking_uri
 from tests.helpers import TINY_MODEL, TINY_TRAIN, commit_all, copy_repo, run, write_params
 
 pytestmark = pytest.mark.e2e
@@ -90,8 +91,8 @@ def test_queued_experiment_logs_registers_and_is_found_both_ways(repo):
     assert r.info.status == "FINISHED" and r.info.artifact_uri.startswith(str(repo / "mlruns"))
     assert (Path(model_dir.removeprefix("file://")) / "MLmodel").is_file()
     assert Path(model_dir.removeprefix("file://")).is_relative_to(repo / "mlruns")
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    model = mlflow.pytorch.load_model("models:/rlan@no-gumbel")
+    with using_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}"):  # not left set for the other tests' processes
+        model = mlflow.pytorch.load_model("models:/rlan@no-gumbel")
     batch = AugmentedCache(repo / "data" / "cache").batch(np.arange(3), np.random.default_rng(0))
     with torch.no_grad():
         assert model(pack_views(batch)).shape == (3, 12, 30, 30)

@@ -23,7 +23,7 @@ from pipeline.loader import AugmentedCache
 from pipeline.model import RLAN
 from pipeline.model.io import load_model, save_model
 from pipeline.params import load_params
-from pipeline.tracking import Tracker, TrackingError, check_store, tracking_uri
+from pipeline.tracking import Tracker, TrackingError, check_store, tracking_uri, using_tracking_uri
 from tests.helpers import REPO, params_with, tiny_workspace, tool_env, train_cmd
 
 
@@ -240,14 +240,13 @@ def test_model_is_logged_registered_and_predicts_like_the_model_file(tmp_path, m
     assert version.tags["model_md5"] == md5 and version.tags["dvc_exp_name"] == "no-gumbel"
     assert tracker.find_training_run(md5) == tracker.run_id  # how evaluate and gap_report find the run
 
-    mlflow.set_tracking_uri(tracker.uri)
     batch = AugmentedCache(ws["cache"]).batch(np.arange(7), np.random.default_rng(1))
     reference, meta = load_model(tmp_path / "model.pt")
-    with torch.no_grad():
+    with torch.no_grad(), using_tracking_uri(tracker.uri):  # not left set for the other tests' processes
         expected = reference.eval()(batch, meta["temperature"]).logits[-1]
         for uri in (f"runs:/{tracker.run_id}/model", "models:/rlan@no-gumbel"):
             assert torch.equal(mlflow.pytorch.load_model(uri)(mlflow_model.pack_views(batch)), expected), uri
-    pyfunc = mlflow.pyfunc.load_model("models:/rlan@no-gumbel")
+        pyfunc = mlflow.pyfunc.load_model("models:/rlan@no-gumbel")
     assert np.allclose(pyfunc.predict(mlflow_model.pack_views(batch).numpy()), expected.numpy())
 
     again = mlflow_model.publish(tracker, tmp_path / "model.pt", ws["cache"])  # a restored run: no new version
