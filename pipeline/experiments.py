@@ -76,17 +76,17 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "full": Scale({}, "params.yaml as committed: 400K samples, 200 epochs of the 11.7M-parameter model, "
-                      "on a GPU"),  # TODO timing: GPU hours, after the lead's measurement
+    "full": Scale({}, "params.yaml as committed: 400K samples, 200 epochs of the 12.2M-parameter model, on a "
+                      "GPU: about 16 H100-hours at 40% of the bf16 peak, projected from its FLOPs"),
     "cpu": Scale({
         "model.hidden_dim": 32, "model.num_solver_steps": 3, "model.max_clues": 3, "model.spatial_downsample": 4,
         "model.dsc_num_heads": 2, "model.solver_context_heads": 2,
         "data.max_tasks": 20, "augment.samples_per_task": 100,
-        "train.epochs": 6, "train.steps_per_epoch": 25, "train.batch_size": 16, "train.grad_accumulation_steps": 1,
-        "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 6,
+        "train.epochs": 10, "train.steps_per_epoch": 25, "train.batch_size": 16, "train.grad_accumulation_steps": 1,
+        "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 10,
         "evaluate.device": "cpu", "evaluate.batch_size": 128,
-    }, "20+20 tasks, 100 versions each, a 32-wide model, 6 epochs (3 with meta-learning) of 25 steps of 16 samples; "
-       "15.5 minutes for both in the queue on a busy 2-core machine"),  # TODO timing: after the model change
+    }, "20+20 tasks, 100 versions each, a 32-wide model, 10 epochs (7 with meta-learning) of 25 steps of 16 samples; "
+       "about 6 minutes for both in the queue on 2 cores"),
     "tiny": Scale({
         "model.hidden_dim": 16, "model.num_solver_steps": 2, "model.max_clues": 2, "model.spatial_downsample": 2,
         "model.dsc_num_heads": 2, "model.solver_context_heads": 2, "model.msre_encoding_dim": 8,
