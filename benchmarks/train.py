@@ -215,7 +215,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.train", *args], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train", "--one", *args], cwd=REPO, capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmarks.train {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
