@@ -364,6 +364,7 @@ def log_epoch(row: dict[str, Any], params: Params, tracker: Tracker, samples_per
                          **{f"gap_{c.name}": c.value for c in checks if c.name not in row},
                          "samples_per_second": samples_per_second}, step=epoch)
     tracker.set_tags(health_tags(epoch, checks))
+    held = row["heldout_exact_match"]
     log.info("epoch %d/%d: loss %.4f, train exact %.3f, held-out exact %s, %.1f samples/s, %s to the end of the run",
              epoch, params.train.epochs, row["loss_total"] or math.nan, row["train_exact_match"] or 0.0,
-             row["heldout_exact_match"], samples_per_second, preflight.format_hours(eta_seconds / 3600))
+             "-" if held is None else f"{held:.3f}", samples_per_second, preflight.format_hours(eta_seconds / 3600))
