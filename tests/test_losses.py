@@ -260,3 +260,25 @@ def test_activation_checkpointing_changes_memory_not_numbers():
     (a, ga), (b, gb) = results
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(ga, gb))
+
+
+def test_best_step_selection_in_training_trains_the_selected_step():
+    """train.use_best_step_selection (an error rule unless accepted) makes the task loss read the step
+    of lowest entropy per sample instead of the last one."""
+    model, _ = _model(model__num_solver_steps=3)
+    solver_forward = model.solver.forward
+
+    def sharp_first_step(*args, **kw):  # step 1 made far more confident than the others: the best step
+        logits = solver_forward(*args, **kw)
+        return [logits[0] * 50, *logits[1:]] if len(logits) == 3 else logits
+
+    model.solver.forward = sharp_first_step
+    tb = pack(batch_from_pairs(_examples()))
+    for best in (False, True):
+        p = params_with(**{**TINY_MODEL, **QUIET, "model__num_solver_steps": 3,
+                           "train__use_best_step_selection": best}).train
+        _, logs = training_losses(model, tb, 0.5, p)
+        out, target = solve_examples(model, tb, 0.5, all_steps=True)
+        assert torch.equal(out.step_logits(True), out.logits[0])  # the first step is every sample's best
+        read = out.logits[0] if best else out.logits[-1]
+        assert logs["loss_task"].item() == pytest.approx(stablemax_cross_entropy(read, target).mean().item(), rel=1e-6)
