@@ -4,7 +4,9 @@ cannot finish.
 Before the first epoch, the training objective runs forward and backward (no optimizer step, so the
 run is unchanged) on micro-batches of 2 and 4 samples with meta-learning on (the heaviest step):
 peak memory grows linearly with the micro-batch, so two sizes give the projected peak of a full
-micro-batch. When that fits, one full micro-batch is measured as well, for its peak and its speed.
+micro-batch (a cautious one: two small batches can hold more pairs than the average). When that
+fits, and on CUDA in any case (an out-of-memory error is caught there), one full micro-batch is
+measured as well, for its peak and its speed.
 The projection (wall time of the remaining training steps, peak memory) is logged; the run is
 refused when the projected peak exceeds the memory available, or, on the CPU, when the projected
 time exceeds `train.max_cpu_hours`.
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import threading
 import time
 from collections.abc import Callable
@@ -121,9 +122,10 @@ def measure(step: Callable[[int], None], n: int, device: torch.device) -> tuple[
 
 
 def project(step: Callable[[int], None], batch_size: int, samples: int, device: torch.device,
-            per_process: float = 1.0) -> Projection:
-    """Measure `step` at 2 and 4 samples (and at `batch_size` when it is projected to fit) and
-    project `samples` samples; `per_process` is the share of the samples this process trains."""
+            per_process: float = 1.0, max_cpu_hours: float | None = None) -> Projection:
+    """Measure `step` at 2 and 4 samples (and at `batch_size` when it is projected to fit, and on
+    the CPU to finish within `max_cpu_hours`) and project `samples` samples; `per_process` is the
+    share of the samples this process trains."""
     available = available_memory(device) * MEMORY_MARGIN
     small = sorted({min(2, batch_size), min(4, batch_size)})
     step(small[0])  # warm-up: first-call allocations and kernel choices
@@ -136,27 +138,34 @@ def project(step: Callable[[int], None], batch_size: int, samples: int, device: 
     else:
         (n2, (t2, peak)), = runs.items()
         seconds, basis = t2 / n2, f"measured at {n2} samples"
-    if batch_size > small[-1] and peak <= available:
-        t, peak = measure(step, batch_size, device)
-        seconds, basis = t / batch_size, f"measured at {', '.join(map(str, small))} and {batch_size} samples"
+    too_long = device.type == "cpu" and max_cpu_hours is not None and \
+        samples * seconds * per_process / 3600 > 2 * max_cpu_hours  # refused anyway: no need to measure more
+    # measure the full micro-batch when it is projected to fit; on CUDA also when not (an out-of-memory
+    # error is caught there, while a process that exhausts the host's memory is killed)
+    if batch_size > small[-1] and not too_long and (peak <= available or device.type == "cuda"):
+        try:
+            t, peak = measure(step, batch_size, device)
+            seconds, basis = t / batch_size, f"measured at {', '.join(map(str, small))} and {batch_size} samples"
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            peak, basis = max(peak, available * 1.01), f"{basis}; a micro-batch of {batch_size} ran out of memory"
     return Projection(str(device), batch_size, samples, seconds * per_process, peak, available, basis)
 
 
 def check(p: Projection, max_cpu_hours: float) -> None:
     """Raise PreflightError with what was projected and what to do, if the run cannot finish."""
-    if p.peak_bytes > p.available_bytes:
-        raise PreflightError(
-            f"training refused: a micro-batch of {p.batch_size} is projected to need {p.peak_bytes / GB:.1f} GB, "
-            f"more than the {p.available_bytes / GB:.1f} GB available on {p.device} ({p.measured}). Lower "
-            "train.batch_size (raising train.grad_accumulation_steps keeps the effective batch), set "
-            "train.activation_checkpointing: true or a smaller train.loo_training.max_holdouts, or use a larger machine")
+    problems, remedies = [], []
     if p.device == "cpu" and p.hours > max_cpu_hours:
-        raise PreflightError(
-            f"training refused: {p.describe()}; that is more than train.max_cpu_hours={max_cpu_hours:g}. Train on a "
-            "GPU, run the CPU-sized study instead (python -m pipeline.experiments run --scale cpu stable fixed), "
-            "or raise train.max_cpu_hours")
-
-
-def peak_rss_gb() -> float:
-    """Peak resident set size of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        problems.append(f"projected {format_hours(p.hours)} for {p.samples:,} samples at "
+                        f"{1 / p.seconds_per_sample:,.2f} samples/s on the CPU, more than "
+                        f"train.max_cpu_hours={max_cpu_hours:g}")
+        remedies.append("train on a GPU, run the CPU-sized study instead (python -m pipeline.experiments run "
+                        "--scale cpu stable fixed), or raise train.max_cpu_hours")
+    if p.peak_bytes > p.available_bytes:
+        problems.append(f"a micro-batch of {p.batch_size} is projected to need {p.peak_bytes / GB:.1f} GB, more than "
+                        f"the {p.available_bytes / GB:.1f} GB available on {p.device} ({p.measured})")
+        remedies.append("lower train.batch_size (raising train.grad_accumulation_steps keeps the effective batch), "
+                        "set train.activation_checkpointing: true or a smaller train.loo_training.max_holdouts, "
+                        "or use a larger machine")
+    if problems:
+        raise PreflightError(f"training refused: {'; and '.join(problems)}. To go on: {'; and '.join(remedies)}")
