@@ -344,8 +344,11 @@ def preflight_check(objective: Objective, cache: AugmentedCache, sampler: Sample
         model.zero_grad(set_to_none=True)
 
     model.train()
-    projection = preflight.project(step, tp.batch_size, samples, device, per_process=1.0 / world_size,
-                                   max_cpu_hours=tp.max_cpu_hours)
+    try:
+        projection = preflight.project(step, tp.batch_size, samples, device, per_process=1.0 / world_size,
+                                       max_cpu_hours=tp.max_cpu_hours)
+    finally:
+        model.zero_grad(set_to_none=True)  # also after a step that ran out of memory half way
     log.info("pre-flight: %s", projection.describe())
     try:
         preflight.check(projection, tp.max_cpu_hours)
