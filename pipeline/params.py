@@ -52,10 +52,10 @@ class AugmentParams(_Section):
 
 
 class ModelParams(_Section):
-    hidden_dim: int = Field(ge=8, le=4096)
+    hidden_dim: int = Field(ge=8, le=4096, multiple_of=8)  # GroupNorm(8) in the encoder, MSRE and head
     max_clues: int = Field(ge=1, le=64)
     num_solver_steps: int = Field(ge=1, le=64)
-    dsc_num_heads: int = Field(ge=1, le=64)
+    dsc_num_heads: int = Field(ge=1, le=64)  # set by the validated configuration; one score per clue whatever it is
     msre_encoding_dim: int = Field(ge=4, le=1024)
     msre_num_freq: int = Field(ge=1, le=64)
     dropout: float = Field(ge=0.0, lt=1.0)
@@ -78,12 +78,14 @@ class LooParams(_Section):
     # The rule `loo-min-pairs` asks for >= 2 (one pair held out, at least one left as context).
     min_pairs_for_loo: int = Field(ge=1, le=10)
     max_holdouts: int | None = Field(ge=1, le=10)  # held-out pairs per sample and step; None = every pair
+    context_gradient: bool  # the LOO examples' context (encoded pairs) receives their gradient
 
 
 class EquivarianceParams(_Section):
     enabled: bool
     loss_weight: float = Field(ge=0.0, le=100.0)
     num_augmentations: int = Field(ge=1, le=7)
+    compare: Literal["magnitude", "magnitude_and_direction"]
 
 
 class TrainParams(_Section):
@@ -257,7 +259,7 @@ def _allowed(loc: tuple[Any, ...]) -> str:
         return ""
     bounds = []
     for meta in info.metadata:
-        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("multiple_of", "a multiple of")):
             val = getattr(meta, attr, None)
             if val is not None:
                 bounds.append(f"{sym} {val}")

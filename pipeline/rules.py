@@ -306,16 +306,6 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
-        id="dsc-heads-divide-hidden", severity="error", keys=("model.dsc_num_heads", "model.hidden_dim"),
-        summary="the DSC's attention heads split the hidden channels evenly",
-        source="the model (pipeline/model/dsc.py)",
-        check=lambda p: _when(
-            p.model.hidden_dim % p.model.dsc_num_heads != 0,
-            f"model.dsc_num_heads={p.model.dsc_num_heads} does not divide model.hidden_dim={p.model.hidden_dim}: "
-            "each head attends over hidden_dim / dsc_num_heads channels",
-        ),
-    ),
-    Rule(
         id="context-heads-divide-hidden", severity="error", keys=("model.solver_context_heads", "model.hidden_dim"),
         summary="the context cross-attention heads split the hidden channels evenly",
         source="the model (pipeline/model/layers.py CrossAttention2d)",

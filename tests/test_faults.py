@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.model import RLAN
+from pipeline.params import ParamsError
 from pipeline.rules import check_rules
 from tests.helpers import REPO, TINY_MODEL, params_with, tiny_workspace, tool_env, train_cmd
 from tests.test_tracking import make_read_only, make_writable
@@ -118,18 +119,23 @@ def test_non_utf8_input_file_is_bad_input(tmp_path):
 # --- constraints of the model belong in validate_params --------------------------------------
 
 
-@pytest.mark.parametrize("key", ["dsc_num_heads", "solver_context_heads"])
-def test_head_count_that_does_not_divide_hidden_dim_is_a_rule_error(key):
-    p = params_with(**{**TINY_MODEL, "model__hidden_dim": 32, f"model__{key}": 3})
+def test_head_count_that_does_not_divide_hidden_dim_is_a_rule_error():
+    p = params_with(**{**TINY_MODEL, "model__hidden_dim": 32, "model__solver_context_heads": 3})
     errors = [v for v in check_rules(p) if v.severity == "error"]
-    assert len(errors) == 1 and f"model.{key}=3 does not divide model.hidden_dim=32" in errors[0].message
+    assert len(errors) == 1 and "model.solver_context_heads=3 does not divide model.hidden_dim=32" in errors[0].message
+
+
+def test_hidden_dim_not_a_multiple_of_8_is_a_schema_error():
+    with pytest.raises(ParamsError, match=r"model.hidden_dim: Input should be a multiple of 8, got 20 .*a multiple of 8"):
+        params_with(**{**TINY_MODEL, "model__hidden_dim": 20})
 
 
 def test_rules_accept_exactly_the_head_counts_the_model_builds_with():
-    """For every small hidden size, head count and context switch: the model builds iff the rules pass."""
+    """For every small hidden size, head count and context switch: the model builds iff the rules pass
+    (the DSC scores with one head whatever dsc_num_heads, as the public module)."""
     rng = np.random.default_rng(0)
     for _ in range(40):
-        hidden, dsc, ctx = int(rng.integers(8, 25)), int(rng.integers(1, 7)), int(rng.integers(1, 7))
+        hidden, dsc, ctx = 8 * int(rng.integers(1, 6)), int(rng.integers(1, 7)), int(rng.integers(1, 7))
         cross, solver = bool(rng.integers(2)), bool(rng.integers(2))
         p = params_with(**{**TINY_MODEL, "model__hidden_dim": hidden, "model__dsc_num_heads": dsc,
                            "model__solver_context_heads": ctx, "model__use_cross_attention_context": cross,

@@ -15,6 +15,7 @@ from pipeline.augment import IDENTITY_CMAP, augment_grid
 from pipeline.loader import batch_from_pairs
 from pipeline.model import RLAN
 from pipeline.model.dsc import attention_entropy
+from pipeline.model.context import Support
 from pipeline.model.hyperlora import LoRA
 from pipeline.train.batches import holdouts, pack
 from pipeline.train.losses import equivariance, solve_examples, stablemax_cross_entropy, training_losses
@@ -58,65 +59,105 @@ def _model(**kw) -> tuple[RLAN, object]:
     return RLAN(p.model).train(), p.train
 
 
-def _naive_total(model: RLAN, examples, tb, tp, temperature: float) -> torch.Tensor:
-    """The objective as defined, re-encoding every context it needs: the main pass on the padded
-    batch, each leave-one-out example as its own task, each transformed context encoded anew."""
-    out = model(batch_from_pairs(examples), temperature, all_steps=False)
-    logits = out.logits[-1]
-    target = batch_from_pairs(examples)["query_out"]
-    task = stablemax_cross_entropy(logits, target)
-    clues = out.clues
-    entropy = attention_entropy(clues.attention)
-    total = task.mean() + tp.lambda_entropy * entropy.mean() + tp.lambda_sparsity * (
-        tp.ponder_weight * (1 - clues.stop_prob).sum(-1)
-        + tp.min_clue_weight * torch.relu(tp.min_clues - (1 - clues.stop_prob).sum(-1))).mean()
-    # leave-one-out: sample b without pair j, asked pair j
-    loo = []
-    sample, slot = tb.pair_sample.tolist(), tb.pair_slot.tolist()
-    for p in tb.loo_pair.tolist():
-        ctx, _, _ = examples[sample[p]]
-        rest = [pair for k, pair in enumerate(ctx) if k != slot[p]]
-        lo = model(batch_from_pairs([(rest, ctx[slot[p]][0], ctx[slot[p]][1])]), temperature, all_steps=False)
-        loo.append(stablemax_cross_entropy(lo.logits[-1], batch_from_pairs([(rest, ctx[slot[p]][0], ctx[slot[p]][1])])
-                                           ["query_out"]))
-    total = total + tp.loo_training.loss_weight * torch.cat(loo).mean()
-    # equivariance: magnitudes of each transformed context against the original's (the fixed target)
-    b = batch_from_pairs(examples)
-    with torch.no_grad():
-        target_mags = model.hyperlora(model.support(b["demo_in"], b["demo_out"], b["demo_mask"]).pooled,
-                                      dropout=False).magnitudes()
-    diffs = []
-    for a in range(tb.n_equiv):
-        rows = tb.equiv_group >= a * len(examples)
-        rows &= tb.equiv_group < (a + 1) * len(examples)
-        pooled = []
-        for s in range(len(examples)):
-            mine = rows & (tb.equiv_group == a * len(examples) + s)
+def _support_by_hand(model: RLAN, pairs) -> Support:
+    """One sample's encoded context written out: each pair encoded alone, the tokens side by side, the
+    pooled vector the mean of the pairs' (no packing, no layout, no index bookkeeping)."""
+    enc = [model.context.encode_pairs(*(batch_from_pairs([([p], p[0], p[1])])[k][:, 0] for k in ("demo_in", "demo_out")))
+           for p in pairs]
+    tokens = torch.cat([t for t, _ in enc], 1)
+    return Support(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool), torch.cat([p for _, p in enc]).mean(0, keepdim=True),
+                   enc[0][0].shape[1])
+
+
+def _solve_by_hand(model: RLAN, pairs, query, answer, temperature: float):
+    """(cross-entropy (1,), outputs) of one query under the context of `pairs`."""
+    q = batch_from_pairs([(pairs, query, answer)])
+    out = model.solve(q["query_in"], model.task_context(_support_by_hand(model, pairs)), temperature)
+    return stablemax_cross_entropy(out.logits[-1], q["query_out"]), out
+
+
+def _norms(lora: LoRA) -> dict[str, torch.Tensor]:
+    """||scaling A B^T||_F of each target from the explicit (B, out, in) deltas."""
+    return {t: (lora.scaling * a @ lora.b[t].transpose(1, 2)).flatten(1).norm(dim=1) for t, a in lora.a.items()}
+
+
+def _reference_terms(model: RLAN, examples, dihedrals, tp, temperature: float) -> dict[str, torch.Tensor]:
+    """Every term of the objective from its definition, sample by sample, from the grids alone:
+    each leave-one-out example (every pair of every sample with two or more) and each transformed
+    context (the sample's grids turned by augment_grid) built and encoded anew."""
+    task, entropy, sparsity, loo, equiv = [], [], [], [], []
+    for pairs, query, answer in examples:
+        ce, out = _solve_by_hand(model, pairs, query, answer, temperature)
+        used = (1 - out.clues.stop_prob).sum(-1)
+        task.append(ce)
+        entropy.append(attention_entropy(out.clues.attention))
+        sparsity.append(tp.ponder_weight * used + tp.min_clue_weight * torch.relu(tp.min_clues - used))
+        if len(pairs) >= tp.loo_training.min_pairs_for_loo:
+            loo += [_solve_by_hand(model, pairs[:j] + pairs[j + 1 :], x, y, temperature)[0] for j, (x, y) in enumerate(pairs)]
+    for turns in dihedrals:  # one augmentation: a dihedral id per sample
+        for (pairs, _, _), d in zip(examples, turns):
             with torch.no_grad():
-                _, pp = model.context.encode_pairs(tb.equiv_in[mine], tb.equiv_out[mine])
-            pooled.append(pp.mean(0))
-        mags = model.hyperlora(torch.stack(pooled), dropout=False).magnitudes()
-        diffs += [mags[t] - target_mags[t] for t in mags]
-    return total + tp.equivariance_training.loss_weight * (torch.stack(diffs) ** 2).mean()
+                own = model.hyperlora(_support_by_hand(model, pairs).pooled, dropout=False)
+                turned = _support_by_hand(model, [(augment_grid(x, d, IDENTITY_CMAP), augment_grid(y, d, IDENTITY_CMAP))
+                                                  for x, y in pairs]).pooled
+            mine, target = _norms(model.hyperlora(turned, dropout=False)), _norms(own)
+            equiv.append(sum((mine[t] - target[t]) ** 2 for t in mine))
+    w = tp
+    terms = {"loss_task": torch.cat(task).mean(), "loss_entropy": torch.cat(entropy).mean(),
+             "loss_sparsity": torch.cat(sparsity).mean(), "loss_loo": torch.cat(loo).mean(),
+             "loss_equiv": torch.cat(equiv).mean()}
+    terms["loss_total"] = (terms["loss_task"] + w.lambda_entropy * terms["loss_entropy"]
+                           + w.lambda_sparsity * terms["loss_sparsity"] + w.loo_training.loss_weight * terms["loss_loo"]
+                           + w.equivariance_training.loss_weight * terms["loss_equiv"])
+    return terms
 
 
-@pytest.mark.parametrize("limit", [None, 1])
-def test_encode_once_matches_the_naive_definitions(limit):
-    """Same loss and same gradients as re-encoding every context (tiny model)."""
-    model, tp = _model()
+DIHEDRALS = [[1, 2, 5, 7], [3, 6, 4, 1]]
+
+
+def test_encode_once_matches_the_definitions():
+    """Every logged term, the total and every gradient equal the objective computed from its definition
+    sample by sample (tiny model; every pair held out; the equivariance weight raised so that its
+    gradient is far above the tolerance)."""
+    model, tp = _model(train__equivariance_training__loss_weight=100.0, model__hyperlora_init_scale=1.0)
     examples = _examples()
-    tb = _train_batch(examples, [[1, 2, 5, 7], [3, 6, 4, 1]], limit)
-    assert len(tb.loo_pair) == (3 if limit == 1 else 2 + 3 + 4)  # the sample with one pair is skipped
+    tb = _train_batch(examples, DIHEDRALS, None)
+    assert len(tb.loo_pair) == 2 + 3 + 4  # the sample with one pair is skipped
     params = list(model.parameters())
-    total, _ = training_losses(model, tb, 0.5, tp)
+    total, logs = training_losses(model, tb, 0.5, tp)
+    ref = _reference_terms(model, examples, DIHEDRALS, tp, 0.5)
+    for name, value in ref.items():
+        assert logs[name].item() == pytest.approx(value.item(), rel=1e-4), name
+    assert ref["loss_equiv"].item() * 100.0 > 1e-3 * ref["loss_total"].item()  # the term is visible
     grads = torch.autograd.grad(total, params, allow_unused=True)
-    naive = _naive_total(model, examples, tb, tp, 0.5)
-    naive_grads = torch.autograd.grad(naive, params, allow_unused=True)
-    assert total.item() == pytest.approx(naive.item(), rel=1e-5)
-    for (name, _), g, h in zip(model.named_parameters(), grads, naive_grads):
+    ref_grads = torch.autograd.grad(ref["loss_total"], params, allow_unused=True)
+    for (name, _), g, h in zip(model.named_parameters(), grads, ref_grads):
         zero = torch.zeros(())
         g, h = (g if g is not None else zero), (h if h is not None else zero)
-        assert torch.allclose(g, h, rtol=1e-3, atol=1e-6), (name, (g - h).abs().max())
+        assert _close(g, h), (name, float((g - h).norm()), float(h.norm()))
+
+
+def _close(g: torch.Tensor, h: torch.Tensor) -> bool:
+    """Gradients equal up to float32 rounding: the difference within 1e-3 of the reference's norm."""
+    return float((g - h).norm()) <= 1e-3 * float(h.norm()) + 1e-6
+
+
+def test_equivariance_gradient_reaches_hyperlora_only():
+    """The penalty's gradient equals the reference's: it trains HyperLoRA, never the context encoder
+    (the transformed contexts are encoded without gradient and the original is the fixed target)."""
+    model, tp = _model(model__hyperlora_init_scale=1.0)
+    examples = _examples()
+    tb = _train_batch(examples, DIHEDRALS, None)
+    own = torch.cat([_support_by_hand(model, pairs).pooled for pairs, _, _ in examples])
+    penalty, _ = equivariance(model, tb, own, "magnitude")
+    ref = _reference_terms(model, examples, DIHEDRALS, tp, 0.5)["loss_equiv"]
+    hyper = list(model.hyperlora.parameters())
+    g = torch.autograd.grad(penalty, hyper, allow_unused=True)
+    h = torch.autograd.grad(ref, hyper, allow_unused=True, retain_graph=True)
+    assert any(x is not None and x.abs().sum() > 0 for x in g)
+    assert all(_close(x, y) for x, y in zip(g, h) if y is not None)
+    encoder = [p for n, p in model.named_parameters() if not n.startswith("hyperlora.")]
+    assert all(x is None for x in torch.autograd.grad(penalty, encoder, allow_unused=True))
 
 
 def test_a_loo_example_does_not_see_its_held_out_output():
@@ -147,35 +188,40 @@ class _FakeContext:
 
 
 class _FakeHyperLoRA:
-    """Magnitude of sample b's delta for target t = |pooled[b, 0]| (A and B of rank 1)."""
+    """Sample b's delta for the one target is the column vector pooled[b] (A = pooled, B = 1, rank 1)."""
 
     def __call__(self, pooled, dropout=True):
         n = pooled.shape[0]
-        a = {"t": pooled[:, :1, None]}  # (B, 1, 1)
-        b = {"t": torch.ones(n, 1, 1)}
-        return LoRA(a, b, 1.0)
+        return LoRA({"t": pooled[:, :, None]}, {"t": torch.ones(n, 1, 1)}, 1.0)
 
 
-def test_equivariance_penalty_on_a_hand_made_case():
-    """Two samples, two augmentations; turned contexts whose pairs average to known magnitudes."""
-    pair_pooled = torch.tensor([[1.0], [3.0], [2.0], [5.0], [0.5]])  # pooled vector of each turned pair
-    group = torch.tensor([0, 0, 1, 2, 3])  # a*B + b: (a0,b0) has pairs 1 and 3 -> 2.0; (a0,b1) 2; (a1,b0) 5; (a1,b1) .5
+@pytest.mark.parametrize("compare", ["magnitude", "magnitude_and_direction"])
+def test_equivariance_penalty_on_a_hand_made_case(compare):
+    """Two samples, two augmentations; turned contexts whose pairs average to known deltas."""
+    pair_pooled = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.5, 0.5]])  # each turned pair
+    group = torch.tensor([0, 0, 1, 2, 3])  # a*B + b: (a0,b0) averages pairs 0 and 1
     model = type("M", (), {"context": _FakeContext(pair_pooled), "hyperlora": _FakeHyperLoRA()})()
     tb = type("TB", (), {"size": 2, "n_equiv": 2, "equiv_in": None, "equiv_out": None, "equiv_group": group})()
-    own = torch.tensor([[2.0], [1.0]])  # the samples' own contexts: magnitudes 2 and 1
-    penalty, delta = equivariance(model, tb, own)
-    diffs = np.array([2.0 - 2.0, 2.0 - 1.0, 5.0 - 2.0, 0.5 - 1.0])
-    assert penalty.item() == pytest.approx(np.mean(diffs**2), rel=1e-5)
-    assert delta.item() == pytest.approx(np.mean(np.abs(diffs)), rel=1e-5)
+    own = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # the samples' own deltas
+    penalty, delta = equivariance(model, tb, own, compare)
+    turned = np.array([[2.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.5, 0.5]])  # (a0,b0) (a0,b1) (a1,b0) (a1,b1)
+    target = np.array([[2.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, 1.0]])
+    n, n0 = np.linalg.norm(turned, axis=1), np.linalg.norm(target, axis=1)
+    expected = (n - n0) ** 2
+    if compare == "magnitude_and_direction":
+        expected = 0.3 * expected + 0.7 * (1 - (turned * target).sum(1) / (n * n0))
+    assert penalty.item() == pytest.approx(expected.mean(), rel=1e-5)
+    assert delta.item() == pytest.approx(np.linalg.norm(turned - target, axis=1).mean(), rel=1e-5)
 
 
 def test_equivariance_is_zero_for_an_unturned_context():
     model, tp = _model()
     examples = _examples()
     tb = _train_batch(examples, [[0, 0, 0, 0]], None)
-    penalty, delta = equivariance(model, tb, model.support(*(batch_from_pairs(examples)[k] for k in
-                                                            ("demo_in", "demo_out", "demo_mask"))).pooled)
-    assert penalty.item() < 1e-10 and delta.item() < 1e-5
+    own = model.support(*(batch_from_pairs(examples)[k] for k in ("demo_in", "demo_out", "demo_mask"))).pooled
+    for compare in ("magnitude", "magnitude_and_direction"):
+        penalty, delta = equivariance(model, tb, own, compare)
+        assert penalty.item() < 1e-6 and delta.item() < 1e-3
 
 
 @pytest.mark.parametrize("raw", [False, True])
@@ -282,3 +328,115 @@ def test_best_step_selection_in_training_trains_the_selected_step():
         assert torch.equal(out.step_logits(True), out.logits[0])  # the first step is every sample's best
         read = out.logits[0] if best else out.logits[-1]
         assert logs["loss_task"].item() == pytest.approx(stablemax_cross_entropy(read, target).mean().item(), rel=1e-6)
+
+
+def _saved_bytes(model: RLAN, tb, tp) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass (the activations held in memory)."""
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        training_losses(model, tb, 1.0, tp)
+    return total[0]
+
+
+def test_activation_checkpointing_keeps_fewer_activations():
+    """train.activation_checkpointing recomputes the pair encoder, the query path and every solver
+    step: far fewer bytes are kept for the backward pass."""
+    model, tp = _model()
+    tb = _train_batch(_examples(), DIHEDRALS, None)
+    model.checkpoint_activations(False)
+    kept = _saved_bytes(model, tb, tp)
+    model.checkpoint_activations(True)
+    assert _saved_bytes(model, tb, tp) < 0.5 * kept
+
+
+def _colour_crop(canvas: torch.Tensor) -> np.ndarray:
+    """The grid on a canvas: the bounding box of its colour cells."""
+    c = canvas.numpy()
+    rows, cols = np.nonzero(c >= 2)
+    return c[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] - 2
+
+
+def test_prepare_groups_each_transformed_context_with_its_sample(tmp_path):
+    """Group a * B + b holds exactly sample b's context pairs turned by one non-identity dihedral."""
+    from pipeline.loader import AugmentedCache
+    from pipeline.train.batches import prepare
+    from pipeline.train.sampler import MicroBatch
+    from tests.helpers import TINY_TRAIN, tiny_workspace
+
+    ws = tiny_workspace(tmp_path)
+    p = params_with(**{**TINY_MODEL, **TINY_TRAIN, "train__equivariance_training__num_augmentations": 3})
+    tb = prepare(AugmentedCache(ws["cache"]), MicroBatch(0, np.arange(8), (1, 2, 3, 0)), p.train, meta=True,
+                 use_hyperlora=True)
+    B, A = tb.size, tb.n_equiv
+    assert A == 3 and len(tb.equiv_in) == A * len(tb.pair_in)
+
+    def key(x: np.ndarray, y: np.ndarray) -> bytes:
+        return x.tobytes() + bytes(x.shape) + b"|" + y.tobytes() + bytes(y.shape)
+
+    for b in range(B):
+        own = [(_colour_crop(tb.pair_in[i]), _colour_crop(tb.pair_out[i])) for i in np.flatnonzero(tb.pair_sample == b)]
+        for a in range(A):
+            mine = np.flatnonzero(tb.equiv_group == a * B + b)
+            turned = sorted(key(_colour_crop(tb.equiv_in[i]), _colour_crop(tb.equiv_out[i])) for i in mine)
+            assert len(turned) == len(own) > 0, (a, b)
+            assert any(sorted(key(augment_grid(x, d, IDENTITY_CMAP), augment_grid(y, d, IDENTITY_CMAP)) for x, y in own)
+                       == turned for d in range(1, 8)), (a, b)
+
+
+def test_loo_accuracy_is_pixel_accuracy_over_the_held_out_answers(monkeypatch):
+    """As the public code: correct answer cells over all answer cells of the LOO examples (EOS and PAD
+    not counted); the exact-match rate is logged apart as loo_exact_match."""
+    import pipeline.train.losses as losses
+
+    model, tp = _model()
+    tb = _train_batch(_examples(), DIHEDRALS, None)
+    B = tb.size
+    real = losses.solve_examples
+
+    def designed(*args, **kw):  # LOO example 0 answered right except its EOS border, the others all wrong
+        out, target = real(*args, **kw)
+        pred = torch.where(target >= 2, (target - 2 + 1) % 10 + 2, target)
+        pred[B] = torch.where(target[B] == 1, 0, target[B])
+        out.logits = [torch.nn.functional.one_hot(pred.long(), 12).permute(0, 3, 1, 2).float()]
+        return out, target
+
+    monkeypatch.setattr(losses, "solve_examples", designed)
+    _, logs = training_losses(model, tb, 0.5, tp)
+    _, target = real(model, tb, 0.5)
+    cells = (target[B:] >= 2).sum((1, 2)).float()
+    assert logs["loo_accuracy"].item() == pytest.approx((cells[0] / cells.sum()).item(), rel=1e-6)
+    assert logs["loo_exact_match"].item() == 0.0  # example 0's EOS border is wrong: not an exact answer
+
+
+def test_loo_pooled_vectors_stay_float32_under_bf16_autocast():
+    from pipeline.model.context import pooled_without
+
+    torch.manual_seed(0)
+    pooled = torch.randn(7, 16) * 3
+    sample = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    held = torch.tensor([0, 2, 3, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pooled_without(pooled, sample, held)
+    expected = torch.stack([pooled[[1, 2]].double().mean(0), pooled[[0, 1]].double().mean(0),
+                            pooled[[4]].double().mean(0), pooled[[5]].double().mean(0)])
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("context_gradient", [True, False])
+def test_loo_context_gradient_switch(context_gradient):
+    """With context_gradient, the LOO examples' loss trains the context encoder; without, it does not
+    (their context detached), while the main queries' loss always does."""
+    model, _ = _model()
+    tb = _train_batch(_examples(), DIHEDRALS, None)
+    out, target = solve_examples(model, tb, 0.5, context_gradient=context_gradient)
+    ce = stablemax_cross_entropy(out.logits[-1], target)
+    encoder = list(model.context.parameters())
+    loo = torch.autograd.grad(ce[tb.size:].mean(), encoder, allow_unused=True, retain_graph=True)
+    main = torch.autograd.grad(ce[: tb.size].mean(), encoder, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in main)
+    assert any(g is not None and g.abs().sum() > 0 for g in loo) == context_gradient

@@ -1,5 +1,6 @@
-"""The RLAN modules: shapes, switches, the public RLAN details (output head, DSC, MSRE), HyperLoRA
-sizes, losses, step selection, model files."""
+"""The RLAN modules: shapes, switches, the public RLAN details (DSC, MSRE and the clue aggregation,
+pair encoder, output head) against known answers, HyperLoRA sizes and measures, losses, step
+selection, model files."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 from pipeline.canvas import NUM_TOKENS, PAD
 from pipeline.loader import batch_from_pairs, crop_canvas
 from pipeline.model import RLAN
-from pipeline.model.dsc import MASK_FLOOR, attention_entropy, gumbel_noise
+from pipeline.model.context import PairEmbedding
+from pipeline.model.dsc import DSC, attention_entropy, gumbel_noise
 from pipeline.model.io import ModelFileError, load_model, save_model
-from pipeline.model.layers import CrossAttention2d, EmbeddedPairConv
-from pipeline.model.msre import periods, relative_features
+from pipeline.model.layers import CrossAttention2d
+from pipeline.model.msre import MSRE, fourier, frequencies, relative_coords
 from pipeline.model.rlan import query_grid
 from pipeline.train.losses import stablemax_cross_entropy, token_accuracy
 from tests.helpers import TINY_MODEL, example_batch, params_with
@@ -50,7 +52,8 @@ def test_switches_change_the_model_and_it_still_learns(kw):
     m = tiny(**kw)
     out = m(example_batch(2), temperature=0.5)
     stablemax_cross_entropy(out.logits[-1], example_batch(2)["query_out"]).mean().backward()
-    grads = {n: p.grad for n, p in m.named_parameters()}
+    # the DSC recurrence's state weights first act on the third clue (the first state is 0); tiny has 2
+    grads = {n: p.grad for n, p in m.named_parameters() if n != "dsc.recurrence.weight_hh"}
     # every parameter that exists takes part: a finite gradient, not all zero
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values()), \
         [n for n, g in grads.items() if g is None or g.abs().sum() == 0]
@@ -70,7 +73,9 @@ def test_gumbel_noise_only_in_training():
     m.train()
     t1, t2 = (m(b, 1.0).clues for _ in range(2))
     assert not torch.allclose(t1.attention, t2.attention)  # noise in training
-    assert torch.allclose(t1.raw_attention, t2.raw_attention)  # the raw maps are noise-free
+    # the first clue's raw map is noise-free (later clues follow the noisy chain's state and mask)
+    assert torch.allclose(t1.raw_attention[:, 0], t2.raw_attention[:, 0])
+    assert not torch.allclose(t1.raw_attention[:, 0], t1.attention[:, 0])
     quiet = tiny(model__use_gumbel_softmax=False, model__dropout=0.0, train__temperature_start=0.5).train()
     assert torch.equal(quiet(b, 1.0).clues.attention, quiet(b, 1.0).clues.attention)
 
@@ -87,11 +92,15 @@ def test_task_conditioned_clues_depend_on_the_context():
 
 
 @pytest.mark.parametrize("scale", [0.03, 0.1, 0.3])
-def test_first_lora_magnitude_follows_init_scale(scale):
-    m = tiny(model__hidden_dim=64, model__hyperlora_rank=8, model__hyperlora_init_scale=scale)
-    mags = m.encode_context(*(example_batch(16)[k] for k in ("demo_in", "demo_out", "demo_mask"))).lora.magnitudes()
-    for t, v in mags.items():
-        assert 0.7 * scale < float(v.detach().mean()) < 1.3 * scale, (t, float(v.detach().mean()))
+def test_first_lora_gain_follows_init_scale(scale):
+    """hyperlora_init_scale is the first deltas' root-mean-square gain ||A B^T||_F / sqrt(n_out); the
+    logged magnitude is the public ||scaling A B^T||_F."""
+    m = tiny(model__hidden_dim=64, model__hyperlora_rank=8, model__hyperlora_init_scale=scale,
+             model__hyperlora_scaling=2.0)
+    lora = m.encode_context(*(example_batch(16)[k] for k in ("demo_in", "demo_out", "demo_mask"))).lora
+    for t, v in lora.magnitudes().items():
+        gain = float(v.detach().mean()) / (2.0 * math.sqrt(lora.a[t].shape[1]))
+        assert 0.7 * scale < gain < 1.3 * scale, (t, gain)
 
 
 def test_lora_magnitude_is_linear_in_init_scale():
@@ -102,20 +111,23 @@ def test_lora_magnitude_is_linear_in_init_scale():
         assert torch.allclose(ctx[1].lora.magnitudes()[t], 2 * ctx[0].lora.magnitudes()[t], rtol=1e-4)
 
 
-def test_lora_magnitude_and_diversity_match_explicit_deltas():
+def test_lora_measures_match_explicit_deltas():
+    """Magnitude, inner product and diversity against the (B, n_out, n_in) deltas formed explicitly, as
+    the public module computes them (norm of each sample's delta; std over the batch of each entry)."""
     b = example_batch(5)
-    lora = tiny().eval().encode_context(b["demo_in"], b["demo_out"], b["demo_mask"]).lora
+    lora = tiny(model__hyperlora_scaling=0.5).eval().encode_context(b["demo_in"], b["demo_out"], b["demo_mask"]).lora
+    other = lora.rows(torch.tensor([4, 3, 2, 1, 0]))
+    explicit_div = []
     for t, a in lora.a.items():
-        dw = a @ lora.b[t].transpose(1, 2)  # (B, out, in)
-        explicit = dw.flatten(1).norm(dim=1) / math.sqrt(a.shape[1])
-        assert torch.allclose(lora.magnitudes()[t], explicit, rtol=1e-4)
-    explicit_div = torch.stack([((a @ lora.b[t].transpose(1, 2)) - (a @ lora.b[t].transpose(1, 2)).mean(0))
-                                .flatten(1).pow(2).sum(1).mean().sqrt() / math.sqrt(a.shape[1])
-                                for t, a in lora.a.items()]).mean()
-    assert torch.allclose(lora.diversity(), explicit_div, rtol=1e-3)
+        dw = 0.5 * a @ lora.b[t].transpose(1, 2)  # (B, out, in)
+        assert torch.allclose(lora.magnitudes()[t], dw.flatten(1).norm(dim=1), rtol=1e-4)
+        assert torch.allclose(lora.inner(other)[t], (dw * dw.flip(0)).sum((1, 2)), rtol=1e-4, atol=1e-7)
+        explicit_div.append(dw.std(0).mean())
+    assert torch.allclose(lora.diversity(), torch.stack(explicit_div).mean(), rtol=1e-4)
     same = example_batch(1)
     rep = {k: v.repeat(4, *[1] * (v.dim() - 1)) for k, v in same.items()}
-    assert float(tiny().eval().encode_context(rep["demo_in"], rep["demo_out"], rep["demo_mask"]).lora.diversity().detach()) < 1e-5
+    assert float(tiny().eval().encode_context(rep["demo_in"], rep["demo_out"], rep["demo_mask"]).lora.diversity()) < 1e-6
+    assert math.isnan(float(lora.rows(slice(0, 1)).diversity()))
 
 
 def test_best_step_picks_the_most_confident_step():
@@ -148,7 +160,11 @@ def test_token_accuracy():
     assert exact.tolist() == [True] and pixel.tolist() == [1.0]  # the PAD cell does not count
     logits[0, :, 0, 0] = torch.nn.functional.one_hot(torch.tensor(4), NUM_TOKENS).float()
     exact, pixel = token_accuracy(logits, target)
-    assert exact.tolist() == [False] and abs(pixel.item() - 2 / 3) < 1e-6
+    # pixel accuracy is over the answer's cells (the colours), as the public loo_accuracy: 1 of 2
+    assert exact.tolist() == [False] and abs(pixel.item() - 1 / 2) < 1e-6
+    logits[0, :, 1, 1] = torch.nn.functional.one_hot(torch.tensor(0), NUM_TOKENS).float()  # the EOS cell wrong
+    exact, pixel = token_accuracy(logits, target)
+    assert exact.tolist() == [False] and abs(pixel.item() - 1 / 2) < 1e-6
 
 
 def test_attention_entropy_bounds():
@@ -189,65 +205,99 @@ def test_missing_model_file(tmp_path):
 # --- the public RLAN module details --------------------------------------------------------------
 
 
-def test_output_head_is_two_convolutions_with_the_delta_on_the_first():
+def test_output_head_is_the_public_one_with_the_delta_on_its_input():
     m = tiny().eval()
     H = m.cfg.hidden_dim
-    assert (m.solver.head_hidden.in_channels, m.solver.head_hidden.out_channels) == (H, H)
-    assert (m.solver.head_out.in_channels, m.solver.head_out.out_channels) == (H, NUM_TOKENS)
-    assert m.solver.lora_dims(m.cfg)["output_head"] == (H, H) and m.hyperlora.dims["output_head"] == (H, H)
+    head = m.solver.head
+    assert [type(x).__name__ for x in head] == ["Conv2d", "GELU", "GroupNorm", "Conv2d"]
+    assert head[0].kernel_size == (3, 3) and (head[0].in_channels, head[0].out_channels) == (H, H)
+    assert head[2].num_groups == 8 and head[3].kernel_size == (1, 1) and head[3].out_channels == NUM_TOKENS
+    assert m.solver.lora_dims(m.cfg)["output_head"] == (H, H)
     b = example_batch(2)
-    ctx = m.encode_context(b["demo_in"], b["demo_out"], b["demo_mask"])
-    base = m.solve(b["query_in"], ctx, 0.5).logits[-1]
-    for target in ctx.lora.a:  # a non-zero delta of each target changes the logits; a zero one does not
-        lora = type(ctx.lora)({t: (v * 0 if t == target else v) for t, v in ctx.lora.a.items()}, ctx.lora.b,
-                              ctx.lora.scaling)
-        changed = m.solve(b["query_in"], type(ctx)(ctx.support, lora), 0.5).logits[-1]
-        assert not torch.allclose(changed, base), target
-    zero = type(ctx.lora)({t: v * 0 for t, v in ctx.lora.a.items()}, ctx.lora.b, ctx.lora.scaling)
-    no_lora = m.solve(b["query_in"], type(ctx)(ctx.support, None), 0.5).logits[-1]
-    assert torch.allclose(m.solve(b["query_in"], type(ctx)(ctx.support, zero), 0.5).logits[-1], no_lora, atol=1e-6)
+    lora = m.encode_context(b["demo_in"], b["demo_out"], b["demo_mask"]).lora
+    h = torch.randn(2, H, 5, 5)
+    dw = lora.scaling * lora.a["output_head"] @ lora.b["output_head"].transpose(1, 2)  # (B, H, H)
+    explicit = head(h + torch.einsum("boi,bihw->bohw", dw, h))
+    assert torch.allclose(m.solver.readout(h, lora), explicit, atol=1e-5)
+    assert torch.equal(m.solver.readout(h, None), head(h))
 
 
-def _dsc_by_hand(dsc, feats, pooled, tau, valid):
-    """The DSC maps and stop logits written out from the public module's description."""
-    B, H, h, w = feats.shape
-    heads, dh = dsc.heads, H // dsc.heads
-    q = dsc.q(dsc.clue_queries(pooled)).view(B, dsc.K, heads, dh)
-    k = dsc.k(feats).view(B, heads, dh, h * w)
-    scores = torch.einsum("bkhd,bhdn->bkn", q, k) / (heads * math.sqrt(dh))
-    mask = valid.float().clamp_min(MASK_FLOOR)
-    maps, stops = [], []
-    for c in range(dsc.K):
-        a = torch.softmax((scores[:, c] + mask.log()).clamp(-50, 50) / tau, -1)
-        ent = -(a.clamp_min(1e-12) * a.clamp_min(1e-12).log()).sum(-1) / math.log(h * w)
-        attended = torch.einsum("bn,bhn->bh", a, feats.flatten(2))
-        stops.append(dsc.stop(torch.cat([attended, ent[:, None]], -1)).squeeze(-1))
-        maps.append(a)
-        mask = (mask * (1 - 0.9 * a.detach())).clamp_min(MASK_FLOOR)
-    return torch.stack(maps, 1).view(B, dsc.K, h, w), torch.stack(stops, 1)
+def _known_dsc(K: int = 2) -> DSC:
+    """A DSC of width 8 with hand-set weights: identity projections, a recurrence that stays at 0 (a
+    GRU cell of zero weights halves a zero state), a stop head reading the entropy only."""
+    cfg = params_with(model__hidden_dim=8, model__max_clues=K, model__dropout=0.0, model__use_gumbel_softmax=False).model
+    dsc = DSC(cfg).eval()
+    with torch.no_grad():
+        for lin in (dsc.q, dsc.k, dsc.v):
+            lin.weight.copy_(torch.eye(8))
+            lin.bias.zero_()
+        for p in dsc.recurrence.parameters():
+            p.zero_()
+        first, last = dsc.stop[0], dsc.stop[3]
+        first.weight.zero_()
+        first.weight[0, 8] = 1.0  # hidden unit 0 = the normalised entropy
+        first.bias.zero_()
+        last.weight.zero_()
+        last.weight[0, 0] = 2.0
+        last.bias.fill_(-1.0)
+    return dsc
 
 
-def test_dsc_follows_the_public_module():
-    m = tiny(model__max_clues=3).eval()
-    torch.manual_seed(1)
-    feats = torch.randn(2, 16, 6, 6, requires_grad=True)
-    pooled = torch.randn(2, 16)
-    valid = torch.zeros(2, 36, dtype=torch.bool)
-    valid[0, :12], valid[1, 7:9] = True, True  # the query grids' cells
-    clues = m.dsc(feats, pooled, 0.7, valid)
-    maps, stops = _dsc_by_hand(m.dsc, feats, pooled, 0.7, valid)
-    assert torch.allclose(clues.attention, maps, atol=1e-6) and torch.allclose(clues.stop_logits, stops, atol=1e-5)
-    # the mask update is detached: gradients of a later clue's map equal the hand-written detached ones
-    g1 = torch.autograd.grad(clues.attention[:, 2].pow(2).sum(), feats)[0]
-    g2 = torch.autograd.grad(maps[:, 2].pow(2).sum(), feats)[0]
-    assert torch.allclose(g1, g2, atol=1e-6)
-    # the maps stay on the grid: the PAD canvas gets a vanishing share
-    outside = (clues.attention.flatten(2) * (~valid[:, None, :]).float()).sum(-1)
-    assert outside.max() < 2e-3
-    # the public initialisation: stop bias -1, entropy weights around +1.5
-    H = m.cfg.hidden_dim
-    assert m.dsc.stop[0].in_features == H + 1 and m.dsc.stop[2].bias.item() == -1.0
-    assert 1.3 < m.dsc.stop[0].weight[:, H].mean().item() < 1.7
+def test_dsc_on_a_hand_computed_case():
+    """Known answers from the public formula: one score per clue q.k / sqrt(hidden_dim) (not per head),
+    the log mask, the stop logit 4 tanh(x / 4) of [attended values, entropy / log(h w)], the mask update."""
+    fa = torch.tensor([1.0, 1, 1, 1, -1, -1, -1, -1])
+    fb = torch.tensor([1.0, -1, 1, -1, 1, -1, 1, -1])  # orthogonal to fa; both have mean 0 and variance 1
+    ln = 1 / math.sqrt(1 + 1e-5)  # LayerNorm of such a vector: itself times this
+    dsc = _known_dsc()
+    with torch.no_grad():
+        dsc.query_bank.copy_(torch.stack([fa, fb]))
+    feats = torch.stack([fa, fb, fa, fb]).T.reshape(1, 8, 2, 2)  # cells (0,0) fa, (0,1) fb, (1,0) fa, (1,1) fb
+    valid = torch.tensor([[True, True, True, False]])  # the last cell is PAD canvas
+    clues = dsc(feats, torch.zeros(1, 8), 1.0, valid)
+
+    def gelu(x):
+        return 0.5 * x * (1 + math.erf(x / math.sqrt(2)))
+
+    hi = 8 * ln * ln / math.sqrt(8)  # score of a cell whose features match the query
+    mask = [1.0, 1.0, 1.0, 1e-6]
+    for c, match in enumerate([(hi, 0.0, hi, 0.0), (0.0, hi, 0.0, hi)]):
+        z = [math.exp(s + math.log(m)) for s, m in zip(match, mask)]
+        att = [v / sum(z) for v in z]
+        assert clues.attention[0, c].flatten().tolist() == pytest.approx(att, rel=1e-5)
+        assert clues.centroids[0, c].tolist() == pytest.approx([att[2] + att[3], att[1] + att[3]], rel=1e-5)
+        ent = -sum(p * math.log(p) for p in att) / math.log(4 + 1e-6)
+        assert clues.stop_logits[0, c].item() == pytest.approx(4 * math.tanh((2 * gelu(ent) - 1) / 4), rel=1e-5)
+        mask = [max(m * (1 - 0.9 * p), 1e-6) for m, p in zip(mask, att)]
+    assert torch.equal(clues.raw_attention, clues.attention)  # no noise: the raw maps are the maps
+
+
+def test_dsc_recurrence_feeds_each_clue_the_ones_before():
+    dsc = _known_dsc(K=3)
+    torch.manual_seed(0)
+    feats, valid = torch.randn(2, 8, 3, 3), torch.ones(2, 9, dtype=torch.bool)
+    still = dsc(feats, torch.zeros(2, 8), 0.7, valid)
+    with torch.no_grad():
+        dsc.recurrence.weight_ih.normal_()
+    moved = dsc(feats, torch.zeros(2, 8), 0.7, valid)
+    assert torch.equal(moved.attention[:, 0], still.attention[:, 0])  # the first clue has no clue before it
+    assert not torch.allclose(moved.attention[:, 1:], still.attention[:, 1:])
+
+
+def test_dsc_bounds_floors_and_public_initialisation():
+    m = tiny(model__hidden_dim=256, model__max_clues=3).train()
+    H = 256
+    first, last = m.dsc.stop[0], m.dsc.stop[3]
+    assert first.out_features == H // 2 and isinstance(m.dsc.stop[2], torch.nn.Dropout)
+    w = first.weight[:, H]
+    assert 1.35 < w.mean().item() < 1.65 and 0.4 < w.std().item() < 0.6  # entropy weights ~ N(1.5, 0.5)
+    assert last.bias.item() == -1.0 and 0.07 < last.weight.std().item() < 0.13
+    feats = torch.randn(2, H, 4, 4) * 1e3
+    with torch.no_grad():
+        m.dsc.stop[3].bias.fill_(1e4)  # a huge stop logit is bounded by 4
+        clues = m.dsc(feats, torch.randn(2, H), 0.05, torch.ones(2, 16, dtype=torch.bool))
+    assert clues.stop_logits.max().item() <= 4.0 and clues.attention.min() >= torch.tensor(1e-8)
+    assert torch.isfinite(clues.attention).all()
 
 
 def test_gumbel_noise_is_float32_under_bf16_autocast():
@@ -262,17 +312,46 @@ def test_gumbel_noise_is_float32_under_bf16_autocast():
     assert torch.allclose(out.clues.attention.flatten(2).sum(-1), torch.ones(2, 2), atol=1e-5)
 
 
-def test_msre_scales_are_resolvable_and_offsets_are_normalised_by_the_grid():
-    p = periods(8)
-    assert p[0] == 60.0 and p[-1] == pytest.approx(2.0) and torch.all(p[1:] < p[:-1])
-    assert torch.all(2 * math.pi / p <= math.pi + 1e-6)  # at most half a turn per cell: no scale aliases
-    assert periods(1).tolist() == [60.0]
-    centroids = torch.zeros(2, 1, 2)  # both at the top-left cell
-    f = relative_features(centroids, 30, 30, torch.tensor([[5, 10], [20, 3]]), periods(4))
-    # the grid's far corner is at 1 in grid units whatever the grid's size; canvas units differ
-    assert f[0, 0, 4, 9, 2:4].tolist() == pytest.approx([4 / 5, 9 / 10])
-    assert f[1, 0, 19, 2, 2:4].tolist() == pytest.approx([19 / 20, 2 / 3])
-    assert f[0, 0, 4, 9, 0:2].tolist() == pytest.approx([4 / 30, 9 / 30])
+def test_msre_coordinates_on_known_cells():
+    """The public six coordinates: offset / canvas, offset / max(h, w), normalised log radius, angle."""
+    f = relative_coords(torch.zeros(2, 1, 2), 30, 30, torch.tensor([[5, 10], [20, 3]]))
+    log_r = math.log(1 + math.sqrt(4**2 + 9**2 + 1e-6)) / (math.log(1 + math.sqrt(125)) + 1e-6)
+    angle = (math.atan2(9, 4) + math.pi) / (2 * math.pi)
+    assert f[0, 0, 4, 9].tolist() == pytest.approx([4 / 30, 9 / 30, 4 / 10, 9 / 10, log_r, angle], rel=1e-5)
+    assert f[1, 0, 19, 2, 2:4].tolist() == pytest.approx([19 / 20, 2 / 20], rel=1e-5)  # max side 20 for both axes
+    assert f[0, 0, 0, 0, 4].item() == pytest.approx(0.0, abs=1e-3)  # at the centroid
+    freqs = frequencies(3)
+    assert freqs.tolist() == pytest.approx([math.pi, 2 * math.pi, 4 * math.pi])
+    enc = fourier(torch.tensor([[0.25, 0.5]]), freqs)  # every coordinate gets sine and cosine
+    assert enc.shape == (1, 2 + 2 * 2 * 3)
+    assert enc[0, 2:8].tolist() == pytest.approx([math.sin(0.25 * math.pi), math.sin(0.5 * math.pi),
+                                                 math.sin(math.pi), math.sin(0.5 * math.pi),
+                                                 math.sin(math.pi), math.sin(2 * math.pi)], abs=1e-6)
+
+
+def test_clue_features_are_aggregated_with_a_detached_clue_count(monkeypatch):
+    """Per cell, sum_k fused_k * attention_k * (1 - stop_k) / sum_k (1 - stop_k), the divisor detached:
+    the gradient reaches the stop probabilities through the weights only."""
+    m = tiny(model__max_clues=3).eval()
+    msre = m.msre
+    msre.aggregate = torch.nn.Identity()
+    torch.manual_seed(0)
+    H = m.cfg.hidden_dim
+    feats, cents = torch.randn(2, H, 5, 5), torch.rand(2, 3, 2) * 4
+    att = torch.softmax(torch.randn(2, 3, 25), -1).view(2, 3, 5, 5)
+    stop = torch.rand(2, 3, requires_grad=True)
+    hw = torch.tensor([[5, 5], [3, 4]])
+    out = msre(feats, cents, att, stop, hw)
+    coords = relative_coords(cents, 5, 5, hw)
+    fused = torch.stack([msre.clue_features(feats.permute(0, 2, 3, 1), coords[:, k]) for k in range(3)], 1)
+    weights = att * (1 - stop)[:, :, None, None]
+    count = (1 - stop).sum(1).detach()
+    explicit = (fused * weights[..., None]).sum(1) / count[:, None, None, None]
+    assert torch.allclose(out, explicit.permute(0, 3, 1, 2), atol=1e-5)
+    r = torch.randn_like(out)  # a random read-out (channel sums of layer-normalised features are ~0)
+    g = torch.autograd.grad((out * r).sum(), stop)[0]
+    by_hand = -(fused * att[..., None] * r.permute(0, 2, 3, 1)[:, None]).sum((2, 3, 4)) / count[:, None]
+    assert torch.allclose(g, by_hand, rtol=1e-4)
 
 
 def test_query_grid_finds_the_grid_wherever_it_is_on_the_canvas():
@@ -283,15 +362,37 @@ def test_query_grid_finds_the_grid_wherever_it_is_on_the_canvas():
     assert hw.tolist() == [[3, 5]] and valid.sum().item() == 15
 
 
-def test_embedded_pair_conv_is_the_convolution_of_the_embeddings():
+def test_pair_embedding_table_is_the_embedding_of_every_cell():
+    """The gathered table equals the public embedding computed cell by cell (colour and position
+    halves, linear, LayerNorm), values and gradients."""
     torch.manual_seed(0)
-    conv = EmbeddedPairConv(16)
-    b = example_batch(3, demos=2)
-    x, y = b["demo_in"].flatten(0, 1), b["demo_out"].flatten(0, 1)
-    assert torch.allclose(conv(x, y), conv.reference(x, y), atol=1e-5)
-    g1 = torch.autograd.grad(conv(x, y).pow(2).sum(), list(conv.parameters()))
-    g2 = torch.autograd.grad(conv.reference(x, y).pow(2).sum(), list(conv.parameters()))
-    assert all(torch.allclose(a, c, rtol=1e-4, atol=1e-4) for a, c in zip(g1, g2))
+    emb = PairEmbedding(16)
+    x = example_batch(3, demos=2)["demo_in"].flatten(0, 1)
+    assert torch.allclose(emb(x), emb.reference(x), atol=1e-5)
+    g1 = torch.autograd.grad(emb(x).pow(3).sum(), list(emb.parameters()))
+    g2 = torch.autograd.grad(emb.reference(x).pow(3).sum(), list(emb.parameters()))
+    assert all(torch.allclose(a, c, rtol=1e-4, atol=1e-5) for a, c in zip(g1, g2))
+
+
+def test_pair_encoder_has_input_output_and_difference_branches():
+    m = tiny().eval()
+    enc = m.context
+    towers = [enc.input_tower, enc.output_tower]
+    assert all(sum(isinstance(x, torch.nn.GroupNorm) for x in t) == 2 for t in towers)
+    assert enc.difference[0].in_channels == 3 * m.cfg.hidden_dim and enc.difference[0].kernel_size == (1, 1)
+    assert enc.input_tower[0].weight.data_ptr() != enc.output_tower[0].weight.data_ptr()
+    b = example_batch(2, demos=1)
+    x, y = b["demo_in"][:, 0], b["demo_out"][:, 0]
+    tokens, pooled = enc.encode_pairs(x, y)
+    S = m.cfg.spatial_downsample
+    assert tokens.shape == (2, S * S, m.cfg.hidden_dim)
+    assert torch.allclose(pooled, tokens.mean(1), atol=1e-6)  # HyperLoRA's AdaptiveAvgPool2d(1) of the tokens
+    swapped, _ = enc.encode_pairs(y, x)
+    assert not torch.allclose(swapped, tokens, atol=1e-4)  # a pair is directed: input and output differ
+    with torch.no_grad():  # the difference branch reads [input, output, output - input] of the towers
+        a, o = enc.input_tower(enc.embed.reference(x)), enc.output_tower(enc.embed.reference(y))
+        f = enc.difference(torch.cat([a, o, o - a], 1))
+    assert torch.allclose(tokens, (enc.downsample(f) + enc.token_position).flatten(2).transpose(1, 2), atol=1e-5)
 
 
 def test_cross_attention_ignores_masked_tokens_and_reuses_its_memory():
@@ -300,7 +401,10 @@ def test_cross_attention_ignores_masked_tokens_and_reuses_its_memory():
     x, tokens = torch.randn(2, 16, 3, 3), torch.randn(2, 5, 16)
     valid = torch.tensor([[True, True, False, True, False], [True, False, False, False, False]])
     out = att(x, tokens, valid)
-    assert torch.allclose(att.read(x, att.memory(tokens, valid)), out)
+    for i in range(2):  # masking a token is removing it: the same as attending over the valid tokens only
+        kept = tokens[i : i + 1, valid[i]]
+        assert torch.allclose(att(x[i : i + 1], kept, torch.ones(1, kept.shape[1], dtype=torch.bool)), out[i : i + 1],
+                              atol=1e-6)
     other = tokens.clone()
     other[~valid] = torch.randn(int((~valid).sum()), 16) * 100  # masked tokens changed
     assert torch.allclose(att(x, other, valid), out, atol=1e-6)

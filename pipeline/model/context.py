@@ -13,10 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.layers import ChannelNorm, CrossAttention2d, EmbeddedPairConv, conv_block, run, sinusoid_2d
+from pipeline.canvas import CANVAS, NUM_TOKENS
+from pipeline.model.layers import CrossAttention2d, run
 from pipeline.params import ModelParams
+from pipeline.runtime import without_autocast
 
 
 PAIR_CHUNK = 256  # pairs encoded in one call (bounds the encoder's working memory)
@@ -57,6 +60,10 @@ class Support:
         pos = torch.arange(self.token_mask.shape[1], device=slot.device) // self.tokens_per_pair
         return Support(self.tokens, self.token_mask & (pos[None, :] != slot[:, None]), pooled, self.tokens_per_pair)
 
+    def detached(self) -> Support:
+        """The same context with no gradient into the encoder."""
+        return Support(self.tokens.detach(), self.token_mask, self.pooled.detach(), self.tokens_per_pair)
+
     @staticmethod
     def cat(parts: list[Support]) -> Support:
         return Support(torch.cat([p.tokens for p in parts]), torch.cat([p.token_mask for p in parts]),
@@ -69,21 +76,66 @@ def pooled_without(pair_pooled: torch.Tensor, pair_sample: torch.Tensor, held: t
     others = pair_sample[None, :] == pair_sample[held][:, None]  # (L, N)
     others[torch.arange(len(held), device=held.device), held] = False
     weights = others.float()
-    return (weights @ pair_pooled.float()) / weights.sum(1, keepdim=True).clamp_min(1.0)
+    with without_autocast(held.device.type):  # float32 like the main rows' pooled vectors, also under autocast
+        return (weights @ pair_pooled.float()) / weights.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def conv_norm(c_in: int, c_out: int, kernel: int = 3) -> list[nn.Module]:
+    """A convolution, GroupNorm(8) and GELU (the public encoder's unit)."""
+    return [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(8, c_out), nn.GELU()]
+
+
+class PairEmbedding(nn.Module):
+    """A token canvas (N, h, w) -> (N, H, h, w): the colour embedding (H / 2) and a learned position
+    (H / 2) concatenated, then a linear layer and LayerNorm. The result depends on (token, row, col)
+    only, so it is computed once per call as a table of NUM_TOKENS x h x w vectors and gathered: the
+    same function as embedding every cell, without a matrix product per cell of every pair."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.tokens = nn.Embedding(NUM_TOKENS, dim // 2)
+        self.position = nn.Parameter(torch.randn(CANVAS, CANVAS, dim - dim // 2) * 0.02)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def table(self, h: int, w: int) -> torch.Tensor:
+        """(NUM_TOKENS * h * w, H): the embedding of token t at (row, col), row-major."""
+        half = self.dim // 2
+        colour = self.tokens.weight @ self.proj.weight[:, :half].T  # (T, H)
+        where = self.position[:h, :w] @ self.proj.weight[:, half:].T + self.proj.bias  # (h, w, H)
+        return self.norm(colour[:, None, None, :] + where[None]).reshape(-1, self.dim)
+
+    def forward(self, canvas: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        h, w = canvas.shape[-2:]
+        table = self.table(h, w) if table is None else table
+        cell = torch.arange(h * w, device=canvas.device).view(h, w)
+        return F.embedding(canvas.long() * (h * w) + cell, table).permute(0, 3, 1, 2)
+
+    def reference(self, canvas: torch.Tensor) -> torch.Tensor:
+        """The same function computed cell by cell (for tests)."""
+        h, w = canvas.shape[-2:]
+        x = torch.cat([self.tokens(canvas.long()), self.position[:h, :w].expand(*canvas.shape, -1)], -1)
+        return self.norm(self.proj(x)).permute(0, 3, 1, 2)
 
 
 class ContextEncoder(nn.Module):
-    """Each pair (input and output canvases together) is encoded to a feature map, pooled to
-    S x S tokens (S = spatial_downsample) with a learned refinement and re-encoded positions.
-    No dropout, as in the public SpatialPairEncoder: a pair's encoding is a function of the pair."""
+    """The public SpatialPairEncoder and its downsampler. Input and output grids are embedded alike,
+    encoded by two towers of their own (two 3x3 convolutions each, GroupNorm, GELU), and the pair by
+    a 1x1 then a 3x3 convolution over [input, output, output - input]; the map is pooled to S x S
+    (S = spatial_downsample), refined by a 3x3 convolution and given a learned position code: the
+    pair's S*S support tokens. The pooled task vector is the mean of those tokens (HyperLoRA's
+    AdaptiveAvgPool2d(1)). No dropout: a pair's encoding is a function of the pair."""
 
     def __init__(self, cfg: ModelParams):
         super().__init__()
         H, self.S = cfg.hidden_dim, cfg.spatial_downsample
-        self.first = EmbeddedPairConv(H)  # conv over [embed(input), embed(output)]
-        self.pair = nn.Sequential(ChannelNorm(H), nn.GELU(), conv_block(H, H))
-        self.pool = nn.AdaptiveAvgPool2d(self.S)
-        self.refine = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, H))
+        self.embed = PairEmbedding(H)
+        self.input_tower = nn.Sequential(*conv_norm(H, H), *conv_norm(H, H))
+        self.output_tower = nn.Sequential(*conv_norm(H, H), *conv_norm(H, H))
+        self.difference = nn.Sequential(*conv_norm(3 * H, H, kernel=1), *conv_norm(H, H))
+        self.downsample = nn.Sequential(nn.AdaptiveAvgPool2d(self.S), *conv_norm(H, H))
+        self.token_position = nn.Parameter(torch.randn(H, self.S, self.S) * 0.02)
         self.recompute = False  # train.activation_checkpointing
 
     def encode_pairs(self, pair_in: torch.Tensor, pair_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,11 +151,12 @@ class ContextEncoder(nn.Module):
         return torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
 
     def _encode(self, pair_in: torch.Tensor, pair_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.pair(self.first(pair_in, pair_out))  # (N, H, h, w)
-        t = self.pool(f)  # (N, H, S, S)
-        t = t + sinusoid_2d(self.S, self.S, t.shape[1], t.device).to(t.dtype)
-        t = t.flatten(2).transpose(1, 2)  # (N, S*S, H)
-        return t + self.refine(t), f.float().mean(dim=(2, 3))  # AdaptiveAvgPool2d(1) of every pair
+        table = self.embed.table(*pair_in.shape[-2:])
+        a = self.input_tower(self.embed(pair_in, table))
+        b = self.output_tower(self.embed(pair_out, table))
+        f = self.difference(torch.cat([a, b, b - a], 1))  # (N, H, h, w)
+        t = self.downsample(f) + self.token_position.to(f.dtype)  # (N, H, S, S)
+        return t.flatten(2).transpose(1, 2), t.float().mean(dim=(2, 3))  # tokens (N, S*S, H), pooled (N, H)
 
     def layout(self, tokens: torch.Tensor, pooled: torch.Tensor, where: PairLayout) -> Support:
         """Packed pair encodings -> the Support of each sample (slots in `where`)."""

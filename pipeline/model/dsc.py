@@ -1,19 +1,26 @@
-"""DSC (Dynamic Saliency Controller): K clue queries attend over the query's feature map.
+"""DSC (Dynamic Saliency Controller): K clue queries attend, one after another, over the query's cells.
 
-As in the public RLAN module: per clue, the scores are q_k . key(cell) / sqrt(d) (averaged over
-`dsc_num_heads` heads) plus the log of the cumulative mask, clamped to +-50, and a softmax over the
-cells at temperature tau. The cumulative mask starts as the query grid's cells (the PAD canvas
-around the grid gets a mask of 1e-6, so clues attend to the grid) and after each clue is multiplied
-by `1 - 0.9 * attention.detach()` (clamped at 1e-6): later clues prefer what earlier ones left.
-Each clue has a stop logit from an MLP over [attended features, attention entropy / log(h*w)], whose
-last bias starts at -1 and whose entropy weights start around +1.5. The clue queries are a static
-learned bank (stable) or projected from the task context (`task_conditioned_clues`).
+The public RLAN module, step by step. The cell features are layer-normalised and projected to keys
+and values. Clue k's query is its learned query (a static bank, or projected from the task context
+with `task_conditioned_clues`) plus a recurrent state, layer-normalised and projected; the state is
+a GRU cell fed with the previous clue's attended values, so each clue knows what the others found.
+Its scores over the cells are
 
-Gumbel noise is added to the scores only in training mode and only with `use_gumbel_softmax`,
-always drawn and added in float32 (also under bf16 autocast). The noise-free ("raw") maps of the same
-forward pass, with their own progressive masking, are returned too: the entropy measured before the
-noise and the noisy-versus-clean KL term read them. They share the forward pass's features, so in
-training they are not the maps eval mode would give (dropout upstream still acts).
+    s = clamp(q . key / sqrt(hidden_dim) + log(mask), -50, 50)
+    attention = max(softmax(clamp((s + g) / tau, -50, 50)), 1e-8)
+
+with Gumbel noise g only in training and only with `use_gumbel_softmax` (drawn and added in float32,
+also under bf16 autocast), and g = 0 otherwise. One score per clue: `dsc_num_heads` does not change
+the DSC, as in the public module. The cumulative mask starts as the query grid's cells (the PAD
+canvas around it gets 1e-6) and after each clue is multiplied by `1 - 0.9 * attention.detach()`
+(floored at 1e-6): later clues prefer what earlier ones left. A clue's centroid is the
+attention-weighted mean (row, col). Its stop logit is `4 tanh(x / 4)` of an MLP over [attended
+values, attention entropy / log(h*w)] (hidden width hidden_dim / 2, GELU, dropout; the entropy
+input's weights start around +1.5 with spread 0.5, the last bias at -1: clues start likely to be used).
+
+Each clue also returns its noise-free ("raw") map: the softmax of the same scores without the noise.
+The entropy measured before the noise (`entropy_on_raw_logits`) and the noisy-versus-clean KL term
+read it; without noise it is the map itself.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from pipeline.params import ModelParams
 
 MASK_FLOOR = 1e-6
 SCORE_CLAMP = 50.0
+ATTENTION_FLOOR = 1e-8
+STOP_BOUND = 4.0
 
 
 @dataclass
@@ -50,8 +59,8 @@ def attention_entropy(maps: torch.Tensor) -> torch.Tensor:
     return _entropy(maps.flatten(2)).mean(-1)
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    p = p.float().clamp_min(1e-12)
+def _entropy(p: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
+    p = p.float().clamp_min(floor)
     return -(p * p.log()).sum(-1)
 
 
@@ -62,24 +71,36 @@ def gumbel_noise(shape: torch.Size, device: torch.device) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def clue_map(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Attention over the cells from (noisy or clean) scores: the clamp after the temperature and the floor."""
+    return torch.softmax((scores / temperature).clamp(-SCORE_CLAMP, SCORE_CLAMP), -1).clamp_min(ATTENTION_FLOOR)
+
+
 class DSC(nn.Module):
     def __init__(self, cfg: ModelParams):
         super().__init__()
-        H, self.K, self.heads = cfg.hidden_dim, cfg.max_clues, cfg.dsc_num_heads
-        if H % self.heads:  # validate_params checks this first (rule model-dsc-heads)
-            raise ValueError(f"model.hidden_dim {H} is not divisible by model.dsc_num_heads {self.heads}")
+        H, self.K = cfg.hidden_dim, cfg.max_clues
         self.gumbel = cfg.use_gumbel_softmax
         self.conditioned = cfg.task_conditioned_clues
         if self.conditioned:
             self.query_proj = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, self.K * H))
         else:
-            self.query_bank = nn.Parameter(torch.randn(self.K, H) * 0.02)
+            self.query_bank = nn.Parameter(torch.empty(self.K, H))
+            nn.init.xavier_uniform_(self.query_bank.unsqueeze(0))
+        self.feature_norm = nn.LayerNorm(H)
+        self.query_norm = nn.LayerNorm(H)
         self.q = nn.Linear(H, H)
-        self.k = nn.Conv2d(H, H, 1)
-        self.stop = nn.Sequential(nn.Linear(H + 1, H), nn.GELU(), nn.Linear(H, 1))
+        self.k = nn.Linear(H, H)
+        self.v = nn.Linear(H, H)
+        self.recurrence = nn.GRUCell(H, H)
+        self.stop = nn.Sequential(nn.Linear(H + 1, H // 2), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(H // 2, 1))
         with torch.no_grad():  # the public initialisation: clues start likely to be used
-            nn.init.normal_(self.stop[0].weight[:, H], mean=1.5, std=0.1)
-            self.stop[2].bias.fill_(-1.0)
+            first, last = self.stop[0], self.stop[3]
+            nn.init.kaiming_normal_(first.weight[:, :H], mode="fan_in")
+            nn.init.normal_(first.weight[:, H:], mean=1.5, std=0.5)
+            first.bias.zero_()
+            nn.init.normal_(last.weight, mean=0.0, std=0.1)
+            last.bias.fill_(-1.0)
 
     def clue_queries(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, K, H): projected from the task context, or the static bank for every task."""
@@ -91,33 +112,32 @@ class DSC(nn.Module):
     def forward(self, feats: torch.Tensor, pooled: torch.Tensor, temperature: float, valid: torch.Tensor) -> Clues:
         """feats (B, H, h, w), pooled (B, H), valid (B, h*w) bool: the query grid's cells."""
         B, H, h, w = feats.shape
-        dh = H // self.heads
-        q = self.q(self.clue_queries(pooled)).view(B, self.K, self.heads, dh)
-        k = self.k(feats).view(B, self.heads, dh, h * w)
-        scores = torch.einsum("bkhd,bhdn->bkn", q, k).float() / (self.heads * math.sqrt(dh))  # head-averaged
-        noise = gumbel_noise(scores.shape, scores.device) if self.gumbel and self.training else None
-        flat = feats.flatten(2)  # (B, H, N)
+        cells = self.feature_norm(feats.flatten(2).transpose(1, 2))  # (B, N, H)
+        keys, values = self.k(cells), self.v(cells)
+        queries = self.clue_queries(pooled)
         rows = torch.arange(h, device=feats.device, dtype=torch.float32).repeat_interleave(w)
         cols = torch.arange(w, device=feats.device, dtype=torch.float32).repeat(h)
-        mask = valid.float().clamp_min(MASK_FLOOR)  # (B, N) cumulative mask of the maps used
-        mask_raw = mask  # and of the noise-free chain
-        max_entropy = math.log(h * w)
+        mask = valid.float().clamp_min(MASK_FLOOR)  # (B, N) cumulative mask
+        state = feats.new_zeros(B, H)
+        noisy = self.gumbel and self.training
+        max_entropy = math.log(h * w + 1e-6)
         maps, raws, cents, stops = [], [], [], []
-        for c in range(self.K):  # progressive masking: later clues see what earlier ones left
-            raw = torch.softmax((scores[:, c] + mask_raw.log()).clamp(-SCORE_CLAMP, SCORE_CLAMP) / temperature, -1)
-            if noise is None:
-                att = raw
-            else:
-                s = (scores[:, c] + mask.log()).clamp(-SCORE_CLAMP, SCORE_CLAMP)
-                att = torch.softmax((s + noise[:, c]) / temperature, -1)
-            attended = torch.einsum("bn,bhn->bh", att.to(flat.dtype), flat)
-            ent = (_entropy(att) / max_entropy)[:, None]
-            stops.append(self.stop(torch.cat([attended, ent.to(attended.dtype)], -1)).squeeze(-1).float())
+        for c in range(self.K):  # progressive masking and recurrence: each clue after the ones before
+            q = self.q(self.query_norm(queries[:, c] + state))
+            s = torch.einsum("bh,bnh->bn", q, keys).float() / math.sqrt(H)
+            s = (s + mask.log()).clamp(-SCORE_CLAMP, SCORE_CLAMP)
+            raw = clue_map(s, temperature)
+            att = clue_map(s + gumbel_noise(s.shape, s.device), temperature) if noisy else raw
+            attended = torch.einsum("bn,bnh->bh", att.to(values.dtype), values)
+            if c < self.K - 1:  # the next clue's state
+                state = self.recurrence(attended, state)
+            ent = (_entropy(att, floor=1e-10) / max_entropy)[:, None]
+            logit = self.stop(torch.cat([attended, ent.to(attended.dtype)], -1)).squeeze(-1).float()
+            stops.append(STOP_BOUND * torch.tanh(logit / STOP_BOUND))
             cents.append(torch.stack([(att * rows).sum(-1), (att * cols).sum(-1)], -1))
             maps.append(att)
             raws.append(raw)
             mask = (mask * (1 - 0.9 * att.detach())).clamp_min(MASK_FLOOR)
-            mask_raw = mask if noise is None else (mask_raw * (1 - 0.9 * raw.detach())).clamp_min(MASK_FLOOR)
         shape = (B, self.K, h, w)
         return Clues(torch.stack(maps, 1).view(shape), torch.stack(raws, 1).view(shape),
                      torch.stack(cents, 1), torch.stack(stops, 1))

@@ -3,9 +3,14 @@
 For each target layer t with input size n_in and output size n_out, small heads predict
 A (B, n_out, r) and B (B, n_in, r) from the pooled context; the layer computes
 W x + scaling * (A B^T) x, with scaling = `hyperlora_scaling`. The heads are initialised so that
-the first deltas have magnitude `hyperlora_init_scale`, where the magnitude of a delta is
-||delta_W||_F / sqrt(n_out): its root-mean-square gain on a unit-variance input. The targets are
-the GRU reset, update and candidate gates and the output head's first (H x H) convolution.
+the first deltas A B^T have a root-mean-square gain of `hyperlora_init_scale` on a unit-variance
+input (||A B^T||_F / sqrt(n_out) = init_scale): the project's definition of the init scale. The
+targets are the GRU reset, update and candidate gates (on their [x, h] input) and the output head
+(on its input, h + delta_W h).
+
+What is logged is what the public module logs: the magnitude ||scaling * A B^T||_F of each sample's
+delta (mean over the batch), and the diversity, the standard deviation over the batch of each entry
+of the delta, averaged over the entries.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class LoRA:
     def _device_type(self) -> str:
         return next(iter(self.a.values())).device.type
 
-    def rows(self, sl: slice) -> LoRA:
+    def rows(self, sl: slice | torch.Tensor) -> LoRA:
         return LoRA({t: v[sl] for t, v in self.a.items()}, {t: v[sl] for t, v in self.b.items()}, self.scaling)
 
     def apply(self, target: str, x: torch.Tensor) -> torch.Tensor:
@@ -46,32 +51,39 @@ class LoRA:
         return self.scaling * torch.einsum("bor,brhw->bohw", self.a[target], u)
 
     def magnitudes(self) -> dict[str, torch.Tensor]:
-        """(B,) ||A B^T||_F / sqrt(n_out) per target (the predicted delta, before `scaling`), from
-        r x r Gram matrices, in float32 whatever the autocast (differentiable: the equivariance loss)."""
+        """(B,) ||scaling * A B^T||_F per target: the public module's LoRA magnitude (the Frobenius norm
+        of each sample's weight delta), from r x r Gram matrices, in float32 whatever the autocast
+        (differentiable: the equivariance loss reads it)."""
         out = {}
         with without_autocast(self._device_type):
             for t, a in self.a.items():
                 a, b = a.float(), self.b[t].float()
                 sq = ((a.transpose(1, 2) @ a) * (b.transpose(1, 2) @ b)).sum((1, 2))
-                out[t] = (sq.clamp_min(0) + 1e-12).sqrt() / math.sqrt(a.shape[1])  # eps: finite gradient at 0
+                out[t] = self.scaling * (sq.clamp_min(0) + 1e-12).sqrt()  # eps: finite gradient at 0
         return out
 
-    def diversity(self) -> torch.Tensor:
-        """Root-mean-square distance of each sample's delta from the batch mean, in magnitude units,
-        averaged over the targets: 0 when every task gets the same delta (NaN for a single sample).
-        A measurement, from the (B, B) Gram matrix of the deltas, <dW_b, dW_c> =
-        sum((A_b^T A_c) * (B_b^T B_c)), in float64 (centring in Gram space subtracts sums of squares;
-        float64 keeps the difference exact far below `monitoring.lora_diversity_min`), without ever
-        forming the (B, n_out, n_in) deltas."""
-        vals = []
-        with torch.no_grad(), without_autocast(self._device_type):
+    def inner(self, other: LoRA) -> dict[str, torch.Tensor]:
+        """(B,) Frobenius inner product <scaling A B^T, scaling A' B'^T> per target, row by row, float32."""
+        out = {}
+        with without_autocast(self._device_type):
             for t, a in self.a.items():
-                a, b = a.double(), self.b[t].double()
-                gram = (torch.einsum("bor,cos->bcrs", a, a) * torch.einsum("bir,cis->bcrs", b, b)).sum((2, 3))
-                n = len(gram)
-                centred = gram.diagonal() - 2 * gram.mean(1) + gram.mean()  # ||dW_b - mean||^2
-                vals.append(centred.clamp_min(0).mean().sqrt() / math.sqrt(a.shape[1]) if n > 1 else gram.new_full((), math.nan))
-        return torch.stack(vals).mean().float()
+                ga = a.float().transpose(1, 2) @ other.a[t].float()
+                gb = self.b[t].float().transpose(1, 2) @ other.b[t].float()
+                out[t] = self.scaling * other.scaling * (ga * gb).sum((1, 2))
+        return out
+
+    def deltas(self, target: str) -> torch.Tensor:
+        """(B, n_out, n_in) scaling * A B^T of one target (formed explicitly: measurements only)."""
+        return self.scaling * torch.einsum("bor,bir->boi", self.a[target].float(), self.b[target].float())
+
+    def diversity(self) -> torch.Tensor:
+        """The public module's weight diversity: the standard deviation over the batch of every entry of
+        scaling * A B^T, averaged over the entries and the targets; 0 when every task gets the same
+        delta, NaN for a single sample. A measurement (no gradient)."""
+        if len(next(iter(self.a.values()))) < 2:
+            return torch.tensor(math.nan)
+        with torch.no_grad(), without_autocast(self._device_type):
+            return torch.stack([self.deltas(t).std(0).mean() for t in self.a]).mean()
 
 
 class HyperLoRA(nn.Module):

@@ -113,38 +113,3 @@ class CrossAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return self.read(x, self.memory(tokens, valid))
-
-
-class EmbeddedPairConv(nn.Module):
-    """The first layer of the pair encoder: a 3x3 convolution (2H -> H) over the two embedded grids of
-    a pair, [embed(input), embed(output)], where embed is a token embedding plus the 2D position code.
-    Computed as the same linear function in two cheaper parts: the convolution of the one-hot tokens
-    (2 x NUM_TOKENS channels) with the embedding folded into its weights, and the convolution of the
-    position code, which is the same for every pair and computed once."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-        self.tokens = nn.Embedding(NUM_TOKENS, dim)
-        self.conv = nn.Conv2d(2 * dim, dim, 3, padding=1)
-
-    def forward(self, pair_in: torch.Tensor, pair_out: torch.Tensor) -> torch.Tensor:
-        """pair_in/out (N, h, w) tokens -> (N, H, h, w)."""
-        H, (h, w) = self.dim, pair_in.shape[-2:]
-        weight = self.conv.weight.view(H, 2, H, 3, 3)
-        folded = torch.einsum("oschw,tc->osthw", weight, self.tokens.weight).reshape(H, 2 * NUM_TOKENS, 3, 3)
-        onehot = torch.cat([F.one_hot(pair_in.long(), NUM_TOKENS), F.one_hot(pair_out.long(), NUM_TOKENS)], -1)
-        pos = sinusoid_2d(h, w, H, pair_in.device)
-        position = F.conv2d(torch.cat([pos, pos])[None].to(weight.dtype), self.conv.weight, self.conv.bias, padding=1)
-        return F.conv2d(onehot.permute(0, 3, 1, 2).to(folded.dtype), folded, padding=1) + position
-
-    def reference(self, pair_in: torch.Tensor, pair_out: torch.Tensor) -> torch.Tensor:
-        """The same function computed directly (for tests): the convolution of the concatenated embeddings."""
-        def embed(t: torch.Tensor) -> torch.Tensor:
-            return self.tokens(t.long()).movedim(-1, -3) + sinusoid_2d(*t.shape[-2:], self.dim, t.device)
-
-        return self.conv(torch.cat([embed(pair_in), embed(pair_out)], 1))
-
-
-def conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), ChannelNorm(c_out), nn.GELU())

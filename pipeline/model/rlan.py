@@ -1,8 +1,9 @@
 """RLAN: context encoder -> context injection -> DSC clues -> MSRE -> recursive solver.
 
     context pairs (packed) --ContextEncoder--> Support: tokens, pooled task vector --HyperLoRA--> deltas
-    query_in --embed--> features --inject context--> --DSC--> clue maps, centroids, stop logits
-             --MSRE--> relative-position features --fuse--> x --RecursiveSolver(deltas)--> logits
+    query_in --embed--> features f --inject context--> --DSC--> clue maps, centroids, stop logits
+             --MSRE--> f seen from each clue, aggregated over the clues --fuse with f--> x
+             --RecursiveSolver(deltas)--> logits
 
 `forward(batch)` does it all from a padded batch; training calls `support`/`context.layout`,
 `task_context` and `solve` itself, so that one encoding of each pair serves several queries.
@@ -106,8 +107,8 @@ class RLAN(nn.Module):
         valid, grid_hw = query_grid(query_in)
         f = self.inject(self.embed(query_in), tokens, token_mask, pooled)
         clues = self.dsc(f, pooled, temperature, valid)
-        rel = self.msre(clues.centroids, clues.stop_prob, query_in.shape[-2], query_in.shape[-1], grid_hw)
-        return self.fuse(torch.cat([f, rel.to(f.dtype)], 1)), clues
+        agg = self.msre(f, clues.centroids, clues.attention, clues.stop_prob, grid_hw)
+        return self.fuse(torch.cat([f, agg.to(f.dtype)], 1)), clues
 
     def forward(self, batch: dict[str, torch.Tensor], temperature: float, all_steps: bool = True) -> Output:
         context = self.encode_context(batch["demo_in"], batch["demo_out"], batch["demo_mask"])

@@ -2,9 +2,10 @@
 
 At every step the GRU gates (reset, update, candidate; 3x3 convolutions over [x, h]) get the
 task's HyperLoRA deltas and the hidden map reads the support tokens by cross-attention
-(`use_solver_context`; their keys and values are projected once for all steps). The output head, as in the public code, is conv(H, H) -> GELU ->
-conv(H, NUM_TOKENS) with the HyperLoRA delta on its first conv; it reads the last step, or every
-step when asked (best-step selection).
+(`use_solver_context`; their keys and values are projected once for all steps). The output head is
+the public one: conv3x3(H, H) -> GELU -> GroupNorm(8) -> conv1x1(H, NUM_TOKENS), with zero initial
+biases on the last; the HyperLoRA delta acts on its input (h + delta_W h). It reads the last step, or
+every step when asked (best-step selection).
 
 With `recompute` (train.activation_checkpointing), each step's activations are recomputed in the
 backward pass instead of being kept: memory per sample no longer grows with the steps.
@@ -13,7 +14,6 @@ backward pass instead of being kept: memory per sample no longer grows with the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.canvas import NUM_TOKENS
@@ -31,8 +31,9 @@ class RecursiveSolver(nn.Module):
         self.update = nn.Conv2d(2 * H, H, 3, padding=1)
         self.candidate = nn.Conv2d(2 * H, H, 3, padding=1)
         self.context = CrossAttention2d(H, cfg.solver_context_heads, cfg.dropout) if cfg.use_solver_context else None
-        self.head_hidden = nn.Conv2d(H, H, 1)
-        self.head_out = nn.Conv2d(H, NUM_TOKENS, 1)
+        self.head = nn.Sequential(nn.Conv2d(H, H, 3, padding=1), nn.GELU(), nn.GroupNorm(8, H),
+                                  nn.Conv2d(H, NUM_TOKENS, 1))
+        nn.init.zeros_(self.head[3].bias)  # neutral start: no class favoured
         self.dropout = nn.Dropout(cfg.dropout)
         self.recompute = False
 
@@ -59,10 +60,9 @@ class RecursiveSolver(nn.Module):
 
     def readout(self, h: torch.Tensor, lora: LoRA | None) -> torch.Tensor:
         """(B, H, h, w) -> token logits (B, NUM_TOKENS, h, w)."""
-        hidden = self.head_hidden(h)
         if lora is not None:
-            hidden = hidden + lora.apply("output_head", h)
-        return self.head_out(F.gelu(hidden))
+            h = h + lora.apply("output_head", h)
+        return self.head(h)
 
     def forward(self, x, tokens, token_mask, lora: LoRA | None, all_steps: bool = False) -> list[torch.Tensor]:
         """x (B, H, h, w) -> logits (B, NUM_TOKENS, h, w) of every step, or of the last one only."""

@@ -48,7 +48,8 @@ EPOCH_METRICS = (
     "loss_total", "loss_task", "loss_loo", "loss_equiv", "loss_entropy", "loss_kl", "loss_sparsity",
     "train_exact_match", "train_pixel_accuracy",
     "lora_magnitude_gru_reset", "lora_magnitude_gru_update", "lora_magnitude_gru_candidate",
-    "lora_magnitude_output_head", "lora_diversity", "loo_accuracy", "loo_skipped_ratio", "equiv_delta_norm",
+    "lora_magnitude_output_head", "lora_diversity", "loo_accuracy", "loo_exact_match", "loo_skipped_ratio",
+    "equiv_delta_norm",
     "attention_entropy_train", "attention_entropy_eval", "stop_value_train", "stop_value_eval",
     "temperature", "learning_rate", "nonfinite_steps", "heldout_exact_match", "heldout_pixel_accuracy", "heldout_loss",
 )

@@ -8,15 +8,21 @@ L_task is TRM's stablemax cross-entropy on the last solver step (or the best ste
 
 Each context pair of a micro-batch is encoded once (`TrainBatch`: packed, no padding slots). The
 leave-one-out examples reuse those encodings: example (b, j) takes sample b's support with pair j's
-tokens masked out and its pooled vector subtracted, and predicts pair j's output from its input;
-they run through the solver in the same pass as the main queries. L_loo is their mean
-cross-entropy.
+tokens masked out and its pooled vector re-pooled over the other pairs, and predicts pair j's output
+from its input, at the step's temperature; they run through the solver in the same pass as the main
+queries. L_loo is their mean cross-entropy. With `loo_training.context_gradient: false` their
+context is detached (the encoder learns from the main queries only, as later public code does).
+`loo_accuracy` is the public code's: correct cells over all cells of the held-out answers (pixel
+accuracy, micro-averaged over the examples); `loo_exact_match` the share of answers entirely right.
 
 L_equiv follows the public RLAN module: the transformed contexts are encoded without gradient (a
-forward pass of the context encoder, no solver), HyperLoRA predicts their deltas, and the penalty is
-the mean squared difference between those deltas' magnitudes and the original context's, which is
-the fixed target (detached). Both sides are computed with HyperLoRA's dropout off, so the penalty
-compares like with like.
+forward pass of the context encoder, no solver), HyperLoRA predicts their deltas, and each is
+compared with the original context's deltas, the fixed target (detached): per target layer the
+squared difference of the norms (`compare: magnitude`, the validated code) or 0.3 times that plus
+0.7 (1 - cosine) of the two deltas (`magnitude_and_direction`, the later public fix); summed over
+the target layers, averaged over the transforms and samples. Both sides are computed with
+HyperLoRA's dropout off, so the penalty compares like with like. `equiv_delta_norm` is the mean
+Frobenius norm of the difference of the two deltas.
 
 Logged loss terms are unweighted; `loss_total` is the weighted sum. Every logged value stays a tensor
 on the device (no host synchronisation); a term that is not computed is not logged.
@@ -28,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.canvas import PAD
+from pipeline.canvas import COLOR_OFFSET, PAD
 from pipeline.model import RLAN, Output
 from pipeline.model.context import PairLayout, Support, pooled_without
 from pipeline.model.dsc import attention_entropy
@@ -48,15 +54,22 @@ def stablemax_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch
     return (nll * valid).sum((1, 2)) / valid.sum((1, 2)).clamp_min(1.0)
 
 
-def token_accuracy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(exact (B,) bool, pixel accuracy (B,)) over the non-PAD target cells: exact means every cell
-    of the answer and its EOS border is right, which decodes to exactly the target grid."""
+def cell_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exact (B,) bool, right (B,), cells (B,)): exact means every non-PAD target cell (the answer
+    and its EOS border) is right, which decodes to exactly the target grid; `right` counts the
+    answer's cells (colours) predicted right, out of `cells`."""
     pred = logits.argmax(1)
     t = target.long()
     valid = t != PAD
-    right = (pred == t) & valid
-    exact = (right | ~valid).all(-1).all(-1)
-    return exact, right.sum((1, 2)).float() / valid.sum((1, 2)).clamp_min(1).float()
+    exact = ((pred == t) | ~valid).all(-1).all(-1)
+    colour = t >= COLOR_OFFSET
+    return exact, ((pred == t) & colour).sum((1, 2)).float(), colour.sum((1, 2)).float()
+
+
+def token_accuracy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact (B,) bool, pixel accuracy (B,)): the share of the answer's cells predicted right."""
+    exact, right, cells = cell_counts(logits, target)
+    return exact, right / cells.clamp_min(1.0)
 
 
 def sparsity_loss(stop_prob: torch.Tensor, tp: TrainParams) -> torch.Tensor:
@@ -76,23 +89,33 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().mean()
 
 
-def equivariance(model: RLAN, tb: TrainBatch, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penalty, mean |difference|) between the LoRA magnitudes of each sample's transformed contexts
-    and of its own context (`pooled` (B, H), the target)."""
+def equivariance(model: RLAN, tb: TrainBatch, pooled: torch.Tensor, compare: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penalty, mean ||delta_W' - delta_W||_F) between the LoRA deltas of each sample's transformed
+    contexts and of its own context (`pooled` (B, H), the target)."""
     B, A = tb.size, tb.n_equiv
     with torch.no_grad():
         _, pair_pooled = model.context.encode_pairs(tb.equiv_in, tb.equiv_out)
-        target = model.hyperlora(pooled.detach(), dropout=False).magnitudes()
+        target = model.hyperlora(pooled.detach(), dropout=False)
+        target = target.rows(torch.arange(B, device=pooled.device).repeat(A))  # row a * B + b is sample b
     ones = torch.ones_like(tb.equiv_group, dtype=pair_pooled.dtype)
     count = pair_pooled.new_zeros(A * B).index_add(0, tb.equiv_group, ones).clamp_min(1.0)
     turned = pair_pooled.new_zeros(A * B, pair_pooled.shape[1]).index_add(0, tb.equiv_group, pair_pooled) / count[:, None]
-    mags = model.hyperlora(turned, dropout=False).magnitudes()
-    d = torch.stack([mags[t].view(A, B) - target[t][None] for t in target])  # (targets, A, B)
-    return (d**2).mean(), d.detach().abs().mean()
+    lora = model.hyperlora(turned, dropout=False)
+    norm, norm0 = lora.magnitudes(), target.magnitudes()
+    inner = lora.inner(target)
+    terms, gaps = [], []
+    for t in norm:
+        term = (norm[t] - norm0[t]) ** 2
+        if compare == "magnitude_and_direction":
+            term = 0.3 * term + 0.7 * (1 - inner[t] / (norm[t] * norm0[t]).clamp_min(1e-12))
+        terms.append(term)
+        gaps.append((norm[t].detach() ** 2 + norm0[t] ** 2 - 2 * inner[t].detach()).clamp_min(0).sqrt())
+    return torch.stack(terms).sum(0).mean(), torch.stack(gaps).mean()
 
 
-def solve_examples(model: RLAN, tb: TrainBatch, temperature: float, all_steps: bool = False
-                   ) -> tuple[Output, torch.Tensor]:
+def solve_examples(model: RLAN, tb: TrainBatch, temperature: float, all_steps: bool = False,
+                   context_gradient: bool = True) -> tuple[Output, torch.Tensor]:
     """The main queries (rows 0..B-1) and the leave-one-out examples (rows B..B+L-1) in one pass of
     the solver, every context pair encoded once; (output, targets)."""
     B = tb.size
@@ -102,6 +125,8 @@ def solve_examples(model: RLAN, tb: TrainBatch, temperature: float, all_steps: b
         return model.solve(tb.query_in, model.task_context(support), temperature, all_steps), tb.query_out
     held = tb.loo_pair  # example (b, j): sample b's support without pair j, asked pair j's input
     loo = support.select(tb.pair_sample[held]).without(tb.pair_slot[held], pooled_without(pooled, tb.pair_sample, held))
+    if not context_gradient:
+        loo = loo.detached()
     context = model.task_context(Support.cat([support, loo]))
     out = model.solve(torch.cat([tb.query_in, tb.pair_in[held]]), context, temperature, all_steps)
     return out, torch.cat([tb.query_out, tb.pair_out[held]])
@@ -112,11 +137,13 @@ def training_losses(model: RLAN, tb: TrainBatch, temperature: float, tp: TrainPa
     """The total loss of one micro-batch and everything logged about it (0-dim tensors)."""
     B, L = tb.size, len(tb.loo_pair)
     best = tp.use_best_step_selection
-    out, target = solve_examples(model, tb, temperature, all_steps=best)
+    out, target = solve_examples(model, tb, temperature, all_steps=best,
+                                 context_gradient=tp.loo_training.context_gradient)
     context = out.context
     logits = out.step_logits(best)
     ce = stablemax_cross_entropy(logits, target)
-    exact, pixel = token_accuracy(logits, target)
+    exact, right, cells = cell_counts(logits, target)
+    pixel = right / cells.clamp_min(1.0)
 
     task = ce[:B]
     clues = out.clues.rows(slice(0, B))
@@ -137,14 +164,15 @@ def training_losses(model: RLAN, tb: TrainBatch, temperature: float, tp: TrainPa
     if L:
         loo = ce[B:].mean()
         total = total + tp.loo_training.loss_weight * loo
-        logs.update(loss_loo=_mean(loo), loo_accuracy=_mean(exact[B:]))
+        logs.update(loss_loo=_mean(loo), loo_accuracy=right[B:].sum() / cells[B:].sum().clamp_min(1.0),
+                    loo_exact_match=_mean(exact[B:]))
 
     if context.lora is not None:
         lora = context.lora.rows(slice(0, B))
         logs.update({f"lora_magnitude_{t}": _mean(v) for t, v in lora.magnitudes().items()})
         logs["lora_diversity"] = lora.diversity()
         if tb.n_equiv:
-            penalty, delta = equivariance(model, tb, context.pooled[:B])
+            penalty, delta = equivariance(model, tb, context.pooled[:B], tp.equivariance_training.compare)
             total = total + tp.equivariance_training.loss_weight * penalty
             logs.update(loss_equiv=_mean(penalty), equiv_delta_norm=delta)
     logs["loss_total"] = _mean(total)
