@@ -446,3 +446,31 @@ def test_cross_attention_in_chunks_on_the_cpu_is_the_same_attention(monkeypatch)
     g1 = torch.autograd.grad(chunked.sum(), x)[0]
     g2 = torch.autograd.grad(whole.sum(), x)[0]
     assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_solver_computes_each_gate_over_the_concatenated_input():
+    """The x half of each gate (convolution and LoRA delta) computed once per pass is the same GRU as
+    convolving [x, h] at every step (values and gradients)."""
+    m = tiny(model__num_solver_steps=3, model__dropout=0.0).eval()
+    b = example_batch(2)
+    ctx = m.encode_context(b["demo_in"], b["demo_out"], b["demo_mask"])
+    torch.manual_seed(0)
+    x = torch.randn(2, m.cfg.hidden_dim, 6, 6, requires_grad=True)
+    s = m.solver
+    tokens, mask = ctx.support.tokens, ctx.support.token_mask
+    memory = s.context.memory(tokens, mask)
+    h, by_hand = x, []
+    for _ in range(3):
+        xh = torch.cat([x, h], 1)
+        r = torch.sigmoid(s.reset(xh) + ctx.lora.apply("gru_reset", xh))
+        z = torch.sigmoid(s.update(xh) + ctx.lora.apply("gru_update", xh))
+        xrh = torch.cat([x, r * h], 1)
+        n = torch.tanh(s.candidate(xrh) + ctx.lora.apply("gru_candidate", xrh))
+        h = (1 - z) * h + z * n
+        h = h + s.context.read(h, memory)
+        by_hand.append(s.readout(h, ctx.lora))
+    got = s(x, tokens, mask, ctx.lora, all_steps=True)
+    assert all(torch.allclose(a, c, atol=1e-5) for a, c in zip(got, by_hand))
+    g1 = torch.autograd.grad(got[-1].pow(2).sum(), [x, s.reset.weight])
+    g2 = torch.autograd.grad(by_hand[-1].pow(2).sum(), [x, s.reset.weight])
+    assert all(torch.allclose(a, c, rtol=1e-4, atol=1e-5) for a, c in zip(g1, g2))

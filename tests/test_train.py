@@ -284,3 +284,27 @@ def test_projection_from_measured_steps():
     preflight.check(p, max_cpu_hours=1e9)
     with pytest.raises(preflight.PreflightError, match="train.max_cpu_hours=1e-09"):
         preflight.check(p, max_cpu_hours=1e-9)
+
+
+@pytest.mark.parametrize("error, at", [(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 2),
+                                       (torch.OutOfMemoryError("CUDA out of memory"), 4),
+                                       (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                                                     "can't allocate memory: you tried to allocate 9 bytes."), 4)])
+def test_preflight_out_of_memory_at_a_probe_size_is_one_line(error, at):
+    """An allocation failure while measuring 2 or 4 samples is a refusal in one line with what to do,
+    not a traceback; any other error still surfaces."""
+    def step(n):
+        if n >= at:
+            raise error
+
+    with pytest.raises(preflight.PreflightError) as info:
+        preflight.project(step, 16, 1000, torch.device("cpu"))
+    msg = str(info.value)
+    assert f"a micro-batch of only {at} samples ran out of memory" in msg and "\n" not in msg
+    assert "train.activation_checkpointing: true" in msg
+
+    def broken(n):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        preflight.project(broken, 16, 1000, torch.device("cpu"))

@@ -47,7 +47,13 @@ class LoRA:
 
     def apply(self, target: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * delta_W x for a (B, n_in, H, W) map -> (B, n_out, H, W)."""
-        u = torch.einsum("bir,bihw->brhw", self.b[target], x)
+        return self.apply_part(target, x, 0)
+
+    def apply_part(self, target: str, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The delta's action on input channels start .. start + C of its input (x (B, C, H, W)): by
+        linearity, the action on a concatenated input is the sum of its parts'."""
+        b = self.b[target][:, start : start + x.shape[1]]
+        u = torch.einsum("bir,bihw->brhw", b, x)
         return self.scaling * torch.einsum("bor,brhw->bohw", self.a[target], u)
 
     def magnitudes(self) -> dict[str, torch.Tensor]:

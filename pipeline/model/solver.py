@@ -7,6 +7,11 @@ the public one: conv3x3(H, H) -> GELU -> GroupNorm(8) -> conv1x1(H, NUM_TOKENS),
 biases on the last; the HyperLoRA delta acts on its input (h + delta_W h). It reads the last step, or
 every step when asked (best-step selection).
 
+x is the same at every step, so each gate's convolution over [x, h] is computed as the convolution
+of x (once per pass, bias included) plus the convolution of h (every step), and the x half of each
+HyperLoRA delta likewise: the same function as convolving the concatenation, with the x half's work
+done once instead of `num_solver_steps` times (5/12 of the gates' FLOPs at 6 steps).
+
 With `recompute` (train.activation_checkpointing), each step's activations are recomputed in the
 backward pass instead of being kept: memory per sample no longer grows with the steps.
 """
@@ -14,6 +19,7 @@ backward pass instead of being kept: memory per sample no longer grows with the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.canvas import NUM_TOKENS
@@ -43,16 +49,31 @@ class RecursiveSolver(nn.Module):
         return {"gru_reset": (2 * H, H), "gru_update": (2 * H, H), "gru_candidate": (2 * H, H),
                 "output_head": (H, H)}
 
-    def step(self, x, h, memory, lora: LoRA | None) -> torch.Tensor:
-        """One GRU step and one read of the support tokens: (B, H, h, w) -> (B, H, h, w)."""
-        def delta(target: str, inp: torch.Tensor) -> torch.Tensor | float:
-            return lora.apply(target, inp) if lora is not None else 0.0
+    GATES = ("reset", "update", "candidate")
 
-        xh = torch.cat([x, h], 1)
-        r = torch.sigmoid(self.reset(xh) + delta("gru_reset", xh))
-        z = torch.sigmoid(self.update(xh) + delta("gru_update", xh))
-        xrh = torch.cat([x, r * h], 1)
-        n = torch.tanh(self.candidate(xrh) + delta("gru_candidate", xrh))
+    def input_part(self, x: torch.Tensor, lora: LoRA | None) -> dict[str, torch.Tensor]:
+        """Each gate's pre-activation from x alone (its convolution's x half and bias, and the x half
+        of its LoRA delta): computed once, shared by every step."""
+        H = x.shape[1]
+        out = {}
+        for g in self.GATES:
+            conv = getattr(self, g)
+            out[g] = F.conv2d(x, conv.weight[:, :H], conv.bias, padding=1)
+            if lora is not None:
+                out[g] = out[g] + lora.apply_part(f"gru_{g}", x, 0)
+        return out
+
+    def gate(self, g: str, x_part: torch.Tensor, h: torch.Tensor, lora: LoRA | None) -> torch.Tensor:
+        """The gate's pre-activation over [x, h], from its x part and the h half."""
+        H = h.shape[1]
+        pre = x_part + F.conv2d(h, getattr(self, g).weight[:, H:], padding=1)
+        return pre + lora.apply_part(f"gru_{g}", h, H) if lora is not None else pre
+
+    def step(self, xs: dict[str, torch.Tensor], h, memory, lora: LoRA | None) -> torch.Tensor:
+        """One GRU step and one read of the support tokens: (B, H, h, w) -> (B, H, h, w)."""
+        r = torch.sigmoid(self.gate("reset", xs["reset"], h, lora))
+        z = torch.sigmoid(self.gate("update", xs["update"], h, lora))
+        n = torch.tanh(self.gate("candidate", xs["candidate"], r * h, lora))
         h = (1 - z) * h + z * self.dropout(n)
         if self.context is not None:
             h = h + self.context.read(h, memory)
@@ -67,10 +88,11 @@ class RecursiveSolver(nn.Module):
     def forward(self, x, tokens, token_mask, lora: LoRA | None, all_steps: bool = False) -> list[torch.Tensor]:
         """x (B, H, h, w) -> logits (B, NUM_TOKENS, h, w) of every step, or of the last one only."""
         memory = self.context.memory(tokens, token_mask) if self.context is not None else None  # once for all steps
+        xs = self.input_part(x, lora)  # once for all steps
         h = x
         logits = []
         for i in range(self.steps):
-            h = run(self.step, x, h, memory, lora, recompute=self.recompute)
+            h = run(self.step, xs, h, memory, lora, recompute=self.recompute)
             if all_steps or i == self.steps - 1:
                 logits.append(self.readout(h, lora))
         return logits

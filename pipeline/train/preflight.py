@@ -121,6 +121,28 @@ def measure(step: Callable[[int], None], n: int, device: torch.device) -> tuple[
     return seconds, rss.peak
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, the CPU allocator's error, or Python's MemoryError."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in str(err) or "not enough memory" in str(err))
+
+
+def _probe(step: Callable[[int], None], n: int, device: torch.device, available: float) -> tuple[float, float]:
+    """measure(step, n), or PreflightError in one line when even n samples do not fit."""
+    try:
+        return measure(step, n, device)
+    except (RuntimeError, MemoryError) as err:
+        if not out_of_memory(err):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise PreflightError(
+            f"training refused: a micro-batch of only {n} samples ran out of memory on {device} "
+            f"({available / MEMORY_MARGIN / GB:.1f} GB available). To go on: set train.activation_checkpointing: true, "
+            "lower model.hidden_dim or train.batch_size, or use a machine with more memory") from None
+
+
 def project(step: Callable[[int], None], batch_size: int, samples: int, device: torch.device,
             per_process: float = 1.0, max_cpu_hours: float | None = None) -> Projection:
     """Measure `step` at 2 and 4 samples (and at `batch_size` when it is projected to fit, and on
@@ -128,8 +150,8 @@ def project(step: Callable[[int], None], batch_size: int, samples: int, device: 
     share of the samples this process trains."""
     available = available_memory(device) * MEMORY_MARGIN
     small = sorted({min(2, batch_size), min(4, batch_size)})
-    step(small[0])  # warm-up: first-call allocations and kernel choices
-    runs = {n: measure(step, n, device) for n in small}
+    _probe(step, small[0], device, available)  # warm-up: first-call allocations and kernel choices
+    runs = {n: _probe(step, n, device, available) for n in small}
     if len(small) == 2:
         (n1, (_, p1)), (n2, (t2, p2)) = runs.items()
         per_sample = max((p2 - p1) / (n2 - n1), 0.0)
@@ -146,8 +168,11 @@ def project(step: Callable[[int], None], batch_size: int, samples: int, device: 
         try:
             t, peak = measure(step, batch_size, device)
             seconds, basis = t / batch_size, f"measured at {', '.join(map(str, small))} and {batch_size} samples"
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
+        except (RuntimeError, MemoryError) as err:
+            if not out_of_memory(err):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             peak, basis = max(peak, available * 1.01), f"{basis}; a micro-batch of {batch_size} ran out of memory"
     return Projection(str(device), batch_size, samples, seconds * per_process, peak, available, basis)
 
