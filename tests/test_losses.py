@@ -1,6 +1,16 @@
-"""The training objective: encode-once LOO and equivariance against their naive definitions, no leak
-of a held-out answer, the equivariance penalty on a hand-made case, the entropy switch, the
-held-out draw, and what is logged when."""
+"""The training objective against its definition, and the edits each test is meant to catch.
+
+Checked by making each edit and seeing the named test fail:
+- equivariance computed under no_grad (no gradient from the term): test_encode_once_matches_the_definitions,
+  test_equivariance_gradient_reaches_hyperlora_only;
+- prepare() putting every transformed context in group 0 (a wrong grouping):
+  test_prepare_groups_each_transformed_context_with_its_sample;
+- activation checkpointing never applied: test_activation_checkpointing_keeps_fewer_activations;
+- a LOO example reading its own held-out output: test_a_loo_example_does_not_see_its_held_out_output;
+- loo_accuracy as exact match, or counting the EOS border: test_loo_accuracy_is_pixel_accuracy_over_the_held_out_answers;
+- the LOO pooled vectors rounded to bf16 under autocast: test_loo_pooled_vectors_stay_float32_under_bf16_autocast;
+- context_gradient ignored: test_loo_context_gradient_switch.
+"""
 
 from __future__ import annotations
 

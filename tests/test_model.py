@@ -1,6 +1,16 @@
 """The RLAN modules: shapes, switches, the public RLAN details (DSC, MSRE and the clue aggregation,
 pair encoder, output head) against known answers, HyperLoRA sizes and measures, losses, step
-selection, model files."""
+selection, model files.
+
+Edits the known-answer tests catch (each made once, the named test seen to fail):
+- DSC scores divided by heads x sqrt(d_head) instead of sqrt(hidden_dim), the stop logit unbounded:
+  test_dsc_on_a_hand_computed_case;
+- the DSC recurrence dropped: test_dsc_recurrence_feeds_each_clue_the_ones_before;
+- the clue-count divisor not detached: test_clue_features_are_aggregated_with_a_detached_clue_count;
+- offsets normalised per axis, a linear radius: test_msre_coordinates_on_known_cells;
+- the head's LoRA delta on its output, no GroupNorm: test_output_head_is_the_public_one_with_the_delta_on_its_input;
+- a gate's x half computed from a stale input: test_solver_computes_each_gate_over_the_concatenated_input.
+"""
 
 from __future__ import annotations
 
