@@ -71,19 +71,36 @@ def gap_checks(train: Side, ev: Side, m: MonitoringParams) -> list[Check]:
     ]
 
 
-def lora_checks(row: dict[str, float | None], m: MonitoringParams) -> list[Check]:
-    """The report's warning signs: magnitudes collapsing to 0 or exploding, diversity going to 0,
-    LOO accuracy below 0.5, many tasks skipped by LOO, large equivariance deltas."""
+LORA_TARGETS = ("gru_reset", "gru_update", "gru_candidate", "output_head")
+
+
+def lora_growth(row: dict[str, float | None], first: dict[str, float | None]) -> float | None:
+    """The largest ratio of a LoRA magnitude to its value in the first logged epoch (None before any)."""
+    ratios = []
+    for t in LORA_TARGETS:
+        v, v0 = row.get(f"lora_magnitude_{t}"), first.get(f"lora_magnitude_{t}")
+        if v is None or v0 is None or not v0 > 0:
+            continue
+        ratios.append(v / v0 if math.isfinite(v) else math.inf)
+    return max(ratios) if ratios else None
+
+
+def lora_checks(row: dict[str, float | None], m: MonitoringParams, first: dict[str, float | None] | None = None
+                ) -> list[Check]:
+    """The report's warning signs: LoRA magnitudes collapsing to 0 or exploding (relative to their
+    first logged values, so that the check means the same at every model width), diversity going to
+    0, LOO accuracy (pixel accuracy) below 0.5, many tasks skipped by LOO, large equivariance deltas."""
     out = []
-    mags = [row.get(f"lora_magnitude_{t}") for t in ("gru_reset", "gru_update", "gru_candidate", "output_head")]
-    mags = [v for v in mags if v is not None and math.isfinite(v)]
-    if mags:
-        if max(mags) < m.lora_magnitude_min:
-            out.append(Check("lora_collapse", max(mags), "warning",
-                             f"all LoRA magnitudes below {m.lora_magnitude_min}: HyperLoRA is collapsing"))
-        if max(mags) > m.lora_magnitude_max:
-            out.append(Check("lora_explosion", max(mags), "critical",
-                             f"a LoRA magnitude of {max(mags):.3g} exceeds {m.lora_magnitude_max}: unstable"))
+    growth = lora_growth(row, first if first is not None else row)
+    if growth is not None:
+        if growth < m.lora_collapse_ratio:
+            out.append(Check("lora_collapse", growth, "warning",
+                             f"every LoRA magnitude fell below {m.lora_collapse_ratio:g} of its first value: "
+                             "HyperLoRA is collapsing"))
+        if growth > m.lora_growth_max:
+            out.append(Check("lora_explosion", growth, "critical",
+                             f"a LoRA magnitude grew {growth:.3g}x from its first value, more than "
+                             f"monitoring.lora_growth_max={m.lora_growth_max:g}: unstable"))
     limits = [("lora_diversity", lambda v: v < m.lora_diversity_min, "every task gets the same LoRA"),
               ("loo_accuracy", lambda v: v < m.loo_accuracy_min, "HyperLoRA is not learning to generalise"),
               ("loo_skipped_ratio", lambda v: v > m.loo_skipped_ratio_max, "many tasks too small for LOO"),

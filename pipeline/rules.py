@@ -163,6 +163,16 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        "loo-every-pair", "warning", ("train.loo_training.max_holdouts",),
+        "leave-one-out holds every context pair out in turn, as the validated code",
+        "the validated code's leave-one-out",
+        lambda p: _when(
+            p.train.loo_training.enabled and p.train.loo_training.max_holdouts is not None,
+            f"train.loo_training.max_holdouts={p.train.loo_training.max_holdouts}: at most that many pairs per sample "
+            "are held out per step, a cheaper experiment than the validated one (null: every pair)",
+        ),
+    ),
+    Rule(
         "equivariance-needs-hyperlora", "error",
         ("train.equivariance_training.enabled", "model.use_hyperlora"),
         "the equivariance loss compares HyperLoRA deltas, so HyperLoRA must be on",

@@ -38,11 +38,17 @@ def test_lora_warning_signs():
     healthy = {"lora_magnitude_gru_reset": 0.1, "lora_magnitude_gru_update": 0.2, "lora_magnitude_gru_candidate": 0.1,
                "lora_magnitude_output_head": 0.1, "lora_diversity": 0.05, "loo_accuracy": 0.8,
                "loo_skipped_ratio": 0.1, "equiv_delta_norm": 0.1}
-    assert lora_checks(healthy, M) == []
-    names = lambda row: {c.name for c in lora_checks({**healthy, **row}, M)}  # noqa: E731
-    assert names({k: 1e-6 for k in healthy if k.startswith("lora_magnitude")}) == {"lora_collapse"}
-    assert names({"lora_magnitude_gru_update": 1e4}) == {"lora_explosion"}
+    assert lora_checks(healthy, M, healthy) == []
+    names = lambda row: {c.name for c in lora_checks({**healthy, **row}, M, healthy)}  # noqa: E731
+    shrunk = {k: v * M.lora_collapse_ratio / 2 for k, v in healthy.items() if k.startswith("lora_magnitude")}
+    assert names(shrunk) == {"lora_collapse"}
+    assert names({"lora_magnitude_gru_update": 0.2 * M.lora_growth_max * 1.01}) == {"lora_explosion"}
+    assert names({"lora_magnitude_gru_update": 0.2 * M.lora_growth_max * 0.99}) == set()
+    assert names({"lora_magnitude_output_head": float("inf")}) == {"lora_explosion"}
     assert names({"lora_diversity": 0.0}) == {"lora_diversity"}
     assert names({"loo_accuracy": 0.3, "loo_skipped_ratio": 0.5, "equiv_delta_norm": 2.0}) == {
         "loo_accuracy", "loo_skipped_ratio", "equiv_delta_norm"}
     assert names({"loo_accuracy": None}) == set()  # not measured yet
+    # growth is relative: the same magnitudes are healthy after a larger start, whatever the width
+    big = {k: v * 50 for k, v in healthy.items() if k.startswith("lora_magnitude")}
+    assert lora_checks({**healthy, **big}, M, {**healthy, **big}) == []

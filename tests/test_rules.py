@@ -71,6 +71,7 @@ def test_error_rules(overrides, rule):
         (dict(train__temperature_end=2.0), "temperature-decays"),
         (dict(train__steps_per_epoch=10, train__eval_every=1), "ema-lag"),
         (dict(train__meta_learning_start_epoch=500), "meta-learning-starts"),
+        (dict(train__loo_training__max_holdouts=1), "loo-every-pair"),
     ],
 )
 def test_warning_rules(overrides, rule):

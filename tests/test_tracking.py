@@ -175,7 +175,7 @@ OUTPUTS = ("model.pt", "train.json", "plots/epochs.tsv", "ckpt/last.pt", "ckpt/m
 
 @pytest.mark.slow
 def test_same_inputs_give_identical_outputs_and_restored_runs_keep_their_health_tags(tmp_path, monkeypatch):
-    ws = tiny_workspace(tmp_path / "ws", train__epochs=2, monitoring__lora_magnitude_max=1e-3)
+    ws = tiny_workspace(tmp_path / "ws", train__epochs=2, monitoring__loo_accuracy_min=1.0)
     params = load_params(ws["params"])
     tasks = read_raw(ws["raw"] / "pairs.parquet")
 
@@ -201,7 +201,7 @@ def test_same_inputs_give_identical_outputs_and_restored_runs_keep_their_health_
     client = mlflow.MlflowClient(a.uri)
     original = client.get_run(a.run_id).data.tags
     health = {k: v for k, v in original.items() if k.startswith("health.")}
-    assert "health.lora_explosion" in health
+    assert "health.loo_accuracy" in health
 
     (tmp_path / "a" / "model.pt").unlink()
     restored = train(tmp_path / "a", "restored")  # the finished checkpoint, in a new DVC experiment

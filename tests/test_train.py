@@ -93,7 +93,7 @@ def _paths(out):
 
 @pytest.mark.slow
 def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
-    ws = tiny_workspace(tmp_path, monitoring__lora_magnitude_max=1e-3)  # so that the explosion warning fires
+    ws = tiny_workspace(tmp_path, monitoring__loo_accuracy_min=1.0)  # so that a LOO warning fires
     params = load_params(ws["params"])
     tracker = Tracker(params)
     final = loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), tracker)
@@ -118,7 +118,7 @@ def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
     assert run.data.params["train.loo_training.loss_weight"] == "0.5"
     assert run.data.tags["mlflow.runName"] == "workspace" and "git_commit" in run.data.tags
     assert run.data.tags["fingerprint"] == meta["fingerprint"]  # how the run is found again
-    assert run.data.tags["health.lora_explosion"].startswith("epoch 3: critical")
+    assert run.data.tags["health.loo_accuracy"].startswith("epoch 3: warning")
 
 
 @pytest.mark.slow

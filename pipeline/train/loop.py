@@ -132,8 +132,9 @@ def measure_heldout(model: RLAN, examples, temperature: float, batch_size: int, 
             "stop_value_eval": mean["stop_value"]}
 
 
-def epoch_checks(row: dict[str, Any], params: Params) -> list[monitor.Check]:
-    return monitor.lora_checks(row, params.monitoring) + gap.training_checks(row, params.monitoring)
+def epoch_checks(row: dict[str, Any], params: Params, first: dict[str, Any]) -> list[monitor.Check]:
+    """The health checks of one epoch's row; `first` is the first epoch's (LoRA growth is relative to it)."""
+    return monitor.lora_checks(row, params.monitoring, first) + gap.training_checks(row, params.monitoring)
 
 
 def write_series(history: list[dict[str, Any]], plots_dir: Path) -> None:
@@ -233,7 +234,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
     if world.is_main:  # the MLflow run is found by the fingerprint (pipeline.tracking), never stored
         tracker.start(fp, resume=state is not None, finished=restored)
         if history and not tracker.continued:  # a new run for epochs trained before: their history
-            tracker.log_history(history, lambda row: epoch_checks(row, params))
+            tracker.log_history(history, lambda row: epoch_checks(row, params, history[0]))
 
     slots = cache.max_context() if tp.compile else None  # compiled: a static number of context slots
 
@@ -309,7 +310,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
                 history.append(row)
                 rate = steps_per_epoch * per_step / elapsed
                 eta = (time.perf_counter() - t_run) / (epoch - start_epoch) * (tp.epochs - epoch)
-                log_epoch(row, params, tracker, rate, eta)
+                log_epoch(row, params, tracker, rate, eta, history[0])
                 write_series(history, paths.plots)
                 if epoch % tp.save_every == 0 or epoch == tp.epochs:
                     checkpoint.save(paths.checkpoints, {
@@ -359,9 +360,9 @@ def preflight_check(objective: Objective, cache: AugmentedCache, sampler: Sample
 
 
 def log_epoch(row: dict[str, Any], params: Params, tracker: Tracker, samples_per_second: float,
-              eta_seconds: float) -> None:
+              eta_seconds: float, first: dict[str, Any]) -> None:
     epoch = row["epoch"]
-    checks = epoch_checks(row, params)
+    checks = epoch_checks(row, params, first)
     for c in checks:
         if c.status != "ok":
             log.warning("epoch %d: %s %s: %s", epoch, c.name, c.status, c.message)
