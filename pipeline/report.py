@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.arc import Task  # noqa: E402
 
@@ -22,22 +23,23 @@ ARC_COLORS = ["#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00", "#AAAAAA", 
               "#870C25"]
 ARC_CMAP = ListedColormap(ARC_COLORS)
 
-# (file name, title, columns) of the training-curve figures
+# (file name, title, columns) of the training-curve figures: one panel per column
 CURVES = [
-    ("exact_match.png", "Exact match: train (train mode) vs held-out (eval mode)",
-     ["train_exact_match", "heldout_exact_match", "train_pixel_accuracy"]),
-    ("loss.png", "Loss: train vs held-out", ["loss_task", "heldout_loss", "loss_total"]),
-    ("attention_entropy.png", "DSC attention entropy: train vs eval mode",
+    ("exact_match.png", "Exact match: train (train mode), held-out (eval mode)",
+     ["train_exact_match", "heldout_exact_match"]),
+    ("pixel_accuracy.png", "Pixel accuracy: train (train mode), held-out (eval mode)",
+     ["train_pixel_accuracy", "heldout_pixel_accuracy"]),
+    ("loss.png", "Loss: task (train), held-out (eval mode), total", ["loss_task", "heldout_loss", "loss_total"]),
+    ("attention_entropy.png", "DSC attention entropy: train mode, eval mode",
      ["attention_entropy_train", "attention_entropy_eval"]),
-    ("stop_value.png", "Stop value: train vs eval mode", ["stop_value_train", "stop_value_eval"]),
-    ("lora.png", "HyperLoRA magnitudes and diversity",
+    ("stop_value.png", "Stop value: train mode, eval mode", ["stop_value_train", "stop_value_eval"]),
+    ("lora.png", "HyperLoRA: magnitude of each target's delta, diversity across tasks",
      ["lora_magnitude_gru_reset", "lora_magnitude_gru_update", "lora_magnitude_gru_candidate",
       "lora_magnitude_output_head", "lora_diversity"]),
-    ("loo.png", "Leave-one-out accuracy and skipped ratio", ["loo_accuracy", "loo_skipped_ratio", "equiv_delta_norm"]),
+    ("loo.png", "Leave-one-out: pixel accuracy, exact match, skipped ratio; equivariance delta norm",
+     ["loo_accuracy", "loo_exact_match", "loo_skipped_ratio", "equiv_delta_norm"]),
 ]
-
-
-STYLES = ["-", "--", ":", "-."]  # line style per column when several runs are overlaid
+PANELS_PER_ROW = 3
 
 
 def read_series(path: str | Path) -> pd.DataFrame:
@@ -46,27 +48,40 @@ def read_series(path: str | Path) -> pd.DataFrame:
 
 def curve_figure(series: dict[str, pd.DataFrame], cols: list[str], title: str,
                  meta_learning_starts: Sequence[int] = ()) -> plt.Figure | None:
-    """One figure of `cols` against the (1-based) epoch, None when no run measured any of them. One run:
-    a colour per column. Several (name -> series): a colour per run and a line style per column. The
-    legend sits outside the axes; a dotted vertical line at start + 0.5 marks where meta-learning (LOO,
-    equivariance) begins, after `start` epochs of the task loss alone."""
-    drawn = [(k, run, col, df[["epoch", col]].dropna()) for k, (run, df) in enumerate(series.items())
-             for col in cols if col in df and df[col].notna().any()]
-    if not drawn:
+    """Small multiples: one panel per column that any run measured, the series against the (1-based,
+    integer) epoch, one colour per run (the same in every panel), a legend of the runs below the
+    panels when there are several; None when no run measured any column. A dotted vertical line at
+    start + 0.5 marks where meta-learning (LOO, equivariance) begins, after `start` epochs."""
+    measured = [c for c in cols if any(c in df and df[c].notna().any() for df in series.values())]
+    if not measured:
         return None
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    several = len(series) > 1
-    for k, run, col, d in drawn:
-        style = dict(color=f"C{k}", linestyle=STYLES[cols.index(col) % len(STYLES)]) if several else {}
-        ax.plot(d["epoch"], d[col], marker="o", ms=3, label=f"{run}: {col}" if several else col, **style)
-    last = max(float(d["epoch"].max()) for *_, d in drawn)
-    for start in meta_learning_starts:
-        if start < last:
-            ax.axvline(start + 0.5, color="grey", linestyle=":", label=f"meta-learning from epoch {start + 1}")
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("epoch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    n = len(measured)
+    ncols = min(n, PANELS_PER_ROW)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.6 * nrows + 0.6), squeeze=False)
+    last = max(float(df["epoch"].max()) for df in series.values())
+    for ax, col in zip(axes.flat, measured):
+        for k, (run, df) in enumerate(series.items()):
+            d = df[["epoch", col]].dropna() if col in df else df[["epoch"]].iloc[:0]
+            if len(d):
+                ax.plot(d["epoch"], d[col], marker="o", ms=3, color=f"C{k}", label=run)
+        for start in meta_learning_starts:
+            if start < last:
+                ax.axvline(start + 0.5, color="grey", linestyle=":", label=f"meta-learning from epoch {start + 1}")
+        ax.set_title(col, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    if len(series) > 1:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(labels) // 5), 1, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 
@@ -78,7 +93,7 @@ def plot_curves(series: dict[str, pd.DataFrame], out_dir: Path,
     for fname, title, cols in CURVES:
         fig = curve_figure(series, cols, title, meta_learning_starts)
         if fig is not None:
-            fig.savefig(out_dir / fname, dpi=110, bbox_inches="tight")  # the box includes the legend
+            fig.savefig(out_dir / fname, dpi=110, bbox_inches="tight")
             plt.close(fig)
             written.append((fname, title))
     return written

@@ -51,52 +51,53 @@ def _series(epochs: int, scale: float = 1.0, **cols) -> pd.DataFrame:
                          **{c: [None if v is None else v * scale for v in vals] for c, vals in cols.items()}})
 
 
-def _legend_outside(fig) -> bool:
-    fig.canvas.draw()
-    ax = fig.axes[0]
-    legend = ax.get_legend().get_window_extent()
-    return legend.x0 >= ax.get_window_extent().x1  # right of the axes, over no data
+def _panels(fig) -> dict[str, object]:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
 
 
-def test_curve_figure_draws_the_measured_columns_and_marks_meta_learning():
+def test_curve_figure_has_a_panel_per_measured_series_and_marks_meta_learning():
     df = _series(4, train_exact_match=[0.1, 0.2, 0.3, 0.4], heldout_exact_match=[None, None, None, 0.1])
     fig = curve_figure({"run": df}, ["train_exact_match", "heldout_exact_match", "train_pixel_accuracy"], "t", [2])
-    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
-    # a column never measured is not drawn; one measured at some epochs is drawn where it was
-    assert set(lines) == {"train_exact_match", "heldout_exact_match", "meta-learning from epoch 3"}
-    assert list(lines["train_exact_match"].get_xdata()) == [1, 2, 3, 4]
-    assert list(lines["heldout_exact_match"].get_xdata()) == [4]
-    assert list(lines["meta-learning from epoch 3"].get_xdata()) == [2.5, 2.5]  # between epochs 2 and 3
-    assert _legend_outside(fig)
+    panels = _panels(fig)
+    # a column never measured gets no panel; one measured at some epochs is drawn where it was
+    assert set(panels) == {"train_exact_match", "heldout_exact_match"}
+    lines = {c: {ln.get_label(): ln for ln in ax.get_lines()} for c, ax in panels.items()}
+    assert list(lines["train_exact_match"]["run"].get_xdata()) == [1, 2, 3, 4]
+    assert list(lines["heldout_exact_match"]["run"].get_xdata()) == [4]
+    assert list(lines["train_exact_match"]["meta-learning from epoch 3"].get_xdata()) == [2.5, 2.5]
+    fig.canvas.draw()
+    ticks = panels["train_exact_match"].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)  # whole epochs only
     assert curve_figure({"run": df}, ["loo_accuracy"], "t") is None  # nothing measured: no figure
 
 
 def test_meta_learning_marker_only_when_it_starts_within_the_run():
     df = _series(3, loss_task=[3.0, 2.0, 1.0])
-    labels = [ln.get_label() for ln in curve_figure({"run": df}, ["loss_task"], "t", [3]).axes[0].get_lines()]
-    assert labels == ["loss_task"]
+    labels = [ln.get_label() for ln in _panels(curve_figure({"run": df}, ["loss_task"], "t", [3]))["loss_task"].get_lines()]
+    assert labels == ["run"]
 
 
-def test_overlaid_runs_each_have_their_series_in_their_colour():
+def test_several_runs_are_colours_with_one_legend_and_each_series_its_own_panel():
     a = _series(3, attention_entropy_train=[1.0, 1.1, 1.2], attention_entropy_eval=[6.0, 6.0, 6.0])
     b = _series(3, 0.5, attention_entropy_train=[1.0, 1.1, 1.2], attention_entropy_eval=[6.0, 6.0, 6.0])
     cols = ["attention_entropy_train", "attention_entropy_eval"]
     fig = curve_figure({"stable": a, "fixed": b}, cols, "t", [1])
-    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
-    assert {f"{r}: {c}" for r in ("stable", "fixed") for c in cols} <= set(lines)
-    assert list(lines["fixed: attention_entropy_eval"].get_ydata()) == [3.0, 3.0, 3.0]
-    assert lines["stable: attention_entropy_train"].get_color() == lines["stable: attention_entropy_eval"].get_color()
-    assert lines["stable: attention_entropy_train"].get_color() != lines["fixed: attention_entropy_train"].get_color()
-    styles = {c: lines[f"fixed: {c}"].get_linestyle() for c in cols}
-    assert styles["attention_entropy_train"] != styles["attention_entropy_eval"]
-    assert _legend_outside(fig)
+    panels = _panels(fig)
+    assert set(panels) == set(cols)
+    lines = {c: {ln.get_label(): ln for ln in panels[c].get_lines()} for c in cols}
+    assert list(lines["attention_entropy_eval"]["fixed"].get_ydata()) == [3.0, 3.0, 3.0]
+    assert lines["attention_entropy_train"]["stable"].get_color() == lines["attention_entropy_eval"]["stable"].get_color()
+    assert lines["attention_entropy_train"]["stable"].get_color() != lines["attention_entropy_train"]["fixed"].get_color()
+    assert len(fig.legends) == 1 and {t.get_text() for t in fig.legends[0].get_texts()} >= {"stable", "fixed"}
+    assert all(ax.get_legend() is None for ax in fig.axes)  # no legend inside a panel
 
 
 def test_plot_curves_writes_one_png_per_measured_figure(tmp_path):
-    df = _series(2, loss_task=[2.0, 1.0], heldout_loss=[2.5, 1.5], stop_value_train=[0.5, 0.4])
+    df = _series(2, loss_task=[2.0, 1.0], heldout_loss=[2.5, 1.5], stop_value_train=[0.5, 0.4],
+                 heldout_pixel_accuracy=[0.5, 0.6])
     written = plot_curves({"run": df}, tmp_path, [1])
-    assert [name for name, _ in written] == ["loss.png", "stop_value.png"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "stop_value.png"]
+    assert [name for name, _ in written] == ["pixel_accuracy.png", "loss.png", "stop_value.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "pixel_accuracy.png", "stop_value.png"]
     assert all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name, _ in written)
 
 
