@@ -16,8 +16,7 @@ from pipeline.evaluation.runner import SideResult, evaluate_side
 from pipeline.integrity import file_md5
 from pipeline.io import write_json, write_text
 from pipeline.model.io import ModelFileError, load_model
-from pipeline.params import load_params
-from pipeline.stage import fail, parser, setup_logging
+from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
 
 log = logging.getLogger("evaluate")
@@ -45,7 +44,7 @@ def main() -> None:
     ap.add_argument("--candidates", required=True, help="top candidates per test input, both sides (JSON)")
     args = ap.parse_args()
     setup_logging()
-    params = load_params(args.params)
+    params = stage_params(args.params)
     ep = params.evaluate
     try:
         tracked = tracking.check_store(params.tracking)  # before any compute, within tracking.timeout_s
@@ -99,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,9 +9,9 @@ from pipeline import arc, monitor, tracking
 from pipeline.gap import gap_checks, gap_metrics
 from pipeline.integrity import file_md5
 from pipeline.io import atomic_path, read_json, write_json
-from pipeline.params import flatten, load_params
+from pipeline.params import flatten
 from pipeline.report import plot_curves, read_series, task_picture
-from pipeline.stage import fail, parser, setup_logging
+from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
 
 log = logging.getLogger("gap_report")
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--report", required=True, help="report directory (Markdown and PNG)")
     args = ap.parse_args()
     setup_logging()
-    params = load_params(args.params)
+    params = stage_params(args.params)
     try:
         tracked = tracking.check_store(params.tracking)  # before any compute, within tracking.timeout_s
     except tracking.TrackingError as err:
@@ -99,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
