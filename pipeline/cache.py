@@ -44,7 +44,7 @@ from pipeline.arc import Task, task_key
 from pipeline.augment import NUM_DIHEDRAL, dihedral_index, dihedral_shape, inverse_grid, parse_name, random_cmaps
 from pipeline.canvas import CANVAS, ranges
 from pipeline.integrity import IntegrityError, describe_all, read_manifest, verify
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, ensure_room, reserve, write_json
 from pipeline.params import AugmentParams
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,9 @@ def build_cache(tasks: list[Task], p: AugmentParams, out_dir: str | Path) -> dic
     byte_base = np.concatenate([[0], np.cumsum(sample_bytes)])
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
+        ensure_room(tmp / CELLS_FILE, int(byte_base[-1]))
         cells = np.lib.format.open_memmap(tmp / CELLS_FILE, mode="w+", dtype=np.uint8, shape=(int(byte_base[-1]),))
+        reserve(tmp / CELLS_FILE)  # a full disk then fails here, in one line, not with SIGBUS in the mapped writes
         per_task = []
         for t, plan in enumerate(tqdm(plans, desc="augment", unit="task", mininterval=1.0)):
             v = choose_versions(plan, p)

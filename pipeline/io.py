@@ -90,6 +90,14 @@ def ensure_room(path: str | Path, n_bytes: int) -> None:
                           f"({_size(limit)}, ulimit -f); raise the limit and run the stage again")
 
 
+def reserve(path: str | Path) -> None:
+    """Allocate a sparse file's blocks now: writes through a memory map to a disk that fills up end the
+    process with SIGBUS; allocating first makes the full disk an ordinary error (ENOSPC)."""
+    if hasattr(os, "posix_fallocate"):
+        with Path(path).open("r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

@@ -40,11 +40,12 @@ def clip(value: Any) -> str:
 
 
 class ParamsError(ValueError):
-    """params.yaml failed the schema; `problems` holds one line per bad key."""
+    """params.yaml failed the schema; `problems` holds one line per bad key (one problem: one line)."""
 
     def __init__(self, problems: list[str], source: str = "params.yaml"):
         self.problems = problems
-        super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{source} is invalid: {problems[0]}" if len(problems) == 1 else
+                         f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class _Section(BaseModel):
@@ -58,6 +59,7 @@ def _prob(**kw: Any) -> Any:
 class DataParams(_Section):
     source: Literal["arc-agi-1", "arc-agi-2"]
     max_tasks: int | None = Field(ge=1)
+    max_input_mb: int = Field(ge=1, le=100_000)  # tasks a user brings (prepare --input): larger input is refused
 
 
 class AugmentParams(_Section):
@@ -250,6 +252,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[dotted] = value
     return out
+
+
+ABSENT = "(absent)"
+
+
+def differences(old: Any, new: Any, labels: tuple[str, str]) -> list[str]:
+    """`key: <old label> X, <new label> Y` for every dotted key whose value differs (values cut); a tree
+    that is not a mapping counts as one value, `(top level)`."""
+    a, b = ({"(top level)": t} if not isinstance(t, dict) else flatten(t) for t in (old, new))
+    keys = [*a, *(k for k in b if k not in a)]
+    return [f"{shorten(k)}: {labels[0]} {clip(a.get(k, ABSENT))}, {labels[1]} {clip(b.get(k, ABSENT))}"
+            for k in keys if a.get(k, ABSENT) != b.get(k, ABSENT)]
 
 
 # --- loading and error reporting ----------------------------------------------------------

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.params import flatten, parse_yaml, shorten
+from pipeline.params import differences, flatten, parse_yaml, shorten
 from pipeline.tracking import process_alive
 
 CLAIM = "rlan-workspace.json"  # in <workspace>/.dvc/tmp
@@ -172,11 +172,8 @@ def _flat(text: str) -> dict[str, Any]:
 
 def changed_keys(before: str, after: str, labels: tuple[str, str]) -> str:
     """`key: <before label> X, <after label> Y` for the first keys that differ, and how many more."""
-    old, new = _flat(before), _flat(after)
-    keys = [k for k in [*old, *(k for k in new if k not in old)] if old.get(k, "(absent)") != new.get(k, "(absent)")]
-    shown = [f"{shorten(k)}: {labels[0]} {shorten(repr(old.get(k, '(absent)')))}, {labels[1]} "
-             f"{shorten(repr(new.get(k, '(absent)')))}" for k in keys[:3]]
-    return "; ".join(shown) + (f"; and {len(keys) - 3} more" if len(keys) > 3 else "")
+    lines = differences(parse_yaml(before), parse_yaml(after), labels)
+    return "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
 
 
 def _git(*args: str) -> str | None:

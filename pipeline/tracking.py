@@ -139,7 +139,8 @@ def check_store(p: TrackingParams) -> bool:
     uri = tracking_uri(p)
     db = _sqlite_path(uri)
     if db is not None:
-        found = _sqlite_problem(db, p.timeout_s)
+        found = _sqlite_problem(db, p.timeout_s) or _artifacts_problem(
+            _recorded_artifacts(db, p.experiment_name) or artifact_location(uri, p.experiment_name))
     elif uri.startswith(("http://", "https://")):
         found = _server_problem(uri, p.timeout_s)
     else:
@@ -155,7 +156,8 @@ def check_store(p: TrackingParams) -> bool:
 
 def _sqlite_problem(db: Path, timeout_s: int) -> str | None:
     """A write that is rolled back: catches a read-only file or directory (even for root, e.g.
-    `chattr +i`), a file that is not a database, a directory that cannot be created."""
+    `chattr +i`), a file that is not a database, a directory that cannot be created, and a database
+    that another process keeps locked for longer than timeout_s."""
     if not db.exists():
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -168,17 +170,48 @@ def _sqlite_problem(db: Path, timeout_s: int) -> str | None:
     try:
         con = sqlite3.connect(db, timeout=timeout_s, isolation_level=None)
         try:
-            con.execute("BEGIN IMMEDIATE")
+            con.execute("BEGIN IMMEDIATE")  # waits up to timeout_s for another process's write to end
             con.execute("CREATE TABLE main._rlan_write_probe (x)")
             con.execute("ROLLBACK")
         finally:
             con.close()
     except sqlite3.OperationalError as err:
         if "locked" in str(err):
-            return None  # busy with another run's writes for timeout_s: it can be written
+            return (f"MLflow store {db} is locked by another process for more than {timeout_s} s (tracking.timeout_s: "
+                    "an open transaction of an sqlite3 shell, or a process that hangs)")
         return f"MLflow store {db} cannot be written ({err})"
     except sqlite3.DatabaseError as err:
         return f"MLflow store {db} is not a usable database ({err})"
+    return None
+
+
+def _recorded_artifacts(db: Path, experiment: str) -> str | None:
+    """The artifact location the database records for the experiment, None before it exists."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet (no tables), or unreadable: the write probe reports that
+        return None
+    return row[0] if row else None
+
+
+def _artifacts_problem(location: str) -> str | None:
+    """A file written and removed in the artifact folder (a local one; other stores check themselves)."""
+    if location.startswith("file:"):
+        location = location.removeprefix("file://").removeprefix("file:")
+    elif re.match(r"^[a-z][a-z0-9+.-]*:", location):
+        return None
+    folder = Path(location)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".mlflow-probe-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        return f"MLflow artifact folder {folder} cannot be written ({err.strerror}: {err.filename})"
     return None
 
 

