@@ -20,6 +20,7 @@ same store (the next stage that logs to it), into the runs they belong to.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -27,7 +28,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,18 @@ class BoundedClient:
                     return
                 log.info("MLflow: sent %d logging call(s) kept by process %s into run %s", n, pid,
                          path.name.split(".")[0])
+
+
+@contextlib.contextmanager
+def unless_required(p: TrackingParams) -> Iterator[None]:
+    """Logging after a stage's work: a store lost for good ends the stage (TrackingLost) when tracking is
+    required; with `tracking.required: false` it is a warning and the stage ends well, its outputs written."""
+    try:
+        yield
+    except TrackingLost as err:
+        if p.required:
+            raise
+        log.warning("%s; going on without MLflow (tracking.required is false)", err)
 
 
 def connect(uri: str, p: TrackingParams, buffer_root: Path) -> BoundedClient:

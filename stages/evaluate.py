@@ -19,6 +19,7 @@ from pipeline.model.io import ModelFileError, load_model
 from pipeline.params import differences
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
+from pipeline.tracking_client import unless_required
 
 log = logging.getLogger("evaluate")
 SIDES = {"eval": "eval", "train": "train"}  # side -> split whose test pairs it measures
@@ -97,12 +98,13 @@ def main() -> None:
     write_json(args.candidates, {side: candidates_json(r) for side, r in results.items()})
 
     tracker = Tracker(params, enabled=tracked)
-    if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
-        tracker.log_inputs(lineage.dataset_inputs([lineage.raw_dataset(args.raw)], "evaluation"))
-        tracker.log_metrics({f"{side}.{k.replace('@', '_at_')}": v for side, r in results.items()
-                             for k, v in r.metrics.items()}, step=meta.get("epochs", 0))
-        for f in (args.metrics, args.tasks_table, args.submission):
-            tracker.log_artifact(f, "evaluation")
+    with unless_required(params.tracking):  # a store lost for good: one line, or a warning
+        if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
+            tracker.log_inputs(lineage.dataset_inputs([lineage.raw_dataset(args.raw)], "evaluation"))
+            tracker.log_metrics({f"{side}.{k.replace('@', '_at_')}": v for side, r in results.items()
+                                 for k, v in r.metrics.items()}, step=meta.get("epochs", 0))
+            for f in (args.metrics, args.tasks_table, args.submission):
+                tracker.log_artifact(f, "evaluation")
 
 
 if __name__ == "__main__":

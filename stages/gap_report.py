@@ -13,6 +13,7 @@ from pipeline.params import flatten
 from pipeline.report import plot_curves, read_series, task_picture
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
+from pipeline.tracking_client import unless_required
 
 log = logging.getLogger("gap_report")
 
@@ -90,12 +91,13 @@ def main() -> None:
     write_json(args.metrics, metrics)
 
     tracker = Tracker(params, enabled=tracked)
-    if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
-        tracker.log_metrics({f"gap.{k}": v for k, v in flatten(metrics).items()}, step=0)
-        tracker.set_tags({"gap.overall_status": monitor.overall([c for cs in groups.values() for c in cs])})
-        tracker.log_artifact(args.metrics, "gap_report")
-        for f in sorted(Path(args.report).iterdir()):
-            tracker.log_artifact(f, "gap_report")
+    with unless_required(params.tracking):  # a store lost for good: one line, or a warning
+        if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
+            tracker.log_metrics({f"gap.{k}": v for k, v in flatten(metrics).items()}, step=0)
+            tracker.set_tags({"gap.overall_status": monitor.overall([c for cs in groups.values() for c in cs])})
+            tracker.log_artifact(args.metrics, "gap_report")
+            for f in sorted(Path(args.report).iterdir()):
+                tracker.log_artifact(f, "gap_report")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pipeline.integrity import IntegrityError
 from pipeline.model.io import ModelFileError
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
-from pipeline.tracking_client import TrackingLost
+from pipeline.tracking_client import TrackingLost, unless_required
 from pipeline.train.loop import TrainPaths, train
 from pipeline.train.preflight import PreflightError
 
@@ -67,8 +67,9 @@ def main() -> None:
         mlflow_model.publish(tracker, args.model, args.cache)
     except TrackingLost as err:
         tracker.end("FAILED")  # kept with the rest until the store is back
-        fail(f"{err}; the training itself finished and its checkpoint is saved: run again, it restores the outputs "
-             "without training and registers the model")
+        with unless_required(params.tracking):
+            raise TrackingLost(f"{err}; the training itself finished and its checkpoint is saved: run again, it "
+                               "restores the outputs without training and registers the model") from None
         return
     except BaseException as err:
         tracker.end(tracking.end_status(err))

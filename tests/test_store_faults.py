@@ -139,6 +139,7 @@ def _server(root, port) -> subprocess.Popen:
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                mlflow.MlflowClient(f"http://127.0.0.1:{port}").search_experiments()  # its store is ready too
                 return proc
         except OSError:
             assert proc.poll() is None, "mlflow server exited"
@@ -155,7 +156,7 @@ def _kill(proc) -> None:
 def test_a_server_killed_after_the_first_epoch(tmp_path):
     """Training goes on with its metrics kept; the stage ends in one line, without minutes of retries;
     with the server back, the next run sends the kept metrics into the run and registers the model."""
-    ws = tiny_workspace(tmp_path / "ws", train__epochs=5, tracking__timeout_s=2, tracking__retry_s=3)
+    ws = tiny_workspace(tmp_path / "ws", train__epochs=5, tracking__timeout_s=10, tracking__retry_s=3)
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {**tool_env(), "MLFLOW_TRACKING_URI": uri, "DVC_ROOT": str(tmp_path)}  # DVC_ROOT: where calls are kept
@@ -167,6 +168,7 @@ def test_a_server_killed_after_the_first_epoch(tmp_path):
         deadline = time.time() + 300
         while not (out / "ckpt" / "manifest.json").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
         _kill(server)  # after epoch 1: its metrics were sent, its checkpoint saved
         t_kill = time.perf_counter()
         _, err = proc.communicate(timeout=600)
