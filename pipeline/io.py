@@ -105,7 +105,8 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine runs (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -126,7 +127,7 @@ def remove_stale_siblings(path: Path) -> list[Path]:
     removed = []
     for sibling in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
         m = pattern.fullmatch(sibling.name)
-        if m and (m.group(1) is None or not _pid_alive(int(m.group(1)))):
+        if m and (m.group(1) is None or not pid_alive(int(m.group(1)))):
             _remove(sibling)
             removed.append(sibling)
     return removed

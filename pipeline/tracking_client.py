@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.io import pid_alive
 from pipeline.params import TrackingParams
 
 log = logging.getLogger(__name__)
@@ -77,16 +78,6 @@ def bound_http_requests(timeout_s: int) -> None:
 def buffer_dir(root: Path, uri: str) -> Path:
     """Where the calls kept for the store at `uri` go (one folder per store)."""
     return root / hashlib.sha256(uri.encode()).hexdigest()[:16]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _encode(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -192,8 +183,13 @@ class BoundedClient:
             try:
                 _send(self._client, json.loads(line))
             except Exception as err:  # noqa: BLE001
-                if not transient(err):
-                    raise
+                if not transient(err):  # refused (the run was deleted?): set aside, never sent twice
+                    refused = path.with_name(f"{path.name}.refused")
+                    path.write_text("".join(f"{rest}\n" for rest in lines[i:]))
+                    path.rename(refused)
+                    log.warning("MLflow store %s refused a kept call (%s): it and the %d after it stay in %s",
+                                self.uri, reason(err), len(lines) - i - 1, refused)
+                    return i
                 path.write_text("".join(f"{rest}\n" for rest in lines[i:]))
                 self._lose(reason(err))
                 raise TrackingLost(self._describe("sending the kept calls")) from None
@@ -204,7 +200,7 @@ class BoundedClient:
         """Send the calls other processes kept for this store and could not send before they ended."""
         for path in sorted(self.buffer.glob("*.jsonl")) if self.buffer.is_dir() else []:
             pid = path.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 try:
                     n = self._replay(path)
                 except TrackingLost:
