@@ -342,7 +342,8 @@ class Tracker:
         RUNNING by a dead process are marked KILLED first."""
         if not self.enabled:
             return None
-        self._client = client_for(self.params.tracking)
+        with store_lock(self.uri):  # a new client of an sqlite store creates and migrates the database
+            self._client = client_for(self.params.tracking)
         exp_id = prepare_store(self.uri, self.params.tracking.experiment_name, self._client)
         close_dead_runs(self._client, exp_id)
         name = run_name()
