@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import committed
 from pipeline.params import MAX_PARAMS_BYTES, ParamsError, load_params, parse_params, parse_yaml
+from pipeline.rules import check_rules
 from tests.helpers import REPO, raw_params, set_key, tool_env
 
 # A 9-level alias bomb, as the probe put it into validation.accept_broken_rules: 9^9 = 387M strings.
@@ -106,6 +107,8 @@ def test_long_values_are_cut_in_messages():
     with pytest.raises(ParamsError) as err:
         parse_params({**raw_params(), "k" * 100_000: 1})
     assert len(str(err.value)) < 1000
+    rules = check_rules(parse_params(set_key(raw_params(), "validation.accept_broken_rules", [huge])))
+    assert max(len(str(v)) for v in rules) < 1000 and any("(500,000 characters)" in str(v) for v in rules)
 
 
 def test_a_file_over_the_size_limit_is_refused_before_parsing(tmp_path):
