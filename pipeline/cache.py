@@ -43,8 +43,8 @@ from tqdm import tqdm
 from pipeline.arc import Task, task_key
 from pipeline.augment import NUM_DIHEDRAL, dihedral_index, dihedral_shape, inverse_grid, parse_name, random_cmaps
 from pipeline.canvas import CANVAS, ranges
-from pipeline.integrity import IntegrityError, describe_all, verify
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.integrity import IntegrityError, describe_all, read_manifest, verify
+from pipeline.io import atomic_path, ensure_room, reserve, write_json
 from pipeline.params import AugmentParams
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class CacheIntegrityError(RuntimeError):
 
 
 def repair_hint(path: Path) -> str:
-    return f"restore it with `dvc checkout {path}` or rebuild it with `dvc repro -f -s augment`"
+    return f"restore it with `dvc checkout --force {path}` or rebuild it with `dvc repro -f -s augment`"
 
 
 @dataclass
@@ -150,11 +150,11 @@ class CacheReader:
             raise FileNotFoundError(f"{path}: not an augmentation cache (missing {', '.join(missing)}); "
                                     f"{repair_hint(path)}")
         self.path = path
-        self.manifest = read_json(path / MANIFEST_FILE)
+        self.manifest = read_manifest(path / MANIFEST_FILE, repair_hint(path))
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise IntegrityError(f"{path}: cache format {self.manifest.get('format_version')}, this code reads "
                                  f"{FORMAT_VERSION}; rebuild it with `dvc repro -f -s augment`")
-        verify(path, self.manifest["files"], repair_hint(path))
+        verify(path, self.manifest.get("files"), repair_hint(path))
         self.cells = np.load(path / CELLS_FILE, mmap_mode="r")
         self.samples = pd.read_parquet(path / SAMPLES_FILE)
         pairs = pd.read_parquet(path / PAIRS_FILE)
@@ -277,7 +277,9 @@ def build_cache(tasks: list[Task], p: AugmentParams, out_dir: str | Path) -> dic
     byte_base = np.concatenate([[0], np.cumsum(sample_bytes)])
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
+        ensure_room(tmp / CELLS_FILE, int(byte_base[-1]))
         cells = np.lib.format.open_memmap(tmp / CELLS_FILE, mode="w+", dtype=np.uint8, shape=(int(byte_base[-1]),))
+        reserve(tmp / CELLS_FILE)  # a full disk then fails here, in one line, not with SIGBUS in the mapped writes
         per_task = []
         for t, plan in enumerate(tqdm(plans, desc="augment", unit="task", mininterval=1.0)):
             v = choose_versions(plan, p)

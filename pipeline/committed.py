@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Any
 
-import yaml
+from pipeline import params
 
-from pipeline.params import flatten
-
-_ABSENT = "(absent)"
+SHOWN = 20  # keys listed at most
 
 
 def committed_text(path: str | Path, rev: str = "HEAD") -> str | None:
@@ -23,15 +20,10 @@ def committed_text(path: str | Path, rev: str = "HEAD") -> str | None:
     path = Path(path).resolve()
     try:
         proc = subprocess.run(["git", "show", f"{rev}:./{path.name}"], cwd=path.parent, capture_output=True,
-                              text=True)
+                              text=True, errors="replace")
     except OSError:  # no git
         return None
     return proc.stdout if proc.returncode == 0 else None
-
-
-def _flat(text: str) -> dict[str, Any]:
-    tree = yaml.safe_load(text)
-    return flatten(tree) if isinstance(tree, dict) else {"(top level)": tree}
 
 
 def differences(committed: str, current: str) -> list[str]:
@@ -39,20 +31,25 @@ def differences(committed: str, current: str) -> list[str]:
     if committed == current:
         return []
     try:
-        old, new = _flat(committed), _flat(current)
-    except yaml.YAMLError:
-        return ["(the file is not valid YAML)"]
-    return [f"{k}: committed {old.get(k, _ABSENT)!r}, now {new.get(k, _ABSENT)!r}"
-            for k in [*old, *(k for k in new if k not in old)] if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+        old, new = params.parse_yaml(committed), params.parse_yaml(current)
+    except params.ParamsError as err:
+        return [f"(the file is not valid YAML: {err.problems[0]})"]
+    return params.differences(old, new, ("committed", "now"))
 
 
 def restore_hint(path: str | Path) -> str:
     """Why a params file may be wrong when it differs from its committed version, and how to restore
     it; an empty string when it does not differ (or is not in git)."""
     committed = committed_text(path)
-    lines = differences(committed, Path(path).read_text()) if committed is not None else []
-    if not lines:
+    try:
+        too_large = Path(path).stat().st_size > params.MAX_PARAMS_BYTES
+        current = "" if too_large else Path(path).read_bytes().decode("utf-8", errors="replace")
+    except OSError:
         return ""
+    lines = differences(committed, current) if committed is not None and not too_large else []
+    if committed is None or (not lines and not too_large):
+        return ""
+    shown = lines[:SHOWN] + ([f"and {len(lines) - SHOWN} more keys"] if len(lines) > SHOWN else [])
     return (f"{path} differs from its committed version (a failed `dvc exp run -S` leaves its override "
-            "there):\n" + "".join(f"    {line}\n" for line in lines)
+            "there):\n" + "".join(f"    {line}\n" for line in shown)
             + f"  restore the committed version with: git checkout -- {Path(path).name}")

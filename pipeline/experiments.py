@@ -29,9 +29,10 @@ from typing import Any
 
 import yaml
 
+from pipeline import runlock
 from pipeline.committed import committed_text, differences
 from pipeline.compare import compare
-from pipeline.params import flatten
+from pipeline.params import ParamsError, flatten, parse_yaml
 from pipeline.stage import fail, setup_logging
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def check_params(names: list[str], scale: str, baseline: str, cwd: Path) -> None
         status = _dvc(["queue", "status"], cwd).stdout
         raise ExperimentError(f"experiment(s) {', '.join(missing)} did not finish (see `dvc queue logs NAME`):\n"
                               f"{status}")
-    base = flatten(yaml.safe_load(committed_text(cwd / "params.yaml", baseline) or "{}"))
+    base = flatten(parse_yaml(committed_text(cwd / "params.yaml", baseline) or "{}"))
     problems = []
     for name in names:
         diff = json.loads(_dvc(["params", "diff", baseline, revs[name], "--json"], cwd).stdout or "{}")
@@ -305,8 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cwd = Path(os.getcwd())
     try:
-        if args.cmd == "run":
-            run(args.names, cwd, args.scale, args.queue, args.jobs)
+        if args.cmd == "run":  # one run of experiments at a time in a workspace (pipeline.runlock)
+            with runlock.hold(cwd, " ".join(["python -m pipeline.experiments", *argv])):
+                run(args.names, cwd, args.scale, args.queue, args.jobs)
         elif args.cmd == "compare":
             names = resolve(args.names)
             revs = experiment_revs(cwd)
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
             print(compare({n: revs[n] for n in names}, cwd, Path(args.out)))
         else:
             print(" ".join(set_args(overrides(args.name, args.scale))))
-    except ExperimentError as err:
+    except (ExperimentError, ParamsError, runlock.WorkspaceError) as err:
         fail(str(err))
 
 

@@ -10,6 +10,7 @@ cache verify in about a tenth of a second when the file is in the page cache
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,27 @@ def _block_digest(view: memoryview, start: int) -> bytes:
         return hashlib.sha256(block).digest()
 
 
+def is_record(record: Any) -> bool:
+    """Whether a manifest entry has the size and digest `describe` records."""
+    return (isinstance(record, dict) and type(record.get("size")) is int
+            and isinstance(record.get(ALGORITHM), str))
+
+
+def read_manifest(path: str | Path, fix: str) -> dict[str, Any]:
+    """A manifest (a JSON object); IntegrityError naming it and `fix` when it is not one (damaged,
+    truncated, not UTF-8), like any other damaged file."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise IntegrityError(f"{path}: damaged, not a JSON manifest ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:120]}); {fix}") from None
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{path}: damaged, a JSON {type(manifest).__name__} where a manifest (an object) "
+                             f"belongs; {fix}")
+    return manifest
+
+
 def describe(path: str | Path) -> dict[str, Any]:
     """What a manifest records of one file."""
     path = Path(path)
@@ -71,8 +93,11 @@ def problem(path: str | Path, *accepted: dict[str, Any]) -> str | None:
     return None
 
 
-def verify(directory: str | Path, files: dict[str, dict[str, Any]], fix: str) -> None:
-    """Check every recorded file of `directory`; IntegrityError naming the first bad file and `fix`."""
+def verify(directory: str | Path, files: Any, fix: str) -> None:
+    """Check every recorded file of `directory`; IntegrityError naming the first bad file and `fix`
+    (also when the records themselves are damaged)."""
+    if not isinstance(files, dict) or not files or not all(is_record(r) for r in files.values()):
+        raise IntegrityError(f"{directory}: its manifest's file records are damaged; {fix}")
     for name, recorded in files.items():
         found = problem(Path(directory) / name, recorded)
         if found is not None:

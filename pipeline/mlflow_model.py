@@ -129,15 +129,15 @@ def publish(tracker: Any, model_path: str | Path, cache: str | Path) -> Any:
             # section says why (MLflow warns that pickled models run code when loaded: trust the store)
             code = shutil.copytree(PACKAGE, Path(tmp) / PACKAGE.name,
                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            info = mlflow.pytorch.log_model(RLANPredictor(model, meta["temperature"]), name=ARTIFACT,
-                                            signature=signature(), input_example=example_views(cache),
-                                            code_paths=[str(code)], pip_requirements=requirements(),
-                                            serialization_format="pickle")
+            info = client.call("log_model", mlflow.pytorch.log_model, RLANPredictor(model, meta["temperature"]),
+                               name=ARTIFACT, signature=signature(), input_example=example_views(cache),
+                               code_paths=[str(code)], pip_requirements=requirements(),
+                               serialization_format="pickle")  # bounded like every call (tracking.retry_s)
         run = client.get_run(tracker.run_id)
         tags = {"dvc_exp_name": run_name(), "model_md5": md5, "fingerprint": run.data.tags.get("fingerprint", ""),
                 "git_commit": run.data.tags.get("git_commit", "")}
         with store_lock(tracker.uri), using_tracking_uri(tracker.uri):
-            found = mlflow.register_model(info.model_uri, name, tags=tags)
+            found = client.call("register_model", mlflow.register_model, info.model_uri, name, tags=tags)
         log.info("MLflow: logged the model and registered %s version %s in %.1f s", name, found.version,
                  time.perf_counter() - t0)
     client.set_registered_model_alias(name, alias, found.version)

@@ -4,6 +4,11 @@ Each section of params.yaml loads into a frozen pydantic model that rejects unkn
 types and out-of-range values. `load_params` turns pydantic's errors into one `ParamsError` whose
 lines name the dotted key, what was wrong and what is allowed. Cross-key checks (the seed's
 validation rules) live in `pipeline.rules`, not here: this module only knows single values.
+
+The file is read defensively (`read_yaml`, every reader of a params file uses it): at most
+`MAX_PARAMS_BYTES`, UTF-8, no YAML aliases (a few nested aliases expand to gigabytes), no key twice
+in a mapping (YAML's last-wins would hide the first). A value echoed in a message is cut to its first
+`CLIP` characters and its length (`clip`).
 """
 
 from __future__ import annotations
@@ -13,20 +18,34 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from yaml.constructor import ConstructorError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # Defaults of the model code itself (not of params.yaml): the validation rules compare the
 # configured values with these, as the seed's report does ("the code's HyperLoRAConfig uses
 # scaling 0.1"; "RLANConfig default hyperlora_init_scale 0.1").
 HYPERLORA_CODE_DEFAULTS = {"init_scale": 0.1, "scaling": 0.1}
+MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few KB; a larger file is refused before it is parsed
+CLIP = 80  # characters of a value shown in a message
+
+
+def shorten(text: str, limit: int = CLIP) -> str:
+    """`text`, or its first `limit` characters and its length when it is longer."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def clip(value: Any) -> str:
+    """A value as a message shows it: its repr, cut (`shorten`)."""
+    return shorten(repr(value))
 
 
 class ParamsError(ValueError):
-    """params.yaml failed the schema; `problems` holds one line per bad key."""
+    """params.yaml failed the schema; `problems` holds one line per bad key (one problem: one line)."""
 
     def __init__(self, problems: list[str], source: str = "params.yaml"):
         self.problems = problems
-        super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{source} is invalid: {problems[0]}" if len(problems) == 1 else
+                         f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class _Section(BaseModel):
@@ -40,6 +59,7 @@ def _prob(**kw: Any) -> Any:
 class DataParams(_Section):
     source: Literal["arc-agi-1", "arc-agi-2"]
     max_tasks: int | None = Field(ge=1)
+    max_input_mb: int = Field(ge=1, le=100_000)  # tasks a user brings (prepare --input): larger input is refused
 
 
 class AugmentParams(_Section):
@@ -183,6 +203,7 @@ class TrackingParams(_Section):
     required: bool
     registered_model: str = Field(min_length=1, max_length=200, pattern=r"^[^/:@]+$")
     timeout_s: int = Field(ge=1, le=600)
+    retry_s: int = Field(ge=0, le=3600)
 
 
 class ValidationParams(_Section):
@@ -235,6 +256,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+ABSENT = "(absent)"
+
+
+def differences(old: Any, new: Any, labels: tuple[str, str]) -> list[str]:
+    """`key: <old label> X, <new label> Y` for every dotted key whose value differs (values cut); a tree
+    that is not a mapping counts as one value, `(top level)`."""
+    a, b = ({"(top level)": t} if not isinstance(t, dict) else flatten(t) for t in (old, new))
+    keys = [*a, *(k for k in b if k not in a)]
+    return [f"{shorten(k)}: {labels[0]} {clip(a.get(k, ABSENT))}, {labels[1]} {clip(b.get(k, ABSENT))}"
+            for k in keys if a.get(k, ABSENT) != b.get(k, ABSENT)]
+
+
 # --- loading and error reporting ----------------------------------------------------------
 
 
@@ -274,7 +307,7 @@ def _problem_lines(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors(include_url=False):
         loc = tuple(p for p in e["loc"] if not isinstance(p, int) or e["type"] == "extra_forbidden")
-        key = ".".join(str(p) for p in loc)
+        key = shorten(".".join(str(p) for p in loc))
         if e["type"] == "extra_forbidden":
             parent = _field_at(loc[:-1]) if len(loc) > 1 else None
             model = parent.annotation if parent is not None else Params
@@ -285,7 +318,7 @@ def _problem_lines(err: ValidationError) -> list[str]:
         else:
             allowed = _allowed(loc)
             got = e.get("input")
-            lines.append(f"{key}: {e['msg']}, got {got!r}" + (f" ({allowed})" if allowed else ""))
+            lines.append(f"{key}: {e['msg']}, got {clip(got)}" + (f" ({allowed})" if allowed else ""))
     # one line per key: union types report each alternative; keep the first message per key
     seen, unique = set(), []
     for line in lines:
@@ -309,15 +342,65 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 def _reject_nonfinite(tree: dict[str, Any], prefix: str, source: str) -> None:
     bad = [k for k, v in flatten(tree, prefix).items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        raise ParamsError([f"{k}: must be a finite number" for k in bad], source)
+        raise ParamsError([f"{shorten(k)}: must be a finite number" for k in bad], source)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe subset without aliases and without a key twice in one mapping."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "an alias (*name): aliases are not allowed in a params "
+                                              "file (write the value out)", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise ConstructorError(None, None, f"key {clip(key)} appears twice in one mapping (first on "
+                                           f"line {first[key]}; YAML would keep the last silently)",
+                                           key_node.start_mark)
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str = "params.yaml") -> Any:
+    """YAML text parsed by the strict loader; ParamsError (one line) on bad YAML, an alias or a repeated key."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ParamsError([f"not valid YAML: {where}{shorten(err.problem or err.context or '', 200)}"],
+                          source) from None
+    except yaml.YAMLError as err:
+        raise ParamsError([f"not valid YAML: {shorten(str(err).splitlines()[0] if str(err) else '', 200)}"],
+                          source) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A params file parsed defensively (see the module's doc); ParamsError naming the file and the problem."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_PARAMS_BYTES:
+            raise ParamsError([f"{size:,} bytes, more than the {MAX_PARAMS_BYTES:,} a params file may have "
+                               "(it holds a few KB of settings)"], str(path))
+        data = path.read_bytes()
+    except OSError as err:
+        raise ParamsError([f"cannot be read ({err.strerror})"], str(path)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ParamsError([f"not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}); save it as "
+                           "UTF-8"], str(path)) from None
+    return parse_yaml(text, str(path))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raises ParamsError naming every bad key."""
-    path = Path(path)
-    with path.open() as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ParamsError([f"not valid YAML: {err}"], str(path)) from None
-    return parse_params(raw, str(path))
+    return parse_params(read_yaml(path), str(path))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.params import HYPERLORA_CODE_DEFAULTS, Params
+from pipeline.params import HYPERLORA_CODE_DEFAULTS, Params, shorten
 
 Severity = Literal["error", "warning"]
 Status = Literal["error", "warning", "accepted"]  # accepted: an error rule broken on purpose
@@ -100,7 +100,7 @@ def acceptable() -> list[str]:
 def _unknown_accepted(p: Params) -> str | None:
     known = acceptable()
     bad = [i for i in p.validation.accept_broken_rules if i not in known]
-    return _when(bool(bad), f"{ACCEPT_KEY} lists {', '.join(bad)}, not an error rule that can be accepted "
+    return _when(bool(bad), f"{ACCEPT_KEY} lists {shorten(', '.join(bad), 200)}, not an error rule that can be accepted "
                             f"(those are: {', '.join(known)})")
 
 

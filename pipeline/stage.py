@@ -1,10 +1,31 @@
-"""What every stage script does first: logging set-up and its command line."""
+"""What every stage script does: logging set-up, its command line, its params, and its end.
+
+`run(main)` runs a stage's main: first it removes what killed stages left beside the workspace's
+outputs (`pipeline.io.remove_stale_temporaries` over the folders of the outputs dvc.yaml declares),
+then the known failures end the stage with their one line and no traceback: a bad params.yaml, an
+output that cannot be written, damaged data, an MLflow store that cannot be used or was lost, another
+experiment in the workspace.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from pipeline import runlock
+from pipeline.integrity import IntegrityError
+from pipeline.io import OutputError, remove_stale_temporaries
+from pipeline.params import Params, ParamsError, load_params
+from pipeline.tracking import TrackingError
+from pipeline.tracking_client import TrackingLost
+
+log = logging.getLogger("stage")
+FAILURES = (ParamsError, OutputError, IntegrityError, TrackingError, TrackingLost, runlock.WorkspaceError)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -25,5 +46,38 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def fail(message: str, code: int = 1) -> None:
     """End a stage with a clear error line and no traceback."""
-    logging.getLogger("stage").error(message)
+    log.error(message)
     sys.exit(code)
+
+
+def stage_params(path: str | Path) -> Params:
+    """The stage's params: read defensively and validated (ParamsError), and, when DVC runs the stage,
+    this workspace checked to be this experiment's (pipeline.runlock, WorkspaceError)."""
+    loaded = load_params(path)
+    runlock.check_stage(path)
+    return loaded
+
+
+def output_folders(dvc_yaml: str | Path = "dvc.yaml") -> list[Path]:
+    """The folders that hold the outputs of the pipeline in this workspace (from dvc.yaml; none without it)."""
+    try:
+        stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return []
+    paths = {next(iter(o)) if isinstance(o, dict) else o for s in stages.values() if isinstance(s, dict)
+             for kind in ("outs", "metrics", "plots") for o in s.get(kind) or []}
+    return sorted({Path(p).parent for p in paths if isinstance(p, str)})
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage (see the module's doc)."""
+    setup_logging()
+    try:
+        for path in remove_stale_temporaries(output_folders()):
+            log.info("removed %s, left by a stage that was killed", path)
+    except OSError as err:  # a sweep that cannot remove something does not stop the stage
+        log.warning("could not remove a temporary output left by a killed stage: %s", err)
+    try:
+        main()
+    except FAILURES as err:
+        fail(str(err))

@@ -11,6 +11,10 @@ No run id is ever written into a DVC output: a training run carries tags that fi
 `model_md5` (the MD5 of models/model.pt, the hash in dvc.lock) for the stages that log into it.
 A run also records `host`, `pid` and `pid_start`: a RUNNING run whose process is gone is marked
 KILLED when the next run of the experiment starts; SIGTERM and SIGINT end a run as KILLED.
+
+Every call to the store goes through `pipeline.tracking_client` (`connect`): bounded by
+`tracking.timeout_s` per request and `tracking.retry_s` in all; logging calls made while the store is
+lost are kept in `<repo root>/.dvc/tmp/mlflow-buffer/` and sent when it is back.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.params import Params, TrackingParams
+from pipeline.tracking_client import BoundedClient, connect, reason
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,16 @@ def tracking_uri(p: TrackingParams) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or p.tracking_uri or f"{_SQLITE}{repo_root() / 'mlflow.db'}"
 
 
+def buffer_root() -> Path:
+    """Where logging calls wait while a store is lost (pipeline.tracking_client), one folder per store."""
+    return repo_root() / ".dvc" / "tmp" / "mlflow-buffer"
+
+
+def client_for(p: TrackingParams) -> BoundedClient:
+    """The store's client with bounded calls (it first sends what earlier processes kept for it)."""
+    return connect(tracking_uri(p), p, buffer_root())
+
+
 def run_name() -> str:
     """The DVC experiment this process runs in, or "workspace" (`dvc repro`, a stage run by hand)."""
     return os.environ.get("DVC_EXP_NAME") or "workspace"
@@ -124,7 +139,8 @@ def check_store(p: TrackingParams) -> bool:
     uri = tracking_uri(p)
     db = _sqlite_path(uri)
     if db is not None:
-        found = _sqlite_problem(db, p.timeout_s)
+        found = _sqlite_problem(db, p.timeout_s) or _artifacts_problem(
+            _recorded_artifacts(db, p.experiment_name) or artifact_location(uri, p.experiment_name))
     elif uri.startswith(("http://", "https://")):
         found = _server_problem(uri, p.timeout_s)
     else:
@@ -140,7 +156,8 @@ def check_store(p: TrackingParams) -> bool:
 
 def _sqlite_problem(db: Path, timeout_s: int) -> str | None:
     """A write that is rolled back: catches a read-only file or directory (even for root, e.g.
-    `chattr +i`), a file that is not a database, a directory that cannot be created."""
+    `chattr +i`), a file that is not a database, a directory that cannot be created, and a database
+    that another process keeps locked for longer than timeout_s."""
     if not db.exists():
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -153,17 +170,48 @@ def _sqlite_problem(db: Path, timeout_s: int) -> str | None:
     try:
         con = sqlite3.connect(db, timeout=timeout_s, isolation_level=None)
         try:
-            con.execute("BEGIN IMMEDIATE")
+            con.execute("BEGIN IMMEDIATE")  # waits up to timeout_s for another process's write to end
             con.execute("CREATE TABLE main._rlan_write_probe (x)")
             con.execute("ROLLBACK")
         finally:
             con.close()
     except sqlite3.OperationalError as err:
         if "locked" in str(err):
-            return None  # busy with another run's writes for timeout_s: it can be written
+            return (f"MLflow store {db} is locked by another process for more than {timeout_s} s (tracking.timeout_s: "
+                    "an open transaction of an sqlite3 shell, or a process that hangs)")
         return f"MLflow store {db} cannot be written ({err})"
     except sqlite3.DatabaseError as err:
         return f"MLflow store {db} is not a usable database ({err})"
+    return None
+
+
+def _recorded_artifacts(db: Path, experiment: str) -> str | None:
+    """The artifact location the database records for the experiment, None before it exists."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet (no tables), or unreadable: the write probe reports that
+        return None
+    return row[0] if row else None
+
+
+def _artifacts_problem(location: str) -> str | None:
+    """A file written and removed in the artifact folder (a local one; other stores check themselves)."""
+    if location.startswith("file:"):
+        location = location.removeprefix("file://").removeprefix("file:")
+    elif re.match(r"^[a-z][a-z0-9+.-]*:", location):
+        return None
+    folder = Path(location)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".mlflow-probe-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        return f"MLflow artifact folder {folder} cannot be written ({err.strerror}: {err.filename})"
     return None
 
 
@@ -177,7 +225,7 @@ def _server_problem(uri: str, timeout_s: int) -> str | None:
     try:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - whatever the probe hits is the answer
-        return f"MLflow tracking server {uri} is unreachable or failing ({_reason(err)}; checked for {timeout_s} s)"
+        return f"MLflow tracking server {uri} is unreachable or failing ({reason(err)}; checked for {timeout_s} s)"
     finally:
         for k, v in saved.items():
             if v is None:
@@ -187,14 +235,6 @@ def _server_problem(uri: str, timeout_s: int) -> str | None:
     return None
 
 
-def _reason(err: Exception) -> str:
-    """The cause of a failed request in a few words (MLflow's message nests urllib3's)."""
-    text = str(err)
-    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text) or re.search(r"(timed out|HTTP \d{3}[^.]*)", text)
-    first = (text.strip().splitlines() or [type(err).__name__])[0]
-    return found.group(1).strip() if found else first[:160]
-
-
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -202,13 +242,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def prepare_store(uri: str, experiment: str) -> str:
+def prepare_store(uri: str, experiment: str, client: Any = None) -> str:
     """Create the database and the experiment (artifacts at `artifact_location`) once, under the
     store lock; returns the experiment id."""
     import mlflow
 
     with store_lock(uri):
-        client = mlflow.MlflowClient(uri)
+        client = client or mlflow.MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
             return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
@@ -302,10 +342,9 @@ class Tracker:
         RUNNING by a dead process are marked KILLED first."""
         if not self.enabled:
             return None
-        import mlflow
-
-        exp_id = prepare_store(self.uri, self.params.tracking.experiment_name)
-        self._client = mlflow.MlflowClient(self.uri)
+        with store_lock(self.uri):  # a new client of an sqlite store creates and migrates the database
+            self._client = client_for(self.params.tracking)
+        exp_id = prepare_store(self.uri, self.params.tracking.experiment_name, self._client)
         close_dead_runs(self._client, exp_id)
         name = run_name()
         earlier = self._client.search_runs([exp_id], f"tags.fingerprint = '{fingerprint}'",
@@ -344,7 +383,7 @@ class Tracker:
             return False
         import mlflow
 
-        self._client = mlflow.MlflowClient(self.uri)
+        self._client = client_for(self.params.tracking)
         try:
             self._client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
@@ -365,9 +404,7 @@ class Tracker:
         return self.attach(found)
 
     def find_training_run(self, model_md5: str) -> str | None:
-        import mlflow
-
-        client = mlflow.MlflowClient(self.uri)
+        client = client_for(self.params.tracking)
         exp = client.get_experiment_by_name(self.params.tracking.experiment_name)
         if exp is None:
             return None

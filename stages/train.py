@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline import arc, distributed, lineage, mlflow_model, tracking
+from pipeline import arc, distributed, lineage, mlflow_model, runlock, tracking
 from pipeline.integrity import IntegrityError
 from pipeline.model.io import ModelFileError
-from pipeline.params import load_params
-from pipeline.stage import fail, parser, setup_logging
+from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
+from pipeline.tracking_client import TrackingLost, unless_required
 from pipeline.train.loop import TrainPaths, train
 from pipeline.train.preflight import PreflightError
 
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--plots", required=True, help="directory for the per-epoch series")
     args = ap.parse_args()
     setup_logging()
-    params = load_params(args.params)
+    params = stage_params(args.params)
     try:
         tracked = tracking.check_store(params.tracking)  # before any compute, within tracking.timeout_s
     except tracking.TrackingError as err:
@@ -59,11 +59,18 @@ def main() -> None:
     if final is None:
         return
     try:
+        runlock.check_stage(args.params)  # still this experiment's params: the model is registered under its name
         tracker.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, (int, float))},
                             step=final["epochs"])
         for f in (args.params, args.metrics, Path(args.plots) / "epochs.tsv"):
             tracker.log_artifact(f)
         mlflow_model.publish(tracker, args.model, args.cache)
+    except TrackingLost as err:
+        tracker.end("FAILED")  # kept with the rest until the store is back
+        with unless_required(params.tracking):
+            raise TrackingLost(f"{err}; the training itself finished and its checkpoint is saved: run again, it "
+                               "restores the outputs without training and registers the model") from None
+        return
     except BaseException as err:
         tracker.end(tracking.end_status(err))
         raise
@@ -73,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

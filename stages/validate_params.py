@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from pipeline import runlock
 from pipeline.committed import restore_hint
 from pipeline.io import write_json, write_text
 from pipeline.params import ParamsError, load_params
 from pipeline.rules import check_rules, render_report, summary
-from pipeline.stage import fail, parser, setup_logging
+from pipeline.stage import fail, parser, run, setup_logging
 
 log = logging.getLogger("validate_params")
 
@@ -35,6 +36,7 @@ def main() -> None:
                    + "".join(f"- {p}\n" for p in err.problems))
         fail(failure(str(err), args.params))
         return
+    runlock.check_stage(args.params)  # when DVC runs it: this workspace is this experiment's
 
     violations = check_rules(params)
     for v in violations:
@@ -50,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

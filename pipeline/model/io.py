@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 
-from pipeline.io import atomic_path
+from pipeline.io import write_bytes
 from pipeline.model.rlan import RLAN
 from pipeline.params import ModelParams
 
@@ -47,8 +48,9 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", hint: 
 
 def save_model(path: str | Path, model: RLAN, meta: dict[str, Any]) -> None:
     obj = {"format": FORMAT, "model_params": model.cfg.model_dump(), "state_dict": model.state_dict(), "meta": meta}
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    buffer = BytesIO()  # serialized first: its size is checked against the room left (pipeline.io.write_bytes)
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RLAN, dict[str, Any]]:

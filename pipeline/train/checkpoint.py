@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline import integrity
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, ensure_room, write_json
 from pipeline.model.io import ModelFileError, safe_load
 from pipeline.params import Params
 
@@ -32,6 +33,7 @@ MANIFEST = "manifest.json"
 # often checkpoints are written, when to give up on NaN. A run resumes whatever they are.
 NEUTRAL_TRAIN_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id", "dist_timeout_s", "save_every",
                       "max_consecutive_nonfinite", "max_cpu_hours")
+NEUTRAL_DATA_KEYS = ("max_input_mb",)  # a limit on what prepare reads: the data itself is in the fingerprint
 # The code that shapes training, relative to the pipeline package.
 TRAINING_CODE = ("model", "train", "loader.py", "cache.py", "canvas.py", "augment.py", "arc.py", "params.py",
                  "runtime.py", "distributed.py")
@@ -52,6 +54,8 @@ def fingerprint(params: Params, data: list[Path], extra: bytes = b"") -> str:
     keep = {k: params.model_dump()[k] for k in ("data", "augment", "model", "train")}
     for k in NEUTRAL_TRAIN_KEYS:
         keep["train"].pop(k)
+    for k in NEUTRAL_DATA_KEYS:
+        keep["data"].pop(k)
     h = hashlib.blake2b(json.dumps(keep, sort_keys=True).encode(), digest_size=16)
     root = Path(__file__).resolve().parents[1]
     code = [f for part in TRAINING_CODE for f in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])]
@@ -62,20 +66,32 @@ def fingerprint(params: Params, data: list[Path], extra: bytes = b"") -> str:
 
 
 def fresh_hint(directory: str | Path) -> str:
-    return f"delete {directory} to start training afresh, or restore it with `dvc checkout {directory}`"
+    return f"delete {directory} to start training afresh, or restore it with `dvc checkout --force {directory}`"
 
 
 def _records(directory: Path) -> list[dict[str, Any]] | None:
+    """The records of last.pt in the manifest, None without a manifest; a damaged one is an IntegrityError."""
     path = directory / MANIFEST
-    return read_json(path).get(LAST) if path.exists() else None
+    if not path.exists():
+        return None
+    manifest = integrity.read_manifest(path, fresh_hint(directory))
+    records = manifest.get(LAST)
+    if not isinstance(records, list) or not records or not all(integrity.is_record(r) for r in records):
+        raise integrity.IntegrityError(f"{path}: damaged (no valid record of {LAST}); {fresh_hint(directory)}")
+    return records
 
 
 def save(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write last.pt and its manifest; the size is known before anything is written, so a disk without
+    room for it stops training in one line (pipeline.io.OutputError) and the previous checkpoint stays."""
     directory = Path(directory)
     path = directory / LAST
-    directory.mkdir(parents=True, exist_ok=True)
+    buffer = BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    data = buffer.getbuffer()
+    ensure_room(path, len(data))
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+        tmp.write_bytes(data)
         record = integrity.describe(tmp)
         write_json(directory / MANIFEST, {LAST: [record, *(_records(directory) or [])][:3]})
     write_json(directory / MANIFEST, {LAST: [record]})
