@@ -83,7 +83,7 @@ SCALES: dict[str, Scale] = {
         "model.dsc_num_heads": 2, "model.solver_context_heads": 2,
         "data.max_tasks": 20, "augment.samples_per_task": 100,
         "train.epochs": 10, "train.steps_per_epoch": 25, "train.batch_size": 16, "train.grad_accumulation_steps": 1,
-        "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 10,
+        "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 1, "train.cpu_threads": 1,
         "evaluate.device": "cpu", "evaluate.batch_size": 128,
     }, "20+20 tasks, 100 versions each, a 32-wide model, 10 epochs (7 with meta-learning) of 25 steps of 16 samples; "
        "about 6 minutes for both in the queue on 2 cores"),
@@ -94,7 +94,7 @@ SCALES: dict[str, Scale] = {
         "data.max_tasks": 3, "augment.samples_per_task": 8,
         "train.epochs": 3, "train.steps_per_epoch": 2, "train.batch_size": 3, "train.grad_accumulation_steps": 2,
         "train.heldout_tasks": 2, "train.meta_learning_start_epoch": 1, "train.eval_every": 1, "train.save_every": 1,
-        "train.device": "cpu", "train.equivariance_training.num_augmentations": 1,
+        "train.device": "cpu", "train.cpu_threads": 1, "train.equivariance_training.num_augmentations": 1,
         "evaluate.max_tasks": 2, "evaluate.batch_size": 64, "evaluate.device": "cpu",
     }, "3+3 tasks, a 16-wide model, 3 epochs of 2 steps: the tests' scale, seconds per experiment"),
 }

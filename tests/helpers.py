@@ -139,3 +139,14 @@ def train_cmd(ws: dict[str, Path], out: Path) -> list[str]:
     return [sys.executable, "-m", "stages.train", "--params", str(ws["params"]), "--cache", str(ws["cache"]),
             "--raw", str(ws["raw"]), "--checkpoints", str(out / "ckpt"), "--model", str(out / "model.pt"),
             "--metrics", str(out / "train.json"), "--plots", str(out / "plots")]
+
+
+def checkpoint_of(ws: dict[str, Path], store: Path) -> Path:
+    """The directory of the workspace's training (its fingerprint) in a checkpoint store."""
+    from pipeline.arc import read_raw
+    from pipeline.params import load_params
+    from pipeline.train import checkpoint, loop
+
+    params = load_params(ws["params"])
+    held = loop.heldout_examples(read_raw(ws["raw"] / "pairs.parquet"), params.train.heldout_tasks, params.train.seed)
+    return checkpoint.directory(store, loop.training_identity(params, held, ws["cache"]).fingerprint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -22,7 +23,7 @@ from pipeline.tracking import Tracker, tracking_uri
 from pipeline.train import preflight, schedule
 from pipeline.train.batches import pack
 from pipeline.train.losses import evaluation_measures, training_losses
-from tests.helpers import REPO, params_with, tiny_workspace, tool_env, train_cmd
+from tests.helpers import REPO, checkpoint_of, params_with, tiny_workspace, tool_env, train_cmd
 
 RECOLOURINGS = [{1: 2, 3: 4}, {1: 3, 3: 1}, {5: 7}, {1: 5, 5: 1}]
 
@@ -139,15 +140,16 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
 
     monkeypatch.setattr(losses, "training_losses",
                         lambda *a, **k: (torch.tensor(float("inf"), requires_grad=True), {}))
-    (tmp_path / "ckpt" / "last.pt").unlink()
+    shutil.rmtree(tmp_path / "ckpt")
     with pytest.raises(loop.NonFiniteLossError, match="3 consecutive optimizer steps with a NaN/Inf loss"):
         loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     ws = tiny_workspace(tmp_path)
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "last.pt").write_bytes(b"\x00garbage")
+    folder = checkpoint_of(ws, tmp_path / "ckpt")
+    folder.mkdir(parents=True)
+    (folder / "last.pt").write_bytes(b"\x00garbage")
     params = load_params(ws["params"])
     with pytest.raises(ModelFileError, match="last.pt: corrupt"):
         loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
@@ -157,7 +159,7 @@ def _run(ws, out, kill_after_checkpoint=False):
     proc = subprocess.Popen(train_cmd(ws, out), cwd=REPO, env=tool_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if kill_after_checkpoint:
-        ckpt = out / "ckpt" / "last.pt"
+        ckpt = checkpoint_of(ws, out / "ckpt") / "last.pt"
         deadline = time.time() + 300
         while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
@@ -177,7 +179,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     _run(ws, tmp_path / "b", kill_after_checkpoint=True)
     assert not (tmp_path / "b" / "train.json").exists()
     resumed, log = _run(ws, tmp_path / "b")
-    assert "resuming from" in log
+    assert "resuming this training after epoch " in log
     assert resumed == straight
     a, _ = load_model(tmp_path / "a" / "model.pt")
     b, _ = load_model(tmp_path / "b" / "model.pt")
@@ -193,14 +195,16 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, caplog):
     other = first.model_copy(update={"train": first.train.model_copy(update={"learning_rate": 1e-3})})
     with caplog.at_level("INFO"):
         loop.train(other, tasks, _paths(ws), Tracker(other, enabled=False))
-    assert "belongs to other params, code or data: starting fresh" in caplog.text
+    assert "training from scratch: none of the 1 checkpoint(s) in" in caplog.text
+    assert "differs in params train.learning_rate 0.0005 -> 0.001" in caplog.text
     first_weights = (tmp_path / "model.pt").read_bytes()
     (tmp_path / "model.pt").unlink()
     (tmp_path / "plots" / "epochs.tsv").unlink()
     caplog.clear()
     with caplog.at_level("INFO"):  # the same run again: its finished checkpoint gives the outputs back
         final = loop.train(other, tasks, _paths(ws), Tracker(other, enabled=False))
-    assert "finished: restoring its outputs" in caplog.text and "epoch 1/" not in caplog.text
+    assert "this training has finished (2 epochs): restoring its outputs" in caplog.text
+    assert "epoch 1/" not in caplog.text
     assert final["epochs"] == 2 and (tmp_path / "plots" / "epochs.tsv").exists()
     again, _ = load_model(tmp_path / "model.pt")
     (tmp_path / "first.pt").write_bytes(first_weights)
@@ -255,7 +259,7 @@ def test_preflight_refuses_a_run_that_does_not_fit_in_memory(tmp_path, monkeypat
     monkeypatch.setattr(preflight, "available_memory", lambda device: 64 * 1024**2)  # a 64 MB machine
     with pytest.raises(preflight.PreflightError, match=r"micro-batch of 3 is projected to need [\d.]+ GB, more than"):
         loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "model.pt").exists()
+    assert not list((tmp_path / "ckpt").rglob("last.pt")) and not (tmp_path / "model.pt").exists()
 
 
 @pytest.mark.slow
