@@ -32,7 +32,7 @@ import yaml
 from pipeline.committed import committed_text, differences
 from pipeline.compare import compare
 from pipeline.params import flatten
-from pipeline.stage import fail, setup_logging
+from pipeline.stage import INTERRUPTED, fail, run_foreground, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def child_env(cwd: Path, jobs: int = 1) -> dict[str, str]:
 
 def _dvc(args: list[str], cwd: Path, capture: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "dvc", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=child_env(cwd), capture_output=capture, text=True)
+    proc = run_foreground(cmd, cwd=cwd, env=child_env(cwd), capture_output=capture, text=True)
     if proc.returncode != 0:
         raise ExperimentError(f"`dvc {' '.join(args)}` failed"
                               + (f":\n{proc.stdout}{proc.stderr}" if capture else " (its output is above)"))
@@ -218,7 +218,11 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
                   *set_args(overrides(name, scale))], cwd, capture=queue)
         if queue:
             start_queue(cwd, jobs)
-            wait_for_queue(cwd)
+            try:
+                wait_for_queue(cwd)
+            except KeyboardInterrupt:
+                stop_queue(cwd, names)
+                raise
     finally:
         restore_params(cwd)
     check_params(names, scale, baseline, cwd)
@@ -236,6 +240,19 @@ def start_queue(cwd: Path, jobs: int) -> None:
                               env=child_env(cwd, jobs), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise ExperimentError(f"`dvc queue start -j {jobs}` failed:\n{out.read_text()}")
+
+
+def stop_queue(cwd: Path, names: list[str]) -> None:
+    """Ctrl-C while the queue runs (its workers are daemons, out of the terminal's reach): interrupt
+    the running experiments as Ctrl-C would (each training stops and its next run resumes from its
+    checkpoint) and drop the ones not started."""
+    _dvc(["queue", "remove", "--queued"], cwd)
+    for name in names:
+        try:
+            _dvc(["queue", "kill", name], cwd)
+        except ExperimentError:  # finished, failed or never started: nothing to stop
+            continue
+        log.warning("interrupted the queued experiment %s", name)
 
 
 def wait_for_queue(cwd: Path, poll: float = 5.0, timeout: float = 7 * 24 * 3600) -> None:
@@ -319,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
             print(" ".join(set_args(overrides(args.name, args.scale))))
     except ExperimentError as err:
         fail(str(err))
+    except KeyboardInterrupt:
+        fail("interrupted (Ctrl-C): the same command resumes each interrupted training from its checkpoint",
+             INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -288,3 +288,87 @@ def test_projection_from_measured_steps():
     preflight.check(p, max_cpu_hours=1e9)
     with pytest.raises(preflight.PreflightError, match="train.max_cpu_hours=1e-09"):
         preflight.check(p, max_cpu_hours=1e-9)
+
+
+def _paths_in(ws, out):
+    return loop.TrainPaths(ws["cache"], out / "ckpt", out / "model.pt", out / "train.json", out / "plots")
+
+
+OUTPUTS = ("model.pt", "train.json", "plots/epochs.tsv")
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_then_resume_gives_the_same_bytes_in_the_same_run(tmp_path, monkeypatch, caplog):
+    import mlflow
+
+    from pipeline.tracking import Terminated
+    from pipeline.train import checkpoint
+
+    for k in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(k, raising=False)
+    ws = tiny_workspace(tmp_path / "ws", train__steps_per_epoch=4, train__checkpoint_minutes=1e-6)  # every step
+    params = load_params(ws["params"])
+    tasks = read_raw(ws["raw"] / "pairs.parquet")
+    with caplog.at_level("INFO", logger="pipeline.train.loop"):
+        straight = loop.train(params, tasks, _paths_in(ws, tmp_path / "a"), Tracker(params, enabled=False))
+    assert caplog.records[0].getMessage() == f"training from scratch: no checkpoint in {tmp_path / 'a' / 'ckpt'} yet"
+
+    real_save, saved = checkpoint.save, []
+
+    def save_then_ctrl_c(directory, state, about):  # Ctrl-C just after the checkpoint in epoch 2 after step 2
+        path = real_save(directory, state, about)
+        saved.append((state["epoch"], state["step"]))
+        if saved[-1] == (1, 2):
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_ctrl_c)
+    monkeypatch.setenv("DVC_EXP_NAME", "interrupted")  # e.g. the name DVC gave a `dvc exp run`
+    first = Tracker(params)
+    with pytest.raises(Terminated) as stop:
+        loop.train(params, tasks, _paths_in(ws, tmp_path / "b"), first)
+    first.end("KILLED")
+    folder = checkpoint_of(ws, tmp_path / "b" / "ckpt")
+    assert saved == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]  # mid-epoch and at the end of epoch 1
+    assert stop.value.code == 130 and str(stop.value) == (
+        f"stopped by SIGINT (Ctrl-C) in epoch 2 of 3, after step 2 of 4; the next run of this training resumes in "
+        f"epoch 2 of 3, after step 2 of 4, from {folder / 'last.pt'}")
+
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    monkeypatch.setenv("DVC_EXP_NAME", "resumed")
+    caplog.clear()
+    second = Tracker(params)
+    with caplog.at_level("INFO", logger="pipeline.train.loop"):
+        resumed = loop.train(params, tasks, _paths_in(ws, tmp_path / "b"), second)
+    second.end()
+    assert caplog.records[0].getMessage() == (f"resuming this training in epoch 2 of 3, after step 2 of 4, from "
+                                             f"{folder / 'last.pt'}")
+    assert resumed == straight
+    for name in OUTPUTS:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    # one training, one MLflow run: the killed one, continued and renamed after the experiment that finished it
+    client = mlflow.MlflowClient(tracking_uri(params.tracking))
+    runs = client.search_runs([client.get_experiment_by_name("rlan").experiment_id])
+    assert [(r.info.run_id, r.info.run_name, r.info.status) for r in runs] == [(first.run_id, "resumed", "FINISHED")]
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "loss_total")) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_cpu_threads_are_a_param_so_the_machine_does_not_change_the_bytes(tmp_path):
+    from pipeline.train import checkpoint
+
+    ws = tiny_workspace(tmp_path / "ws", train__epochs=2, train__cpu_threads=1)
+    params = load_params(ws["params"])
+    tasks = read_raw(ws["raw"] / "pairs.parquet")
+    before = torch.get_num_threads()
+    try:
+        for threads, out in ((2, "a"), (1, "b")):  # what the machine (or OMP_NUM_THREADS) would give
+            torch.set_num_threads(threads)
+            loop.train(params, tasks, _paths_in(ws, tmp_path / out), Tracker(params, enabled=False))
+    finally:
+        torch.set_num_threads(before)
+    for name in OUTPUTS:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    two = params.override({"train.cpu_threads": 2})
+    assert checkpoint.fingerprint(two, [ws["cache"]]) != checkpoint.fingerprint(params, [ws["cache"]])

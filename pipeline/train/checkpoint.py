@@ -146,6 +146,12 @@ def save(directory: str | Path, state: dict[str, Any], about: dict[str, Any]) ->
     return path
 
 
+def about(directory: str | Path) -> dict[str, Any] | None:
+    """What the directory's checkpoint is (`save`'s `about`: epoch, step, ...), None without one."""
+    directory = Path(directory)
+    return _manifest(directory).get("about") if (directory / LAST).exists() else None
+
+
 def verify(directory: str | Path) -> None:
     """ModelFileError when last.pt does not match its manifest (a checkpoint without a manifest,
     from before there were manifests, is only loaded)."""
@@ -183,16 +189,16 @@ def why_fresh(store: str | Path, ident: Identity) -> str:
     store = Path(store)
     others = []
     for manifest in store.glob(f"*/{MANIFEST}"):
-        about = _manifest(manifest.parent).get("about")
-        if about and manifest.parent.name != ident.fingerprint:
-            others.append((about.get("saved", ""), manifest.parent, about))
+        found = about(manifest.parent)
+        if found and manifest.parent.name != ident.fingerprint:
+            others.append((found.get("saved", ""), manifest.parent, found))
     if not others:
         return f"no checkpoint in {store} yet"
-    saved, latest, about = max(others, key=lambda o: o[0])
-    where = (f"after epoch {about.get('epoch')} of {about.get('epochs')}" if not about.get("step")
-             else f"in epoch {about.get('epoch', 0) + 1} of {about.get('epochs')}, step {about.get('step')}")
+    saved, latest, last = max(others, key=lambda o: o[0])
+    where = (f"after epoch {last.get('epoch')} of {last.get('epochs')}" if not last.get("step")
+             else f"in epoch {last.get('epoch', 0) + 1} of {last.get('epochs')}, step {last.get('step')}")
     return (f"none of the {len(others)} checkpoint(s) in {store} is of this training; the latest ({latest.name[:12]}, "
-            f"{where}, saved {saved}) differs in {ident.differences(about) or 'what it records'}")
+            f"{where}, saved {saved}) differs in {ident.differences(last) or 'what it records'}")
 
 
 @contextlib.contextmanager

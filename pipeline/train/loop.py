@@ -214,7 +214,7 @@ def first_line(state: dict[str, Any] | None, at: Position, tp: TrainParams, step
         return f"training from scratch: {why_fresh()}"
     if at.epoch >= tp.epochs:
         return f"this training has finished ({tp.epochs} epochs): restoring its outputs from {state['path']}, no training"
-    return f"resuming this training {at.describe(tp.epochs, steps_per_epoch)} from {state['path']}"
+    return f"resuming this training {at.describe(tp.epochs, steps_per_epoch)}, from {state['path']}"
 
 
 @contextlib.contextmanager
@@ -313,23 +313,24 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
             tracker.log_history(history, lambda row: epoch_checks(row, params))
 
     # -- checkpoints: every save_every epochs, the last, and the first step after checkpoint_minutes
-    saved = Position(at.epoch, at.step) if state is not None else None
     last_save = time.monotonic()
 
     def save(position: Position, meter_state: dict[str, Any] | None) -> None:
-        nonlocal saved, last_save
+        nonlocal last_save
         checkpoint.save(folder, {
             "fingerprint": fp, "epoch": position.epoch, "step": position.step, "model": model.state_dict(),
             "ema": ema.state_dict(), "optimizer": opt.state_dict(), "history": history, "meter": meter_state,
             "bad_steps": bad_steps, "consecutive_nonfinite": consecutive_bad, "params": params.model_dump()},
             {"epoch": position.epoch, "step": position.step, "epochs": tp.epochs, "steps_per_epoch": steps_per_epoch,
              "params": ident.params, "code": ident.code, "data": ident.data})
-        saved, last_save = Position(position.epoch, position.step), time.monotonic()
+        last_save = time.monotonic()
 
-    def stopped_where() -> str:
+    def stopped_where() -> str:  # the checkpoint on disk, whatever the signal interrupted
+        about = checkpoint.about(folder) if folder else None
+        saved = Position(about["epoch"], about["step"]) if about else None
         resume = (f"the next run of this training resumes {saved.describe(tp.epochs, steps_per_epoch)}, from "
                   f"{folder / checkpoint.LAST}" if saved else "no checkpoint of it yet: the next run starts afresh")
-        return f"{Position(epoch - 1, step).describe(tp.epochs, steps_per_epoch)}; {resume}"
+        return f"{now.describe(tp.epochs, steps_per_epoch)}; {resume}"
 
     slots = cache.max_context() if tp.compile else None  # compiled: a static number of context slots
 
@@ -341,7 +342,7 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
     done_before = at.epoch * steps_per_epoch + at.step
     progress_bar = tqdm(total=total_steps * per_step, initial=done_before * per_step, unit="sample",
                         unit_scale=True, smoothing=0.05, mininterval=5.0, disable=not world.is_main)
-    t_run, epoch, step = time.perf_counter(), at.epoch + 1, at.step
+    t_run, now = time.perf_counter(), Position(at.epoch, at.step)  # `now`: what is done, for a stop's message
     with batches, progress_bar, stop_note(stopped_where):
         for epoch in range(at.epoch + 1, tp.epochs + 1):
             model.train()
@@ -376,9 +377,10 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
                 due = world.is_main and step + 1 < steps_per_epoch and \
                     time.monotonic() - last_save >= 60 * tp.checkpoint_minutes
                 flags = distributed.sum_tensor(world, torch.stack([bad, torch.tensor(float(due), device=device)]))
-                n_bad, save_now = (flags + torch.stack([(~torch.isfinite(norm)).float(), flags.new_zeros(())])).tolist()
+                flags = flags + torch.stack([(~torch.isfinite(norm)).float(), torch.zeros((), device=device)])
+                n_bad, save_now = flags.tolist()  # the one host read of the step
                 progress_bar.update(per_step)
-                if n_bad > 0:  # the one host read of the step, above
+                if n_bad > 0:
                     opt.zero_grad(set_to_none=True)
                     bad_steps += 1
                     consecutive_bad += 1
@@ -396,13 +398,13 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
                     ema.update_parameters(model)
                     for logs in step_logs:
                         meter.add(logs)
+                now = Position(epoch - 1, step + 1)
                 if save_now:  # mid-epoch: the epoch's measurements so far go with it (every rank's)
                     meter_state = meter.state(world)
                     if world.is_main:
                         save(Position(epoch - 1, step + 1), meter_state)
 
             # -- end of epoch: means over all ranks, then rank 0 measures, checks, logs and saves
-            step = steps_per_epoch
             means = meter.global_means(world)
             elapsed = time.perf_counter() - t0
             if world.is_main:
@@ -417,7 +419,7 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
                 eta = (time.perf_counter() - t_run) / steps_done * (total_steps - epoch * steps_per_epoch)
                 log_epoch(row, params, tracker, rate, eta)
                 write_series(history, paths.plots)
-            meter, bad_steps = Meter(), 0
+            meter, bad_steps, now = Meter(), 0, Position(epoch, 0)
             if world.is_main and (epoch % tp.save_every == 0 or epoch == tp.epochs
                                   or time.monotonic() - last_save >= 60 * tp.checkpoint_minutes):
                 save(Position(epoch, 0), None)
