@@ -121,7 +121,7 @@ def _runs(params):
 
 @pytest.mark.slow
 def test_killed_run_is_marked_killed_sigterm_ends_it_and_resume_continues_it(tmp_path):
-    ws = tiny_workspace(tmp_path / "ws", train__epochs=4)
+    ws = tiny_workspace(tmp_path / "ws", train__epochs=6)
     params = load_params(ws["params"])
     out = tmp_path / "out"
     manifest = checkpoint_of(ws, out / "ckpt") / "manifest.json"
@@ -142,16 +142,20 @@ def test_killed_run_is_marked_killed_sigterm_ends_it_and_resume_continues_it(tmp
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED" and "ended without closing the run" in killed.data.tags["killed"]
 
-    # 3. a resumed training continues that run; SIGTERM ends it as KILLED, without a traceback
-    proc = subprocess.Popen(train_cmd(ws, out), cwd=REPO, env=tool_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    first = manifest.read_text()
-    _wait_for(lambda: manifest.read_text() != first, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
-    resumed = client.get_run(run.info.run_id)
-    assert resumed.info.status == "KILLED" and resumed.data.tags["pid"] == str(proc.pid)
+    # 3. a resumed training continues that run; SIGTERM and SIGINT (Ctrl-C) end it as KILLED, each with one
+    #    line saying where the next run resumes (143, 130), without a traceback
+    for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT (Ctrl-C)")):
+        proc = subprocess.Popen(train_cmd(ws, out), cwd=REPO, env=tool_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        first = manifest.read_text()
+        _wait_for(lambda: manifest.read_text() != first, proc)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum and "Traceback" not in err, err
+        [line] = [line for line in err.splitlines() if " ERROR " in line]
+        assert f"train: stopped by {name} " in line and "; the next run of this training resumes " in line, line
+        resumed = client.get_run(run.info.run_id)
+        assert resumed.info.status == "KILLED" and resumed.data.tags["pid"] == str(proc.pid)
 
     # 4. the next resume finishes it: one run of this training, with every epoch
     done = subprocess.run(train_cmd(ws, out), cwd=REPO, env=tool_env(), capture_output=True, text=True)
@@ -160,7 +164,7 @@ def test_killed_run_is_marked_killed_sigterm_ends_it_and_resume_continues_it(tmp
     assert [r.info.run_id for r in runs] == [run.info.run_id, other.run_id]
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss_total")}
-    assert len(steps) == 4
+    assert steps == {1, 2, 3, 4, 5, 6}
 
 
 # --- no run id in DVC outputs; restored runs -----------------------------------------------------
