@@ -65,7 +65,7 @@ def test_damaged_checkpoint_is_named_with_how_to_start_afresh(tmp_path, damage):
 
 def test_checkpoint_killed_while_being_replaced_still_verifies(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
-    checkpoint.save(ckpt, _state(1.0), {})
+    checkpoint.save(ckpt, _state(1.0), {"epoch": 1})
 
     real_replace = os.replace
 
@@ -76,10 +76,11 @@ def test_checkpoint_killed_while_being_replaced_still_verifies(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "replace", killed_before_renaming_the_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(ckpt, _state(2.0), {})
+        checkpoint.save(ckpt, _state(2.0), {"epoch": 2})
     monkeypatch.undo()
     assert len(integrity_records(ckpt)) == 2  # old and new accepted while the file is replaced
     assert checkpoint.load_resumable(ckpt, "fp")["weights"][0] == 1.0  # the old one, still valid
+    assert checkpoint.about(ckpt)["epoch"] == 1  # and described as such (a stop's message reads it)
     checkpoint.save(ckpt, _state(3.0), {})
     assert checkpoint.load_resumable(ckpt, "fp")["weights"][0] == 3.0
     assert len(integrity_records(ckpt)) == 1

@@ -140,8 +140,8 @@ def save(directory: str | Path, state: dict[str, Any], about: dict[str, Any]) ->
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
         record = integrity.describe(tmp)
-        write_json(directory / MANIFEST, {LAST: [record, *(_manifest(directory).get(LAST) or [])][:3],
-                                          "about": about})
+        before = _manifest(directory)  # its `about` stays the old file's until the new one is in place
+        write_json(directory / MANIFEST, {LAST: [record, *(before.get(LAST) or [])][:3], "about": before.get("about")})
     write_json(directory / MANIFEST, {LAST: [record], "about": about})
     return path
 
