@@ -119,7 +119,7 @@ def test_interrupted_repro_resumes_and_exp_save_keeps_the_metrics(repo):
     shutil.rmtree(repo / "checkpoints")
     code, out = interrupt_when(DVC + ["repro", "-f", "train"], repo, checkpoint_in_progress(repo / "checkpoints"))
     assert code != 0 and "the next run of this training resumes in epoch" in stop_line(out)
-    out = run(DVC + ["repro"], repo)
+    out = run(DVC + ["repro", "-f", "train"], repo)  # the same command (`-f`: DVC's run cache would restore it)
     assert "resuming this training in epoch" in out.stderr + out.stdout
     assert json.loads((repo / "metrics/train.json").read_text()) == straight
     workspace = [r for r in mlflow_runs(repo) if r[0] == "workspace"]
