@@ -213,7 +213,8 @@ def first_line(state: dict[str, Any] | None, at: Position, tp: TrainParams, step
     if state is None:
         return f"training from scratch: {why_fresh()}"
     if at.epoch >= tp.epochs:
-        return f"this training has finished ({tp.epochs} epochs): restoring its outputs from {state['path']}, no training"
+        return (f"this training has finished ({tp.epochs} epochs): restoring its outputs from {state['path']}, "
+                "no training")
     return f"resuming this training {at.describe(tp.epochs, steps_per_epoch)}, from {state['path']}"
 
 
@@ -288,7 +289,8 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
         meter.restore(state["meter"], device, world.is_main)
     restored = at.epoch >= tp.epochs
     if world.is_main:
-        log.info("%s", first_line(state, at, tp, steps_per_epoch, lambda: checkpoint.why_fresh(paths.checkpoints, ident)))
+        log.info("%s", first_line(state, at, tp, steps_per_epoch,
+                                  lambda: checkpoint.why_fresh(paths.checkpoints, ident)))
         if not restored:
             log.info("training on %d x %s: %d parameters, %d samples, %d steps per epoch of %d samples, %d epochs, "
                      "%d CPU threads", world.size, device.type, sum(p.numel() for p in model.parameters()),
@@ -389,7 +391,8 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
                     if consecutive_bad >= tp.max_consecutive_nonfinite:
                         raise NonFiniteLossError(
                             f"{consecutive_bad} consecutive optimizer steps with a NaN/Inf loss or gradient (epoch "
-                            f"{epoch}, step {step + 1}); train.max_consecutive_nonfinite={tp.max_consecutive_nonfinite}")
+                            f"{epoch}, step {step + 1}); "
+                            f"train.max_consecutive_nonfinite={tp.max_consecutive_nonfinite}")
                 else:
                     # -- step, EMA (every rank holds the same weights, so the same EMA), measurements
                     consecutive_bad = 0
