@@ -76,6 +76,8 @@ def test_workspace_after_a_failed_override(repo):
 
 def runs_by_fingerprint(repo) -> dict[str, list[tuple[str, str]]]:
     """MLflow: fingerprint -> (name, status) of each run of that training."""
+    if not (repo / "mlflow.db").exists():
+        return {}
     with sqlite3.connect(repo / "mlflow.db") as db:
         rows = db.execute("select tags.value, runs.name, runs.status from runs join tags on tags.run_uuid = "
                           "runs.run_uuid and tags.key = 'fingerprint'").fetchall()
