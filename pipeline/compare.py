@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,19 +33,26 @@ class Outputs:
     meta_learning_start: int  # train.meta_learning_start_epoch
 
 
-def read_at(rev: str, path: str, cwd: Path) -> str:
-    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise FileNotFoundError(f"{path} is not in experiment commit {rev[:7]}: {proc.stderr.strip()}")
-    return proc.stdout
+def read_at(rev: str, paths: list[str], cwd: Path) -> list[str]:
+    """Files as experiment commit `rev` has them: in git, or in DVC's cache through its dvc.lock (the
+    metrics are cached outputs)."""
+    from dvc.api import DVCFileSystem
+
+    fs = DVCFileSystem(str(cwd), rev=rev)
+    out = []
+    for path in paths:
+        try:
+            out.append(fs.read_text(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is not in experiment commit {rev[:7]} (nor in DVC's cache)") from None
+    return out
 
 
 def read_outputs(rev: str, cwd: Path) -> Outputs:
-    params = yaml.safe_load(read_at(rev, "params.yaml", cwd))
-    return Outputs(rev, json.loads(read_at(rev, "metrics/gap.json", cwd)),
-                   json.loads(read_at(rev, "metrics/eval.json", cwd)),
-                   pd.read_csv(io.StringIO(read_at(rev, "metrics/train/epochs.tsv", cwd)), sep="\t"),
-                   params["train"]["meta_learning_start_epoch"])
+    params, gap, evaluation, series = read_at(
+        rev, ["params.yaml", "metrics/gap.json", "metrics/eval.json", "metrics/train/epochs.tsv"], cwd)
+    return Outputs(rev, json.loads(gap), json.loads(evaluation), pd.read_csv(io.StringIO(series), sep="\t"),
+                   yaml.safe_load(params)["train"]["meta_learning_start_epoch"])
 
 
 def distance(measure: str, value: float) -> float:

@@ -33,7 +33,7 @@ from pipeline import runlock
 from pipeline.committed import committed_text, differences
 from pipeline.compare import compare
 from pipeline.params import ParamsError, flatten, parse_yaml
-from pipeline.stage import fail, setup_logging
+from pipeline.stage import INTERRUPTED, fail, run_foreground, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ SCALES: dict[str, Scale] = {
         "model.dsc_num_heads": 2, "model.solver_context_heads": 2,
         "data.max_tasks": 20, "augment.samples_per_task": 100,
         "train.epochs": 10, "train.steps_per_epoch": 25, "train.batch_size": 16, "train.grad_accumulation_steps": 1,
-        "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 10,
+        "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 1, "train.cpu_threads": 1,
         "evaluate.device": "cpu", "evaluate.batch_size": 128,
     }, "20+20 tasks, 100 versions each, a 32-wide model, 10 epochs (7 with meta-learning) of 25 steps of 16 samples; "
        "about 6 minutes for both in the queue on 2 cores"),
@@ -95,7 +95,7 @@ SCALES: dict[str, Scale] = {
         "data.max_tasks": 3, "augment.samples_per_task": 8,
         "train.epochs": 3, "train.steps_per_epoch": 2, "train.batch_size": 3, "train.grad_accumulation_steps": 2,
         "train.heldout_tasks": 2, "train.meta_learning_start_epoch": 1, "train.eval_every": 1, "train.save_every": 1,
-        "train.device": "cpu", "train.equivariance_training.num_augmentations": 1,
+        "train.device": "cpu", "train.cpu_threads": 1, "train.equivariance_training.num_augmentations": 1,
         "evaluate.max_tasks": 2, "evaluate.batch_size": 64, "evaluate.device": "cpu",
     }, "3+3 tasks, a 16-wide model, 3 epochs of 2 steps: the tests' scale, seconds per experiment"),
 }
@@ -170,7 +170,7 @@ def child_env(cwd: Path, jobs: int = 1) -> dict[str, str]:
 
 def _dvc(args: list[str], cwd: Path, capture: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "dvc", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=child_env(cwd), capture_output=capture, text=True)
+    proc = run_foreground(cmd, cwd=cwd, env=child_env(cwd), capture_output=capture, text=True)
     if proc.returncode != 0:
         raise ExperimentError(f"`dvc {' '.join(args)}` failed"
                               + (f":\n{proc.stdout}{proc.stderr}" if capture else " (its output is above)"))
@@ -219,7 +219,11 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
                   *set_args(overrides(name, scale))], cwd, capture=queue)
         if queue:
             start_queue(cwd, jobs)
-            wait_for_queue(cwd)
+            try:
+                wait_for_queue(cwd)
+            except KeyboardInterrupt:
+                stop_queue(cwd, names)
+                raise
     finally:
         restore_params(cwd)
     check_params(names, scale, baseline, cwd)
@@ -237,6 +241,19 @@ def start_queue(cwd: Path, jobs: int) -> None:
                               env=child_env(cwd, jobs), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise ExperimentError(f"`dvc queue start -j {jobs}` failed:\n{out.read_text()}")
+
+
+def stop_queue(cwd: Path, names: list[str]) -> None:
+    """Ctrl-C while the queue runs (its workers are daemons, out of the terminal's reach): interrupt
+    the running experiments as Ctrl-C would (each training stops and its next run resumes from its
+    checkpoint) and drop the ones not started."""
+    _dvc(["queue", "remove", "--queued"], cwd)
+    for name in names:
+        try:
+            _dvc(["queue", "kill", name], cwd)
+        except ExperimentError:  # finished, failed or never started: nothing to stop
+            continue
+        log.warning("interrupted the queued experiment %s", name)
 
 
 def wait_for_queue(cwd: Path, poll: float = 5.0, timeout: float = 7 * 24 * 3600) -> None:
@@ -321,6 +338,9 @@ def main(argv: list[str] | None = None) -> None:
             print(" ".join(set_args(overrides(args.name, args.scale))))
     except (ExperimentError, ParamsError, runlock.WorkspaceError) as err:
         fail(str(err))
+    except KeyboardInterrupt:
+        fail("interrupted (Ctrl-C): the same command resumes each interrupted training from its checkpoint",
+             INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ pipeline would train for months.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 from pipeline.experiments import DEFAULT, SCALES, child_env
+from pipeline.stage import INTERRUPTED, run_foreground
 
 def shown(cmd: list[str]) -> str:
     """A command (`python -m` module and arguments) as a user would type it."""
@@ -49,7 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     env = child_env(Path.cwd())
     for cmd in cmds:
         print(f"$ {shown(cmd)}", flush=True)
-        if subprocess.run([sys.executable, "-m", *cmd], env=env).returncode != 0:
+        try:
+            code = run_foreground([sys.executable, "-m", *cmd], env=env).returncode
+        except KeyboardInterrupt:
+            print("make run: interrupted (Ctrl-C); `make run` again resumes each interrupted training from its "
+                  "checkpoint", file=sys.stderr)
+            sys.exit(INTERRUPTED)
+        if code != 0:
             sys.exit(f"make run: `{shown(cmd)}` failed")
 
 

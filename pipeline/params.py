@@ -138,12 +138,14 @@ class TrainParams(_Section):
     equivariance_training: EquivarianceParams
     eval_every: int = Field(ge=1)
     save_every: int = Field(ge=1)
+    checkpoint_minutes: float = Field(gt=0.0, le=10_080.0)
     heldout_tasks: int = Field(ge=0, le=10_000)
     max_consecutive_nonfinite: int = Field(ge=1, le=100_000)
     precision: Literal["bf16", "fp32"]
     activation_checkpointing: bool
     compile: bool
     max_cpu_hours: float = Field(gt=0.0)
+    cpu_threads: int = Field(ge=1, le=1024)
     nproc_per_node: int = Field(ge=1, le=1024)
     nnodes: int = Field(ge=1, le=100_000)
     rdzv_endpoint: str = Field(min_length=1, pattern=r"^[^:\s]+:\d{1,5}$")

@@ -27,6 +27,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_cpu_threads(n: int) -> None:
+    """torch's intra-op threads on the CPU. A CPU computation's bytes depend on how many threads
+    split its sums, so the count is a param (`train.cpu_threads`), not whatever the machine offers."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CUDA when asked; float32 elsewhere."""
     if device.type == "cuda" and precision == "bf16":

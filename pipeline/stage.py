@@ -1,4 +1,5 @@
-"""What every stage script does: logging set-up, its command line, its params, and its end.
+"""What every stage script does: logging set-up, its command line, its params, and its end; how a
+command that runs others (the experiment runner, `make run`) waits for them and ends.
 
 `run(main)` runs a stage's main: first it removes what killed stages left beside the workspace's
 outputs (`pipeline.io.remove_stale_temporaries` over the folders of the outputs dvc.yaml declares),
@@ -11,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -81,3 +86,23 @@ def run(main: Callable[[], None]) -> None:
         main()
     except FAILURES as err:
         fail(str(err))
+
+
+INTERRUPTED = 128 + signal.SIGINT  # the exit status after Ctrl-C
+
+
+def run_foreground(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    """`subprocess.run` for a child in this terminal's process group. Ctrl-C reaches the child as
+    well, which stops on its own (a training saying where it will resume, DVC cleaning up): this
+    process waits for it instead of killing it half way, then raises KeyboardInterrupt."""
+    caught: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum)) if main else None
+    try:
+        proc = subprocess.run(cmd, **kwargs)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+    return proc

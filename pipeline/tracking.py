@@ -10,7 +10,9 @@ No run id is ever written into a DVC output: a training run carries tags that fi
 `fingerprint` (what shapes training, pipeline.train.checkpoint) to resume or restore it, and
 `model_md5` (the MD5 of models/model.pt, the hash in dvc.lock) for the stages that log into it.
 A run also records `host`, `pid` and `pid_start`: a RUNNING run whose process is gone is marked
-KILLED when the next run of the experiment starts; SIGTERM and SIGINT end a run as KILLED.
+KILLED when the next run of the experiment starts; SIGTERM and SIGINT end a run as KILLED. A resumed
+training continues the run that made its checkpoint, whichever DVC experiment (or `dvc repro`) runs
+it, so one training is one run.
 
 Every call to the store goes through `pipeline.tracking_client` (`connect`): bounded by
 `tracking.timeout_s` per request and `tracking.retry_s` in all; logging calls made while the store is
@@ -63,11 +65,28 @@ class TrackingError(RuntimeError):
     """The MLflow store cannot be used; the message is one line naming the store and the fix."""
 
 
-class Terminated(SystemExit):
-    """SIGTERM, raised in the main thread so that the run ends as KILLED; exits with 128 + signal."""
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
-    def __init__(self, signum: int):
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGINT, raised in the main thread (`install_signal_handlers`) so that the run ends as
+    KILLED and the process exits with 128 + signal (143, 130) after one line; `where` says what it
+    stopped and what the next run does."""
+
+    def __init__(self, signum: int, where: str = ""):
         super().__init__(128 + signum)
+        self.signum, self.where = signum, where
+
+    def __str__(self) -> str:
+        name = SIGNAL_NAMES.get(self.signum, f"signal {self.signum}")
+        return f"stopped by {name}" + (f" {self.where}" if self.where else "")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGINT raise Terminated in the main thread (elsewhere nothing changes)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in SIGNAL_NAMES:
+            signal.signal(signum, _raise_terminated)
 
 
 def end_status(err: BaseException) -> str:
@@ -307,6 +326,11 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
+# What `evaluate` and `gap_report` log into a training's run (metrics and tags by prefix, report folders).
+CARRIED_METRICS = ("eval.", "train.", "gap.")
+CARRIED_ARTIFACTS = ("evaluation", "gap_report")
+
+
 def health_tags(epoch: int, checks: list[Any]) -> dict[str, str]:
     """`health.<check>` tags for the checks of one epoch that are not ok."""
     return {f"health.{c.name}": f"epoch {epoch}: {c.status}: {c.message}" for c in checks if c.status != "ok"}
@@ -323,6 +347,7 @@ class Tracker:
         self.params, self.enabled = params, enabled
         self.run_id: str | None = None
         self.continued = False  # start() continued an earlier run rather than creating one
+        self.restored_from: str | None = None  # the finished run a new run of a restored training comes from
         self.inputs: Callable[[], list[Any]] | None = None  # gives the DatasetInputs logged by a new run
         self._client = None
 
@@ -336,10 +361,12 @@ class Tracker:
 
     def start(self, fingerprint: str | None = None, resume: bool = False, finished: bool = False) -> str | None:
         """Start the run of the training with this fingerprint. With `resume` (a checkpoint of this
-        training was found) continue this DVC experiment's earlier run of it: an unfinished one to
-        go on training, a finished one (`finished`) whose outputs are restored; otherwise start a new
-        run (the caller logs the restored history into it). Runs of the MLflow experiment left
-        RUNNING by a dead process are marked KILLED first."""
+        training was found): an unfinished training continues the latest unfinished run of it, whatever
+        its name (a killed `dvc exp run` has another name than the run that resumes it), renamed after
+        this DVC experiment; a finished one (`finished`) whose outputs are restored continues this
+        experiment's finished run of it. Otherwise a new run starts (the caller logs the restored
+        history into it; `restored_from` is the finished run it was restored from, whose evaluation
+        `carry_over_evaluation` copies). Runs left RUNNING by a dead process are marked KILLED first."""
         if not self.enabled:
             return None
         with store_lock(self.uri):  # a new client of an sqlite store creates and migrates the database
@@ -350,20 +377,24 @@ class Tracker:
         earlier = self._client.search_runs([exp_id], f"tags.fingerprint = '{fingerprint}'",
                                            order_by=["attributes.start_time DESC"],
                                            max_results=100) if resume and fingerprint else []
-        same = [r for r in earlier if r.info.run_name == name and (r.info.status == "FINISHED") == finished]
-        self._install_signal_handlers()
-        if same:
-            self.run_id, self.continued = same[0].info.run_id, True
-            self._client.update_run(self.run_id, status="RUNNING")
-            self.set_tags(process_tags())
-            log.info("MLflow: continuing run %s (%s)", self.run_id, name)
-            return self.run_id
+        done = [r for r in earlier if r.info.status == "FINISHED"]
+        same = [r for r in done if r.info.run_name == name] if finished else \
+            [r for r in earlier if r.info.status != "FINISHED"]
+        install_signal_handlers()
         tags = {"git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
                 "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""), **process_tags()}
+        if same:
+            self.run_id, self.continued = same[0].info.run_id, True
+            self._client.update_run(self.run_id, status="RUNNING", name=name)
+            self.set_tags(tags)
+            before = same[0].info.run_name
+            log.info("MLflow: continuing run %s (%s%s)", self.run_id, name,
+                     f", until now {before}" if before != name else "")
+            return self.run_id
         if fingerprint:
             tags["fingerprint"] = fingerprint
-        if earlier:
-            tags["restored_from_run"] = earlier[0].info.run_id
+        if finished and done:
+            self.restored_from = tags["restored_from_run"] = done[0].info.run_id
         if self.params.validation.accept_broken_rules:  # error rules broken on purpose (validate_params)
             tags["validation.accepted_rules"] = ",".join(self.params.validation.accept_broken_rules)
         self.run_id = self._client.create_run(exp_id, run_name=name, tags=tags).info.run_id
@@ -373,9 +404,34 @@ class Tracker:
         log.info("MLflow: run %s (%s) in %s", self.run_id, name, self.uri)
         return self.run_id
 
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _raise_terminated)  # SIGINT already raises KeyboardInterrupt
+    def carry_over_evaluation(self) -> None:
+        """Into the new run of a restored training: the evaluation and gap metrics, the gap status tag
+        and the evaluation and gap reports of the run it was restored from, if that run's model is
+        this one (`model_md5`). DVC does not rerun `evaluate` and `gap_report` for a model whose bytes
+        did not change, so they would not log into this run; when they do run, they log over these."""
+        if self._client is None or self.restored_from is None:
+            return
+        import tempfile
+
+        from mlflow.artifacts import download_artifacts
+
+        source = self._client.get_run(self.restored_from)
+        md5 = source.data.tags.get("model_md5")
+        if md5 is None or md5 != self._client.get_run(self.run_id).data.tags.get("model_md5"):
+            return
+        keys = [k for k in source.data.metrics if k.startswith(CARRIED_METRICS)]
+        self._log_steps([(m.step, {k: m.value}) for k in keys for m in self._client.get_metric_history(
+            source.info.run_id, k)[-1:]])
+        self.set_tags({k: v for k, v in source.data.tags.items() if k.startswith(CARRIED_METRICS)})
+        listed = {a.path for a in self._client.list_artifacts(source.info.run_id)}
+        with tempfile.TemporaryDirectory() as tmp:
+            for folder in CARRIED_ARTIFACTS:
+                if folder in listed:
+                    local = download_artifacts(run_id=source.info.run_id, artifact_path=folder, dst_path=tmp,
+                                               tracking_uri=self.uri)
+                    self._client.log_artifacts(self.run_id, local, folder)
+        log.info("MLflow: evaluation and gap report of run %s carried over (%d metrics)", source.info.run_id,
+                 len(keys))
 
     def attach(self, run_id: str | None) -> bool:
         """Log into an existing run; False when there is none."""

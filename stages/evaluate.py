@@ -17,6 +17,7 @@ from pipeline.integrity import file_md5
 from pipeline.io import write_json, write_text
 from pipeline.model.io import ModelFileError, load_model
 from pipeline.params import differences
+from pipeline.runtime import use_cpu_threads
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
 from pipeline.tracking_client import unless_required
@@ -55,6 +56,7 @@ def main() -> None:
         return
     distributed.relaunch_under_torchrun(params.train, "stages.evaluate")
     world = distributed.init(params.train, ep.device)
+    use_cpu_threads(params.train.cpu_threads)  # the same bytes whatever the machine's cores
     if not world.is_main:
         setup_logging(logging.WARNING)
 

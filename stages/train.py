@@ -1,4 +1,9 @@
-"""Stage `train`: RLAN on the augmentation cache, tracked in MLflow, resumable from checkpoints."""
+"""Stage `train`: RLAN on the augmentation cache, tracked in MLflow, resumable from checkpoints.
+
+`--checkpoints` is the checkpoint store (pipeline.train.checkpoint): a relative path is taken from the
+root of the repository, also when DVC runs the stage in a temporary copy (`dvc exp run --temp/--queue`),
+so that every way of running an experiment finds its training's checkpoint. SIGINT (Ctrl-C) and
+SIGTERM stop it with one line saying where the next run resumes, and exit status 130 / 143."""
 
 from __future__ import annotations
 
@@ -21,12 +26,14 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--cache", required=True, help="augmentation cache (stage augment)")
     ap.add_argument("--raw", required=True, help="raw tasks (stage prepare), for the held-out slice")
-    ap.add_argument("--checkpoints", required=True, help="checkpoint directory (persistent)")
+    ap.add_argument("--checkpoints", required=True, help="checkpoint store, one directory per training "
+                    "(relative: from the repository root)")
     ap.add_argument("--model", required=True, help="trained model file (EMA weights)")
     ap.add_argument("--metrics", required=True, help="final metrics (JSON)")
     ap.add_argument("--plots", required=True, help="directory for the per-epoch series")
     args = ap.parse_args()
     setup_logging()
+    tracking.install_signal_handlers()  # SIGINT and SIGTERM raise Terminated: one line, 130 / 143
     params = stage_params(args.params)
     try:
         tracked = tracking.check_store(params.tracking)  # before any compute, within tracking.timeout_s
@@ -40,8 +47,8 @@ def main() -> None:
 
     tracker = Tracker(params, enabled=world.is_main and tracked)  # only rank 0 writes outputs and logs to MLflow
     tracker.inputs = lambda: lineage.training_inputs(args.cache, args.raw)  # once the cache is verified
-    paths = TrainPaths(Path(args.cache), Path(args.checkpoints), Path(args.model), Path(args.metrics),
-                       Path(args.plots))
+    paths = TrainPaths(Path(args.cache), tracking.repo_root() / args.checkpoints, Path(args.model),
+                       Path(args.metrics), Path(args.plots))
     try:
         final = train(params, arc.read_raw(Path(args.raw) / "pairs.parquet"), paths, tracker, world)
     except PreflightError as err:  # the run would not finish on this machine: say why, no traceback
@@ -50,6 +57,10 @@ def main() -> None:
     except (ModelFileError, IntegrityError, FileNotFoundError) as err:  # damaged or missing inputs: one line
         tracker.end("FAILED")
         fail(str(err))
+        return
+    except tracking.Terminated as err:  # SIGINT or SIGTERM: where it stopped and resumes, no traceback
+        tracker.end("KILLED")
+        fail(f"train: {err}", err.code)
         return
     except BaseException as err:
         tracker.end(tracking.end_status(err))
@@ -65,11 +76,16 @@ def main() -> None:
         for f in (args.params, args.metrics, Path(args.plots) / "epochs.tsv"):
             tracker.log_artifact(f)
         mlflow_model.publish(tracker, args.model, args.cache)
+        tracker.carry_over_evaluation()
     except TrackingLost as err:
         tracker.end("FAILED")  # kept with the rest until the store is back
         with unless_required(params.tracking):
             raise TrackingLost(f"{err}; the training itself finished and its checkpoint is saved: run again, it "
                                "restores the outputs without training and registers the model") from None
+        return
+    except tracking.Terminated as err:
+        tracker.end("KILLED")
+        fail(f"train: {err} while logging to MLflow; the next run restores the finished training", err.code)
         return
     except BaseException as err:
         tracker.end(tracking.end_status(err))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +143,50 @@ def train_cmd(ws: dict[str, Path], out: Path) -> list[str]:
     return [sys.executable, "-m", "stages.train", "--params", str(ws["params"]), "--cache", str(ws["cache"]),
             "--raw", str(ws["raw"]), "--checkpoints", str(out / "ckpt"), "--model", str(out / "model.pt"),
             "--metrics", str(out / "train.json"), "--plots", str(out / "plots")]
+
+
+def checkpoint_of(ws: dict[str, Path], store: Path) -> Path:
+    """The directory of the workspace's training (its fingerprint) in a checkpoint store."""
+    from pipeline.arc import read_raw
+    from pipeline.params import load_params
+    from pipeline.train import checkpoint, loop
+
+    params = load_params(ws["params"])
+    held = loop.heldout_examples(read_raw(ws["raw"] / "pairs.parquet"), params.train.heldout_tasks, params.train.seed)
+    return checkpoint.directory(store, loop.training_identity(params, held, ws["cache"]).fingerprint)
+
+
+def interrupt_when(cmd: list[str], cwd: Path, ready: Any, signum: int = signal.SIGINT,
+                   timeout: float = 600) -> tuple[int, str]:
+    """Run `cmd` in a process group of its own and, once `ready()` holds, send `signum` to the whole
+    group as Ctrl-C in a terminal does; (exit status, output). Fails if it ends before that."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=tool_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, text=True)
+        deadline = time.time() + timeout
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        running = proc.poll() is None
+        if running:
+            os.killpg(proc.pid, signum)
+        code = proc.wait(timeout=timeout)
+        out.seek(0)
+        text = out.read()
+    assert running, f"{' '.join(cmd)} ended before it could be interrupted:\n{text}"
+    return code, text
+
+
+def checkpoint_in_progress(store: Path, after_epochs: int = 1, mid_epoch: bool = True) -> Any:
+    """A predicate: some training in the checkpoint store has saved after `after_epochs` epochs or more
+    (with `mid_epoch`, inside an epoch) and has not finished."""
+    def ready() -> bool:
+        for manifest in store.glob("*/manifest.json"):
+            try:
+                about = json.loads(manifest.read_text()).get("about", {})
+            except (OSError, ValueError):  # being replaced
+                continue
+            started = after_epochs <= about.get("epoch", 0) < about.get("epochs", 0)
+            if started and (about.get("step", 0) > 0 or not mid_epoch):
+                return True
+        return False
+    return ready

@@ -22,7 +22,7 @@ from pipeline.params import load_params
 from pipeline.arc import read_raw
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint, loop
-from tests.helpers import REPO, tiny_workspace, train_cmd
+from tests.helpers import tiny_workspace, train_cmd
 from tests.test_faults import one_error_line, other_stages, stage
 from tests.test_tracking import make_read_only, make_writable
 
@@ -123,20 +123,20 @@ def test_a_checkpoint_that_does_not_fit_stops_training_and_the_last_one_resumes(
     probe = tmp_path / "probe"  # the size of this training's checkpoint, measured
     loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), loop.TrainPaths(
         ws["cache"], probe / "ckpt", probe / "model.pt", probe / "train.json", probe / "plots"), Tracker(params, False))
-    size = (probe / "ckpt" / checkpoint.LAST).stat().st_size
+    size = next((probe / "ckpt").glob(f"*/{checkpoint.LAST}")).stat().st_size
     out = tmp_path / "out"
-    ckpt = out / "ckpt"
+    ckpt = out / "ckpt"  # the store; the training's checkpoint goes to ckpt/<fingerprint>/
     with small_disk(ckpt, size + io.ROOM_MARGIN + (64 << 10)):  # room for one checkpoint and the margin, not two
         proc = stage(train_cmd(ws, out))
         line = one_error_line(proc)
-        assert f"cannot write {ckpt / 'last.pt'}: it needs " in line and f"and {ckpt} has " in line
+        [folder] = [p.parent for p in ckpt.glob(f"*/{checkpoint.MANIFEST}")]
+        assert f"cannot write {folder / 'last.pt'}: it needs " in line and f"and {ckpt} has " in line
         assert "free space there" in line and "unexpected pos" not in proc.stderr
-        checkpoint.verify(ckpt)  # the first epoch's checkpoint is whole
-        kept = shutil.copytree(ckpt, tmp_path / "kept")
+        checkpoint.verify(folder)  # the first epoch's checkpoint is whole
+        kept = shutil.copytree(folder, tmp_path / "kept")
     assert torch.load(kept / "last.pt", weights_only=True)["epoch"] == 1
-    (out / "ckpt").rmdir()
-    shutil.move(kept, out / "ckpt")  # room again: training resumes from it
+    shutil.move(kept, folder)  # the small disk is gone, its checkpoint kept: room again, training resumes
     done = stage(train_cmd(ws, out))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stderr and "after epoch 1 of 2" in done.stderr
+    assert "resuming this training" in done.stderr and "after epoch 1 of 2" in done.stderr
     assert os.path.exists(out / "model.pt")

@@ -5,6 +5,7 @@ workspace whose params.yaml holds leftover overrides: in the workspace, and in t
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import yaml
 
 from pipeline.experiments import FIXED, SCALES, expected_changes, experiment_revs
 from pipeline.params import flatten
-from tests.helpers import REPO, commit_all, copy_repo, run, tool_env, write_params
+from tests.helpers import (REPO, checkpoint_in_progress, commit_all, copy_repo, interrupt_when, run, tool_env,
+                           write_params)
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
@@ -72,6 +74,39 @@ def test_workspace_after_a_failed_override(repo):
     assert (repo / "metrics/compare/attention_entropy.png").exists()
 
 
+def runs_by_fingerprint(repo) -> dict[str, list[tuple[str, str]]]:
+    """MLflow: fingerprint -> (name, status) of each run of that training."""
+    if not (repo / "mlflow.db").exists():
+        return {}
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        rows = db.execute("select tags.value, runs.name, runs.status from runs join tags on tags.run_uuid = "
+                          "runs.run_uuid and tags.key = 'fingerprint'").fetchall()
+    out: dict[str, list[tuple[str, str]]] = {}
+    for fingerprint, name, status in sorted(rows):
+        out.setdefault(fingerprint, []).append((name, status))
+    return out
+
+
+def test_interrupted_runner_resumes_its_training(repo):
+    shutil.rmtree(repo / "checkpoints", ignore_errors=True)  # stable was trained above: train it afresh
+    before = runs_by_fingerprint(repo)
+    cmd = EXPERIMENTS + ["run", "--scale", "tiny", "stable"]
+    code, out = interrupt_when(cmd, repo, checkpoint_in_progress(repo / "checkpoints", mid_epoch=False))
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert code == 130 and "Traceback" not in out, out
+    assert any("train: stopped by SIGINT (Ctrl-C) after epoch" in line for line in errors), out
+    assert errors[-1].endswith("interrupted (Ctrl-C): the same command resumes each interrupted training from its "
+                               "checkpoint"), out
+    assert (repo / "params.yaml").read_text() == run(["git", "show", "HEAD:params.yaml"], repo).stdout
+
+    again = run(cmd, repo, timeout=1200)  # the same command resumes, in the same MLflow run
+    assert "resuming this training after epoch" in again.stdout + again.stderr
+    def stable(runs):
+        return sorted(r for rs in runs.values() for r in rs if r[0] == "stable")
+
+    assert stable(runs_by_fingerprint(repo)) == sorted([*stable(before), ("stable", "FINISHED")])  # one more run
+
+
 def test_make_run_on_a_fresh_clone_without_git_identity(repo, tmp_path):
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
@@ -90,3 +125,15 @@ def test_make_run_on_a_fresh_clone_without_git_identity(repo, tmp_path):
     assert (clone / "metrics/compare/compare.md").exists()
     rev = experiment_revs(clone)["stable"]
     assert run(["git", "log", "-1", "--format=%an", rev], clone).stdout.strip() == "rlan-pipeline"
+
+    # `make run` again trains nothing: both trainings are restored from their finished checkpoints
+    checkpoints = {p: p.stat().st_mtime_ns for p in (clone / "checkpoints").glob("*/last.pt")}
+    runs = runs_by_fingerprint(clone)
+    assert len(checkpoints) == 2 and sorted(r for rs in runs.values() for r in rs) == [
+        ("fixed", "FINISHED"), ("stable", "FINISHED")]
+    again = subprocess.run(["make", "-o", ".venv/.installed", "run", "SCALE=tiny"], cwd=clone, env=env,
+                           capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {p: p.stat().st_mtime_ns for p in (clone / "checkpoints").glob("*/last.pt")} == checkpoints
+    assert runs_by_fingerprint(clone) == runs  # each training's finished run, continued
+    assert_stable_versus_fixed(clone)

@@ -13,7 +13,7 @@ import pytest
 from pipeline.model import RLAN
 from pipeline.params import ParamsError
 from pipeline.rules import check_rules
-from tests.helpers import REPO, TINY_MODEL, params_with, tiny_workspace, tool_env, train_cmd
+from tests.helpers import REPO, TINY_MODEL, checkpoint_of, params_with, tiny_workspace, tool_env, train_cmd
 from tests.test_tracking import make_read_only, make_writable
 
 UNREACHABLE = "http://127.0.0.1:9"
@@ -86,10 +86,11 @@ def test_training_without_mlflow_when_it_is_not_required(tmp_path):
 
 
 def test_corrupt_checkpoint_stops_training_in_one_line(ws, tmp_path):
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "last.pt").write_bytes(b"\x00not a checkpoint")
+    folder = checkpoint_of(ws, tmp_path / "ckpt")
+    folder.mkdir(parents=True)
+    (folder / "last.pt").write_bytes(b"\x00not a checkpoint")
     line = one_error_line(stage(train_cmd(ws, tmp_path)))
-    assert f"{tmp_path / 'ckpt' / 'last.pt'}: corrupt" in line and f"delete {tmp_path / 'ckpt'}" in line
+    assert f"{folder / 'last.pt'}: corrupt" in line and f"delete {folder}" in line
     assert "weights_only" not in line
 
 

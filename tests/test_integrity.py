@@ -45,19 +45,19 @@ def test_problem_names_missing_truncated_and_changed(tmp_path):
 
 
 def _state(value: float) -> dict:
-    return {"fingerprint": "fp", "epoch": 1, "weights": torch.full((1000,), value)}
+    return {"fingerprint": "fp", "epoch": 1, "step": 0, "weights": torch.full((1000,), value)}
 
 
 @pytest.mark.parametrize("damage", ["in_place", "truncated"])
 def test_damaged_checkpoint_is_named_with_how_to_start_afresh(tmp_path, damage):
-    path = checkpoint.save(tmp_path / "ckpt", _state(1.0))
-    assert checkpoint.load_resumable(tmp_path / "ckpt", "fp", epochs=3)["weights"][0] == 1.0
+    path = checkpoint.save(tmp_path / "ckpt", _state(1.0), {})
+    assert checkpoint.load_resumable(tmp_path / "ckpt", "fp")["weights"][0] == 1.0
     data = bytearray(path.read_bytes())
     if damage == "in_place":
         data[-100] ^= 0xFF
     path.write_bytes(data if damage == "in_place" else data[:-10])
     with pytest.raises(ModelFileError) as err:
-        checkpoint.load_resumable(tmp_path / "ckpt", "fp", epochs=3)
+        checkpoint.load_resumable(tmp_path / "ckpt", "fp")
     message = str(err.value)
     assert message.startswith(f"{path}: corrupt: ") and f"delete {tmp_path / 'ckpt'}" in message
     assert "weights_only" not in message and "\n" not in message
@@ -65,7 +65,7 @@ def test_damaged_checkpoint_is_named_with_how_to_start_afresh(tmp_path, damage):
 
 def test_checkpoint_killed_while_being_replaced_still_verifies(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
-    checkpoint.save(ckpt, _state(1.0))
+    checkpoint.save(ckpt, _state(1.0), {"epoch": 1})
 
     real_replace = os.replace
 
@@ -76,12 +76,13 @@ def test_checkpoint_killed_while_being_replaced_still_verifies(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "replace", killed_before_renaming_the_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(ckpt, _state(2.0))
+        checkpoint.save(ckpt, _state(2.0), {"epoch": 2})
     monkeypatch.undo()
     assert len(integrity_records(ckpt)) == 2  # old and new accepted while the file is replaced
-    assert checkpoint.load_resumable(ckpt, "fp", epochs=3)["weights"][0] == 1.0  # the old one, still valid
-    checkpoint.save(ckpt, _state(3.0))
-    assert checkpoint.load_resumable(ckpt, "fp", epochs=3)["weights"][0] == 3.0
+    assert checkpoint.load_resumable(ckpt, "fp")["weights"][0] == 1.0  # the old one, still valid
+    assert checkpoint.about(ckpt)["epoch"] == 1  # and described as such (a stop's message reads it)
+    checkpoint.save(ckpt, _state(3.0), {})
+    assert checkpoint.load_resumable(ckpt, "fp")["weights"][0] == 3.0
     assert len(integrity_records(ckpt)) == 1
 
 
@@ -95,7 +96,7 @@ def test_garbage_checkpoint_without_manifest_is_one_clear_line(tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "last.pt").write_bytes(b"\x00garbage")
     with pytest.raises(ModelFileError) as err:
-        checkpoint.load_resumable(tmp_path / "ckpt", "fp", epochs=3)
+        checkpoint.load_resumable(tmp_path / "ckpt", "fp")
     assert "last.pt: corrupt" in str(err.value) and "weights_only" not in str(err.value)
     assert "delete" in str(err.value) and "\n" not in str(err.value)
 

@@ -105,6 +105,18 @@ def test_queued_experiment_logs_registers_and_is_found_both_ways(repo):
     assert "registered rlan version 2, aliases no-gumbel" in back
 
 
+def test_a_restored_training_in_another_experiment_carries_the_evaluation(repo):
+    out = run(DVC + ["exp", "run", "-n", "restored", "-f", "-s", "train"], repo)  # evaluate does not rerun
+    assert "this training has finished" in out.stderr and "Running stage 'evaluate'" not in out.stdout
+    [w], [r] = runs_named(repo, "workspace"), runs_named(repo, "restored")
+    assert r.data.tags["restored_from_run"] == w.info.run_id and r.data.tags["model_md5"] == w.data.tags["model_md5"]
+    assert set(w.data.metrics) - {"samples_per_second"} <= set(r.data.metrics)  # training, evaluation and gaps
+    assert {k: v for k, v in r.data.metrics.items() if k.startswith(("eval.", "gap."))} == {
+        k: v for k, v in w.data.metrics.items() if k.startswith(("eval.", "gap."))}
+    assert r.data.tags["gap.overall_status"] == w.data.tags["gap.overall_status"]
+    assert {a.path for a in client(repo).list_artifacts(r.info.run_id)} >= {"evaluation", "gap_report"}
+
+
 def _stored_copy(repo, name: str):
     """DVC's own copy of data/cache/<name>, from its store (by the hashes in dvc.lock)."""
     files = repo / ".dvc" / "cache" / "files" / "md5"

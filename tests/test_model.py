@@ -27,7 +27,7 @@ from pipeline.model.context import PairEmbedding
 from pipeline.model.dsc import DSC, attention_entropy, gumbel_noise
 from pipeline.model.io import ModelFileError, load_model, save_model
 from pipeline.model.layers import CrossAttention2d
-from pipeline.model.msre import MSRE, fourier, frequencies, relative_coords
+from pipeline.model.msre import fourier, frequencies, relative_coords
 from pipeline.model.rlan import query_grid
 from pipeline.train.losses import stablemax_cross_entropy, token_accuracy
 from tests.helpers import TINY_MODEL, example_batch, params_with

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
+import shutil
 import sqlite3
-import subprocess
 import sys
-import time
 
 import pytest
+import yaml
+from dvc.api import DVCFileSystem
 
-from tests.helpers import TINY, commit_all, copy_repo, run, tool_env, write_params
+from pipeline.experiments import experiment_revs
+from tests.helpers import TINY, checkpoint_in_progress, commit_all, copy_repo, interrupt_when, run, write_params
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
@@ -26,9 +26,31 @@ def stages_run(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
-    write_params(repo, **TINY)
+    write_params(repo, **{**TINY, "train__checkpoint_minutes": 1e-4})  # a checkpoint after every step
     commit_all(repo, "tiny params")
     return repo
+
+
+def lock_outs(repo, rev: str, stage: str) -> dict[str, str]:
+    lock = yaml.safe_load(run(["git", "show", f"{rev}:dvc.lock"], repo).stdout)
+    return {o["path"]: o["md5"] for o in lock["stages"][stage]["outs"]}
+
+
+def exp_rev(repo, name: str) -> str:
+    return experiment_revs(repo)[name]
+
+
+def mlflow_runs(repo) -> list[tuple[str, str, str]]:
+    """(name, status, fingerprint) of every MLflow run."""
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        return list(db.execute("select runs.name, runs.status, tags.value from runs left join tags on "
+                               "tags.run_uuid = runs.run_uuid and tags.key = 'fingerprint'"))
+
+
+def stop_line(output: str) -> str:
+    [line] = [line for line in output.splitlines() if "stopped by SIGINT (Ctrl-C)" in line]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    return line
 
 
 def test_repro_runs_stages_in_order_then_nothing(repo):
@@ -72,21 +94,42 @@ def test_exp_run_reruns_only_what_the_key_touches(repo):
     assert "small" in shown
 
 
-def test_killed_repro_resumes_from_checkpoint(repo):
+def test_interrupted_exp_run_resumes_to_the_bytes_of_an_uninterrupted_one(repo):
+    override = ["-S", "train.learning_rate=0.002"]
+    code, out = interrupt_when(DVC + ["exp", "run", "-n", "resumed", *override], repo,
+                               checkpoint_in_progress(repo / "checkpoints"))  # Ctrl-C in epoch 2 or 3
+    assert code != 0 and stages_run(out)[-1] == "train"
+    line = stop_line(out)
+    assert re.search(r"train: stopped by SIGINT \(Ctrl-C\) in epoch [23] of 3, after step 1 of 2; the next run of "
+                     r"this training resumes in epoch [23] of 3, after step 1 of 2, from .*/checkpoints/\w+/last.pt",
+                     line), line
+
+    again = run(DVC + ["exp", "run", "-n", "resumed", *override], repo)  # the same command: it resumes
+    assert re.search(r"resuming this training in epoch [23] of 3, after step 1 of 2", again.stderr + again.stdout)
+    [(_, _, fingerprint)] = [r for r in mlflow_runs(repo) if r[0] == "resumed"]  # one run, continued
+    assert [r for r in mlflow_runs(repo) if r[2] == fingerprint] == [("resumed", "FINISHED", fingerprint)]
+
+    shutil.rmtree(repo / "checkpoints")  # the same experiment from scratch, never interrupted, in a copy
+    straight = run(DVC + ["exp", "run", "--temp", "--force", "-n", "straight", *override], repo)
+    assert "training from scratch: no checkpoint in" in straight.stderr + straight.stdout
+    assert lock_outs(repo, exp_rev(repo, "resumed"), "train") == lock_outs(repo, exp_rev(repo, "straight"), "train")
+
+
+def test_interrupted_repro_resumes_and_exp_save_keeps_the_metrics(repo):
     straight = json.loads((repo / "metrics/train.json").read_text())
-    run(["rm", "-rf", "models/checkpoints"], repo)
-    ckpt = repo / "models/checkpoints/last.pt"
-    proc = subprocess.Popen(DVC + ["repro", "-f", "train"], cwd=repo, env=tool_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "training ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: dvc and the stage it runs
-    proc.wait()
-    out = run(DVC + ["repro"], repo)
-    assert "resuming from models/checkpoints/last.pt" in out.stderr + out.stdout
+    shutil.rmtree(repo / "checkpoints")
+    code, out = interrupt_when(DVC + ["repro", "-f", "train"], repo, checkpoint_in_progress(repo / "checkpoints"))
+    assert code != 0 and "the next run of this training resumes in epoch" in stop_line(out)
+    out = run(DVC + ["repro", "-f", "train"], repo)  # the same command (`-f`: DVC's run cache would restore it)
+    assert "resuming this training in epoch" in out.stderr + out.stdout
     assert json.loads((repo / "metrics/train.json").read_text()) == straight
+    workspace = [r for r in mlflow_runs(repo) if r[0] == "workspace"]
+    assert sorted(status for _, status, _ in workspace) == ["FINISHED", "FINISHED"]  # the first repro's, this one
+
+    run(DVC + ["exp", "save", "-n", "saved"], repo)  # the metrics are DVC outputs: the saved experiment has them
+    fs = DVCFileSystem(str(repo), rev=exp_rev(repo, "saved"))
+    for path in ("metrics/train.json", "metrics/eval.json", "metrics/gap.json", "metrics/train/epochs.tsv"):
+        assert fs.read_text(path) == (repo / path).read_text(), path
 
 
 def test_experiment_runs_are_named_in_mlflow(repo):

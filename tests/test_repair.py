@@ -1,11 +1,13 @@
-"""Repairs as the messages print them: damaged caches, checkpoints and manifests restored by the
-command the error names (in a real DVC repository at tiny scale), stale temporary outputs removed by
-the next stage, and an evaluation refused for a model of other params."""
+"""Repairs as the messages print them: damaged caches and manifests restored by the command the
+error names, damaged checkpoints named with the folder to delete (in a real DVC repository at tiny
+scale), stale temporary outputs removed by the next stage, and an evaluation refused for a model of
+other params."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,21 +72,23 @@ def test_damaged_cache_and_its_manifest_are_repaired_by_the_printed_command(repo
 
 
 @pytest.mark.e2e
-def test_damaged_checkpoint_and_its_manifest_are_repaired_by_the_printed_command(repo, monkeypatch):
+def test_damaged_checkpoint_and_its_manifest_name_the_folder_that_starts_afresh(repo, monkeypatch):
+    """Checkpoints are not DVC outputs (checkpoints/<fingerprint>/ at the root): a corrupt last.pt or
+    a damaged manifest names the file and the folder to delete, and without it the training is fresh."""
     monkeypatch.chdir(repo)
-    ckpt = Path("models/checkpoints")
+    [ckpt] = [p.parent for p in Path("checkpoints").glob(f"*/{checkpoint.LAST}")]
     flip_last_byte(ckpt / checkpoint.LAST)
     with pytest.raises(ModelFileError) as err:
         checkpoint.verify(ckpt)
-    assert "`dvc checkout --force models/checkpoints`" in str(err.value)
-    run(printed_command(str(err.value)), repo)
-    checkpoint.verify(ckpt)
+    assert str(err.value).startswith(f"{ckpt / checkpoint.LAST}: corrupt: ")
+    assert str(err.value).endswith(f"delete {ckpt} to start this training afresh")
 
     (ckpt / checkpoint.MANIFEST).write_bytes(b"\xff\xfe not json")
-    with pytest.raises(IntegrityError, match=r"^models/checkpoints/manifest.json: damaged, not a JSON manifest") as err:
+    with pytest.raises(IntegrityError, match=rf"^{ckpt / checkpoint.MANIFEST}: damaged, not a JSON manifest") as err:
         checkpoint.verify(ckpt)
-    run(printed_command(str(err.value)), repo)
-    checkpoint.verify(ckpt)
+    assert str(err.value).endswith(f"delete {ckpt} to start this training afresh")
+    shutil.rmtree(ckpt)
+    assert checkpoint.load_resumable(ckpt, ckpt.name) is None
 
 
 @pytest.mark.e2e

@@ -24,7 +24,7 @@ from pipeline.model import RLAN
 from pipeline.model.io import load_model, save_model
 from pipeline.params import load_params
 from pipeline.tracking import Tracker, TrackingError, check_store, tracking_uri, using_tracking_uri
-from tests.helpers import REPO, params_with, tiny_workspace, tool_env, train_cmd
+from tests.helpers import REPO, checkpoint_of, params_with, tiny_workspace, tool_env, train_cmd
 
 
 @pytest.fixture(autouse=True)
@@ -121,10 +121,10 @@ def _runs(params):
 
 @pytest.mark.slow
 def test_killed_run_is_marked_killed_sigterm_ends_it_and_resume_continues_it(tmp_path):
-    ws = tiny_workspace(tmp_path / "ws", train__epochs=4)
+    ws = tiny_workspace(tmp_path / "ws", train__epochs=6)
     params = load_params(ws["params"])
     out = tmp_path / "out"
-    manifest = out / "ckpt" / "manifest.json"
+    manifest = checkpoint_of(ws, out / "ckpt") / "manifest.json"
 
     # 1. SIGKILL after the first checkpoint: the run stays RUNNING, its process gone
     proc = subprocess.Popen(train_cmd(ws, out), cwd=REPO, env=tool_env(), stdout=subprocess.DEVNULL,
@@ -142,16 +142,20 @@ def test_killed_run_is_marked_killed_sigterm_ends_it_and_resume_continues_it(tmp
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED" and "ended without closing the run" in killed.data.tags["killed"]
 
-    # 3. a resumed training continues that run; SIGTERM ends it as KILLED, without a traceback
-    proc = subprocess.Popen(train_cmd(ws, out), cwd=REPO, env=tool_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    first = manifest.read_text()
-    _wait_for(lambda: manifest.read_text() != first, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
-    resumed = client.get_run(run.info.run_id)
-    assert resumed.info.status == "KILLED" and resumed.data.tags["pid"] == str(proc.pid)
+    # 3. a resumed training continues that run; SIGTERM and SIGINT (Ctrl-C) end it as KILLED, each with one
+    #    line saying where the next run resumes (143, 130), without a traceback
+    for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT (Ctrl-C)")):
+        proc = subprocess.Popen(train_cmd(ws, out), cwd=REPO, env=tool_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        first = manifest.read_text()
+        _wait_for(lambda: manifest.read_text() != first, proc)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum and "Traceback" not in err, err
+        [line] = [line for line in err.splitlines() if " ERROR " in line]
+        assert f"train: stopped by {name} " in line and "; the next run of this training resumes " in line, line
+        resumed = client.get_run(run.info.run_id)
+        assert resumed.info.status == "KILLED" and resumed.data.tags["pid"] == str(proc.pid)
 
     # 4. the next resume finishes it: one run of this training, with every epoch
     done = subprocess.run(train_cmd(ws, out), cwd=REPO, env=tool_env(), capture_output=True, text=True)
@@ -160,7 +164,7 @@ def test_killed_run_is_marked_killed_sigterm_ends_it_and_resume_continues_it(tmp
     assert [r.info.run_id for r in runs] == [run.info.run_id, other.run_id]
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss_total")}
-    assert len(steps) == 4
+    assert steps == {1, 2, 3, 4, 5, 6}
 
 
 # --- no run id in DVC outputs; restored runs -----------------------------------------------------
@@ -170,7 +174,7 @@ def _paths(ws, out):
     return loop.TrainPaths(ws["cache"], out / "ckpt", out / "model.pt", out / "train.json", out / "plots")
 
 
-OUTPUTS = ("model.pt", "train.json", "plots/epochs.tsv", "ckpt/last.pt", "ckpt/manifest.json")
+OUTPUTS = ("model.pt", "train.json", "plots/epochs.tsv")  # and the checkpoint (its manifest records when)
 
 
 @pytest.mark.slow
@@ -192,11 +196,11 @@ def test_same_inputs_give_identical_outputs_and_restored_runs_keep_their_health_
     a = train(tmp_path / "a")
     b = train(tmp_path / "b", "b")  # the same params, code and data in another experiment
     assert a.run_id != b.run_id
-    for name in OUTPUTS:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    ckpt_a, ckpt_b = (checkpoint_of(ws, tmp_path / side / "ckpt") / "last.pt" for side in "ab")
+    for a_file, b_file in [*((tmp_path / "a" / n, tmp_path / "b" / n) for n in OUTPUTS), (ckpt_a, ckpt_b)]:
+        assert a_file.read_bytes() == b_file.read_bytes(), a_file
     _, meta = load_model(tmp_path / "a" / "model.pt")
-    assert "mlflow_run_id" not in meta and not any("mlflow" in k for k in torch.load(
-        tmp_path / "a" / "ckpt" / "last.pt", weights_only=True))
+    assert "mlflow_run_id" not in meta and not any("mlflow" in k for k in torch.load(ckpt_a, weights_only=True))
 
     client = mlflow.MlflowClient(a.uri)
     original = client.get_run(a.run_id).data.tags

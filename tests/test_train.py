@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -22,7 +23,7 @@ from pipeline.tracking import Tracker, tracking_uri
 from pipeline.train import preflight, schedule
 from pipeline.train.batches import pack
 from pipeline.train.losses import evaluation_measures, training_losses
-from tests.helpers import REPO, params_with, tiny_workspace, tool_env, train_cmd
+from tests.helpers import REPO, checkpoint_of, params_with, tiny_workspace, tool_env, train_cmd
 
 RECOLOURINGS = [{1: 2, 3: 4}, {1: 3, 3: 1}, {5: 7}, {1: 5, 5: 1}]
 
@@ -141,15 +142,16 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
 
     monkeypatch.setattr(losses, "training_losses",
                         lambda *a, **k: (torch.tensor(float("inf"), requires_grad=True), {}))
-    (tmp_path / "ckpt" / "last.pt").unlink()
+    shutil.rmtree(tmp_path / "ckpt")
     with pytest.raises(loop.NonFiniteLossError, match="3 consecutive optimizer steps with a NaN/Inf loss"):
         loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     ws = tiny_workspace(tmp_path)
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "last.pt").write_bytes(b"\x00garbage")
+    folder = checkpoint_of(ws, tmp_path / "ckpt")
+    folder.mkdir(parents=True)
+    (folder / "last.pt").write_bytes(b"\x00garbage")
     params = load_params(ws["params"])
     with pytest.raises(ModelFileError, match="last.pt: corrupt"):
         loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
@@ -159,7 +161,7 @@ def _run(ws, out, kill_after_checkpoint=False):
     proc = subprocess.Popen(train_cmd(ws, out), cwd=REPO, env=tool_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if kill_after_checkpoint:
-        ckpt = out / "ckpt" / "last.pt"
+        ckpt = checkpoint_of(ws, out / "ckpt") / "last.pt"
         deadline = time.time() + 300
         while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
@@ -179,7 +181,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     _run(ws, tmp_path / "b", kill_after_checkpoint=True)
     assert not (tmp_path / "b" / "train.json").exists()
     resumed, log = _run(ws, tmp_path / "b")
-    assert "resuming from" in log
+    assert "resuming this training after epoch " in log
     assert resumed == straight
     a, _ = load_model(tmp_path / "a" / "model.pt")
     b, _ = load_model(tmp_path / "b" / "model.pt")
@@ -195,14 +197,16 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, caplog):
     other = first.model_copy(update={"train": first.train.model_copy(update={"learning_rate": 1e-3})})
     with caplog.at_level("INFO"):
         loop.train(other, tasks, _paths(ws), Tracker(other, enabled=False))
-    assert "belongs to other params, code or data: starting fresh" in caplog.text
+    assert "training from scratch: none of the 1 checkpoint(s) in" in caplog.text
+    assert "differs in params train.learning_rate 0.0005 -> 0.001" in caplog.text
     first_weights = (tmp_path / "model.pt").read_bytes()
     (tmp_path / "model.pt").unlink()
     (tmp_path / "plots" / "epochs.tsv").unlink()
     caplog.clear()
     with caplog.at_level("INFO"):  # the same run again: its finished checkpoint gives the outputs back
         final = loop.train(other, tasks, _paths(ws), Tracker(other, enabled=False))
-    assert "finished: restoring its outputs" in caplog.text and "epoch 1/" not in caplog.text
+    assert "this training has finished (2 epochs): restoring its outputs" in caplog.text
+    assert "epoch 1/" not in caplog.text
     assert final["epochs"] == 2 and (tmp_path / "plots" / "epochs.tsv").exists()
     again, _ = load_model(tmp_path / "model.pt")
     (tmp_path / "first.pt").write_bytes(first_weights)
@@ -257,7 +261,7 @@ def test_preflight_refuses_a_run_that_does_not_fit_in_memory(tmp_path, monkeypat
     monkeypatch.setattr(preflight, "available_memory", lambda device: 64 * 1024**2)  # a 64 MB machine
     with pytest.raises(preflight.PreflightError, match=r"micro-batch of 3 is projected to need [\d.]+ GB, more than"):
         loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "model.pt").exists()
+    assert not list((tmp_path / "ckpt").rglob("last.pt")) and not (tmp_path / "model.pt").exists()
 
 
 @pytest.mark.slow
@@ -310,3 +314,87 @@ def test_preflight_out_of_memory_at_a_probe_size_is_one_line(error, at):
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         preflight.project(broken, 16, 1000, torch.device("cpu"))
+
+
+def _paths_in(ws, out):
+    return loop.TrainPaths(ws["cache"], out / "ckpt", out / "model.pt", out / "train.json", out / "plots")
+
+
+OUTPUTS = ("model.pt", "train.json", "plots/epochs.tsv")
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_then_resume_gives_the_same_bytes_in_the_same_run(tmp_path, monkeypatch, caplog):
+    import mlflow
+
+    from pipeline.tracking import Terminated
+    from pipeline.train import checkpoint
+
+    for k in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(k, raising=False)
+    ws = tiny_workspace(tmp_path / "ws", train__steps_per_epoch=4, train__checkpoint_minutes=1e-6)  # every step
+    params = load_params(ws["params"])
+    tasks = read_raw(ws["raw"] / "pairs.parquet")
+    with caplog.at_level("INFO", logger="pipeline.train.loop"):
+        straight = loop.train(params, tasks, _paths_in(ws, tmp_path / "a"), Tracker(params, enabled=False))
+    assert caplog.records[0].getMessage() == f"training from scratch: no checkpoint in {tmp_path / 'a' / 'ckpt'} yet"
+
+    real_save, saved = checkpoint.save, []
+
+    def save_then_ctrl_c(directory, state, about):  # Ctrl-C just after the checkpoint in epoch 2 after step 2
+        path = real_save(directory, state, about)
+        saved.append((state["epoch"], state["step"]))
+        if saved[-1] == (1, 2):
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_ctrl_c)
+    monkeypatch.setenv("DVC_EXP_NAME", "interrupted")  # e.g. the name DVC gave a `dvc exp run`
+    first = Tracker(params)
+    with pytest.raises(Terminated) as stop:
+        loop.train(params, tasks, _paths_in(ws, tmp_path / "b"), first)
+    first.end("KILLED")
+    folder = checkpoint_of(ws, tmp_path / "b" / "ckpt")
+    assert saved == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]  # mid-epoch and at the end of epoch 1
+    assert stop.value.code == 130 and str(stop.value) == (
+        f"stopped by SIGINT (Ctrl-C) in epoch 2 of 3, after step 2 of 4; the next run of this training resumes in "
+        f"epoch 2 of 3, after step 2 of 4, from {folder / 'last.pt'}")
+
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    monkeypatch.setenv("DVC_EXP_NAME", "resumed")
+    caplog.clear()
+    second = Tracker(params)
+    with caplog.at_level("INFO", logger="pipeline.train.loop"):
+        resumed = loop.train(params, tasks, _paths_in(ws, tmp_path / "b"), second)
+    second.end()
+    assert caplog.records[0].getMessage() == (f"resuming this training in epoch 2 of 3, after step 2 of 4, from "
+                                             f"{folder / 'last.pt'}")
+    assert resumed == straight
+    for name in OUTPUTS:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    # one training, one MLflow run: the killed one, continued and renamed after the experiment that finished it
+    client = mlflow.MlflowClient(tracking_uri(params.tracking))
+    runs = client.search_runs([client.get_experiment_by_name("rlan").experiment_id])
+    assert [(r.info.run_id, r.info.run_name, r.info.status) for r in runs] == [(first.run_id, "resumed", "FINISHED")]
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "loss_total")) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_cpu_threads_are_a_param_so_the_machine_does_not_change_the_bytes(tmp_path):
+    from pipeline.train import checkpoint
+
+    ws = tiny_workspace(tmp_path / "ws", train__epochs=2, train__cpu_threads=1)
+    params = load_params(ws["params"])
+    tasks = read_raw(ws["raw"] / "pairs.parquet")
+    before = torch.get_num_threads()
+    try:
+        for threads, out in ((2, "a"), (1, "b")):  # what the machine (or OMP_NUM_THREADS) would give
+            torch.set_num_threads(threads)
+            loop.train(params, tasks, _paths_in(ws, tmp_path / out), Tracker(params, enabled=False))
+    finally:
+        torch.set_num_threads(before)
+    for name in OUTPUTS:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    two = params.override({"train.cpu_threads": 2})
+    assert checkpoint.fingerprint(two, [ws["cache"]]) != checkpoint.fingerprint(params, [ws["cache"]])

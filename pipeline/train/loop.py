@@ -1,10 +1,12 @@
 """The training loop: one loop with commented phases, on one device (CUDA when present).
 
 Epochs are numbered from 1 everywhere (logs, progress, epochs.tsv, MLflow steps); a checkpoint's
-`epoch` is the number of epochs completed. The host never waits for the device inside a step but
-once per optimizer step (is the step finite?): measurements stay on the device until the end of
-the epoch, and the next micro-batches are prepared on a background thread (pinned on CUDA) while
-the current one computes.
+`epoch` is the number of epochs completed and its `step` the optimizer steps completed of the next
+one (mid-epoch checkpoints, pipeline.train.checkpoint). The first line of a training says whether it
+resumes (from where), restores a finished training, or starts from scratch and why. The host never
+waits for the device inside a step but once per optimizer step (is the step finite? is a checkpoint
+due?): measurements stay on the device until the end of the epoch, and the next micro-batches are
+prepared on a background thread (pinned on CUDA) while the current one computes.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import csv
 import io
 import logging
 import math
+import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,8 @@ from pipeline.loader import AugmentedCache, batch_from_pairs
 from pipeline.model import RLAN
 from pipeline.model.io import ModelFileError, save_model
 from pipeline.params import Params, TrainParams
-from pipeline.runtime import autocast, resolve_device, seed_everything, to_device
-from pipeline.tracking import Tracker, health_tags
+from pipeline.runtime import autocast, resolve_device, seed_everything, to_device, use_cpu_threads
+from pipeline.tracking import Terminated, Tracker, health_tags
 from pipeline.train import checkpoint, preflight, schedule
 from pipeline.train.batches import Prefetcher, TrainBatch, prepare
 from pipeline.train.losses import Objective, evaluation_measures
@@ -92,6 +95,25 @@ class Meter:
         totals = torch.stack([self.sum.get(k, zero) for k in keys] + [self.n.get(k, zero) for k in keys])
         totals = distributed.sum_tensor(world, totals.double()).tolist()
         return {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys) if totals[len(keys) + i] > 0}
+
+    def state(self, world: distributed.World) -> dict[str, Any]:
+        """The sums and counts so far over every rank (a collective), on the CPU, for a checkpoint.
+        One process: exactly its own values, so a resumed epoch ends with the same means."""
+        keys = distributed.union_keys(world, set(self.sum))
+        zero = torch.zeros((), device=world.device)
+        if not keys:
+            return {"keys": [], "sum": torch.zeros(0), "n": torch.zeros(0)}
+        totals = distributed.sum_tensor(world, torch.stack([self.sum.get(k, zero) for k in keys]
+                                                           + [self.n.get(k, zero) for k in keys]))
+        return {"keys": keys, "sum": totals[: len(keys)].cpu(), "n": totals[len(keys):].cpu()}
+
+    def restore(self, state: dict[str, Any] | None, device: torch.device, main: bool) -> None:
+        """Continue from `state` (`Meter.state`); rank 0 carries every rank's values so far."""
+        if state is None or not main:
+            return
+        for i, k in enumerate(state["keys"]):
+            self.sum[k] = state["sum"][i].to(device)
+            self.n[k] = state["n"][i].to(device)
 
 
 def build_optimizer(model: RLAN, tp: TrainParams) -> torch.optim.AdamW:
@@ -163,31 +185,85 @@ def micro_seed(seed: int, epoch: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step, micro]).generate_state(1)[0])
 
 
-def schedule_of(sampler: Sampler, world: distributed.World, tp: TrainParams, first_epoch: int,
+def schedule_of(sampler: Sampler, world: distributed.World, tp: TrainParams, first_epoch: int, first_step: int,
                 steps_per_epoch: int) -> Iterator[tuple[MicroBatch, bool]]:
-    """This rank's micro-batches in training order, each with whether meta-learning is on (epochs from 1)."""
+    """This rank's micro-batches in training order from (epoch, step), each with whether meta-learning
+    is on (epochs from 1, steps from 0)."""
     for epoch in range(first_epoch, tp.epochs + 1):
         order = sampler.order(epoch - 1)
-        for step in range(steps_per_epoch):
+        for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
             for mb in sampler.micro_batches(order, epoch - 1, step, world.rank):
                 yield mb, schedule.meta_learning_active(tp, epoch)
 
 
+@dataclass
+class Position:
+    """Where a training stands: `epoch` epochs done and `step` optimizer steps of the next one."""
+    epoch: int = 0
+    step: int = 0
+
+    def describe(self, epochs: int, steps_per_epoch: int) -> str:
+        if self.step == 0:
+            return f"after epoch {self.epoch} of {epochs}"
+        return f"in epoch {self.epoch + 1} of {epochs}, after step {self.step} of {steps_per_epoch}"
+
+
+def first_line(state: dict[str, Any] | None, at: Position, tp: TrainParams, steps_per_epoch: int,
+               why_fresh: Callable[[], str]) -> str:
+    """The first line of a training: whether it resumes (from where), restores a finished training,
+    or starts from scratch, and why."""
+    if state is None:
+        return f"training from scratch: {why_fresh()}"
+    if at.epoch >= tp.epochs:
+        return (f"this training has finished ({tp.epochs} epochs): restoring its outputs from {state['path']}, "
+                "no training")
+    return f"resuming this training {at.describe(tp.epochs, steps_per_epoch)}, from {state['path']}"
+
+
+@contextlib.contextmanager
+def stop_note(where: Callable[[], str]) -> Iterator[None]:
+    """SIGINT (Ctrl-C) or SIGTERM while training: re-raised as Terminated saying where training
+    stopped and where the next run resumes."""
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated) as err:
+        raise Terminated(getattr(err, "signum", signal.SIGINT), where()) from None
+
+
+def training_identity(params: Params, heldout: list, cache: Path) -> checkpoint.Identity:
+    """What this training is (pipeline.train.checkpoint): its params, code, cache and held-out slice
+    (`heldout_examples`)."""
+    held = b"".join(bytes(g.shape) + g.tobytes() for ctx, q_in, q_out in heldout
+                    for g in [q_in, q_out, *(x for pair in ctx for x in pair)])
+    return checkpoint.identity(params, [cache], held)
+
+
 def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker,
           world: distributed.World | None = None) -> dict[str, Any] | None:
-    """Train; returns the final metrics on rank 0 (None on other ranks).
+    """Train; returns the final metrics on rank 0 (None on other ranks). `paths.checkpoints` is the
+    checkpoint store: this training's checkpoint is in its directory there (pipeline.train.checkpoint),
+    which this process holds while it trains (a second process of the same training waits).
 
     Distributed rule (pipeline.train.sampler): an optimizer step is `grad_accumulation_steps`
     micro-batches of `batch_size` whatever the world size; each rank runs its share and
     synchronises gradients only on its last micro-batch (`no_sync`).
     """
-    tp = params.train
-    world = world or distributed.single(resolve_device(tp.device))
-    device = world.device
-    seed_everything(tp.seed)
+    world = world or distributed.single(resolve_device(params.train.device))
+    use_cpu_threads(params.train.cpu_threads)
+    seed_everything(params.train.seed)
     cache = AugmentedCache(paths.cache)
+    heldout = heldout_examples(tasks, params.train.heldout_tasks, params.train.seed)
+    ident = training_identity(params, heldout, paths.cache) if world.is_main else None
+    folder = checkpoint.directory(paths.checkpoints, ident.fingerprint) if ident else None
+    with checkpoint.exclusive(folder) if folder else contextlib.nullcontext():
+        return _train(params, cache, heldout, paths, tracker, world, ident, folder)
+
+
+def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPaths, tracker: Tracker,
+           world: distributed.World, ident: checkpoint.Identity | None, folder: Path | None) -> dict[str, Any] | None:
+    tp = params.train
+    device = world.device
     sampler = Sampler(len(cache), tp.seed, tp.batch_size, tp.grad_accumulation_steps, world.size)
-    heldout = heldout_examples(tasks, tp.heldout_tasks, tp.seed)
     model = RLAN(params.model).to(device)
     model.checkpoint_activations(tp.activation_checkpointing)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema_decay), use_buffers=True)
@@ -195,18 +271,14 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
     per_step = tp.batch_size * tp.grad_accumulation_steps
     steps_per_epoch = tp.steps_per_epoch or max(1, len(cache) // per_step)
     total_steps = steps_per_epoch * tp.epochs
-    if world.is_main:
-        log.info("training on %d x %s: %d parameters, %d samples, %d steps per epoch of %d samples, %d epochs",
-                 world.size, device.type, sum(p.numel() for p in model.parameters()), len(cache), steps_per_epoch,
-                 per_step, tp.epochs)
 
-    # -- resume from the last checkpoint of the same run, read by rank 0 and shared
-    held = b"".join(bytes(g.shape) + g.tobytes() for ctx, q_in, q_out in heldout
-                    for g in [q_in, q_out, *(x for pair in ctx for x in pair)])
-    fp = checkpoint.fingerprint(params, [paths.cache], held) if world.is_main else None
-    state = checkpoint.load_resumable(paths.checkpoints, fp, tp.epochs) if world.is_main else None
+    # -- resume from this training's checkpoint, read by rank 0 and shared; the first line says so
+    state, fp = None, None
+    if world.is_main:
+        fp = ident.fingerprint
+        state = checkpoint.load_resumable(folder, fp)
     state, fp = distributed.broadcast_from_main(world, (state, fp))
-    start_epoch, history, consecutive_bad = 0, [], 0
+    at, history, consecutive_bad, meter, bad_steps = Position(), [], 0, Meter(), 0
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -214,14 +286,22 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
             opt.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise ModelFileError(f"{state['path']}: does not fit this model ({err})") from None
-        start_epoch, history = state["epoch"], state["history"]
-        consecutive_bad = state["consecutive_nonfinite"]
+        at, history = Position(state["epoch"], state["step"]), state["history"]
+        consecutive_bad, bad_steps = state["consecutive_nonfinite"], state["bad_steps"]
+        meter.restore(state["meter"], device, world.is_main)
+    restored = at.epoch >= tp.epochs
+    if world.is_main:
+        log.info("%s", first_line(state, at, tp, steps_per_epoch,
+                                  lambda: checkpoint.why_fresh(paths.checkpoints, ident)))
+        if not restored:
+            log.info("training on %d x %s: %d parameters, %d samples, %d steps per epoch of %d samples, %d epochs, "
+                     "%d CPU threads", world.size, device.type, sum(p.numel() for p in model.parameters()),
+                     len(cache), steps_per_epoch, per_step, tp.epochs, torch.get_num_threads())
     objective = Objective(model, tp)
-    restored = start_epoch >= tp.epochs
 
     # -- pre-flight: project the remaining run on this machine; refuse what it cannot finish
     if not restored:
-        remaining = (tp.epochs - start_epoch) * steps_per_epoch * per_step
+        remaining = (total_steps - at.epoch * steps_per_epoch - at.step) * per_step
         error = None
         if world.is_main:
             error = preflight_check(objective, cache, sampler, tp, params.model.use_hyperlora, device, remaining,
@@ -236,22 +316,43 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
         if history and not tracker.continued:  # a new run for epochs trained before: their history
             tracker.log_history(history, lambda row: epoch_checks(row, params, history[0]))
 
+    # -- checkpoints: every save_every epochs, the last, and the first step after checkpoint_minutes
+    last_save = time.monotonic()
+
+    def save(position: Position, meter_state: dict[str, Any] | None) -> None:
+        nonlocal last_save
+        checkpoint.save(folder, {
+            "fingerprint": fp, "epoch": position.epoch, "step": position.step, "model": model.state_dict(),
+            "ema": ema.state_dict(), "optimizer": opt.state_dict(), "history": history, "meter": meter_state,
+            "bad_steps": bad_steps, "consecutive_nonfinite": consecutive_bad, "params": params.model_dump()},
+            {"epoch": position.epoch, "step": position.step, "epochs": tp.epochs, "steps_per_epoch": steps_per_epoch,
+             "params": ident.params, "code": ident.code, "data": ident.data})
+        last_save = time.monotonic()
+
+    def stopped_where() -> str:  # the checkpoint on disk, whatever the signal interrupted
+        about = checkpoint.about(folder) if folder else None
+        saved = Position(about["epoch"], about["step"]) if about else None
+        resume = (f"the next run of this training resumes {saved.describe(tp.epochs, steps_per_epoch)}, from "
+                  f"{folder / checkpoint.LAST}" if saved else "no checkpoint of it yet: the next run starts afresh")
+        return f"{now.describe(tp.epochs, steps_per_epoch)}; {resume}"
+
     slots = cache.max_context() if tp.compile else None  # compiled: a static number of context slots
 
     def load(item: tuple[MicroBatch, bool]) -> TrainBatch:  # runs on the prefetch thread
         tb = prepare(cache, item[0], tp, item[1], params.model.use_hyperlora, slots)
         return tb.pin() if device.type == "cuda" else tb
 
-    batches = Prefetcher(load, schedule_of(sampler, world, tp, start_epoch + 1, steps_per_epoch))
-    progress_bar = tqdm(total=total_steps * per_step, initial=start_epoch * steps_per_epoch * per_step, unit="sample",
+    batches = Prefetcher(load, schedule_of(sampler, world, tp, at.epoch + 1, at.step, steps_per_epoch))
+    done_before = at.epoch * steps_per_epoch + at.step
+    progress_bar = tqdm(total=total_steps * per_step, initial=done_before * per_step, unit="sample",
                         unit_scale=True, smoothing=0.05, mininterval=5.0, disable=not world.is_main)
-    t_run = time.perf_counter()
-    with batches, progress_bar:
-        for epoch in range(start_epoch + 1, tp.epochs + 1):
+    t_run, now = time.perf_counter(), Position(at.epoch, at.step)  # `now`: what is done, for a stop's message
+    with batches, progress_bar, stop_note(stopped_where):
+        for epoch in range(at.epoch + 1, tp.epochs + 1):
             model.train()
-            meter, bad_steps, t0 = Meter(), 0, time.perf_counter()
+            t0 = time.perf_counter()
             progress_bar.set_description(f"epoch {epoch}/{tp.epochs}")
-            for step in range(steps_per_epoch):
+            for step in range(at.step if epoch == at.epoch + 1 else 0, steps_per_epoch):
                 # -- schedules
                 progress = ((epoch - 1) * steps_per_epoch + step) / max(total_steps - 1, 1)
                 tau = schedule.temperature(tp, progress)
@@ -274,11 +375,16 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
                         (loss / sampler.per_rank).backward()  # also when non-finite: every rank joins the all-reduce
                     step_logs.append(logs)
 
-                # -- clip; a non-finite loss on any rank, or a non-finite gradient, skips the step
+                # -- clip; a non-finite loss on any rank, or a non-finite gradient, skips the step; rank 0's
+                #    clock asks for a mid-epoch checkpoint in the same all-reduce
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tp.gradient_clip)
-                bad = distributed.sum_tensor(world, bad) + (~torch.isfinite(norm)).float()
+                due = world.is_main and step + 1 < steps_per_epoch and \
+                    time.monotonic() - last_save >= 60 * tp.checkpoint_minutes
+                flags = distributed.sum_tensor(world, torch.stack([bad, torch.tensor(float(due), device=device)]))
+                flags = flags + torch.stack([(~torch.isfinite(norm)).float(), torch.zeros((), device=device)])
+                n_bad, save_now = flags.tolist()  # the one host read of the step
                 progress_bar.update(per_step)
-                if bad.item() > 0:  # the one host read of the step
+                if n_bad > 0:
                     opt.zero_grad(set_to_none=True)
                     bad_steps += 1
                     consecutive_bad += 1
@@ -287,16 +393,21 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
                     if consecutive_bad >= tp.max_consecutive_nonfinite:
                         raise NonFiniteLossError(
                             f"{consecutive_bad} consecutive optimizer steps with a NaN/Inf loss or gradient (epoch "
-                            f"{epoch}, step {step + 1}); train.max_consecutive_nonfinite={tp.max_consecutive_nonfinite}")
-                    continue
-                consecutive_bad = 0
-
-                # -- step, EMA (every rank holds the same weights, so the same EMA), measurements
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                ema.update_parameters(model)
-                for logs in step_logs:
-                    meter.add(logs)
+                            f"{epoch}, step {step + 1}); "
+                            f"train.max_consecutive_nonfinite={tp.max_consecutive_nonfinite}")
+                else:
+                    # -- step, EMA (every rank holds the same weights, so the same EMA), measurements
+                    consecutive_bad = 0
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    ema.update_parameters(model)
+                    for logs in step_logs:
+                        meter.add(logs)
+                now = Position(epoch - 1, step + 1)
+                if save_now:  # mid-epoch: the epoch's measurements so far go with it (every rank's)
+                    meter_state = meter.state(world)
+                    if world.is_main:
+                        save(Position(epoch - 1, step + 1), meter_state)
 
             # -- end of epoch: means over all ranks, then rank 0 measures, checks, logs and saves
             means = meter.global_means(world)
@@ -308,15 +419,15 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
                     row.update(measure_heldout(ema.module, heldout, tau, tp.batch_size, device, tp.precision))
                 row = {k: row.get(k) for k in ["epoch", *EPOCH_METRICS]}
                 history.append(row)
-                rate = steps_per_epoch * per_step / elapsed
-                eta = (time.perf_counter() - t_run) / (epoch - start_epoch) * (tp.epochs - epoch)
+                steps_done = epoch * steps_per_epoch - done_before
+                rate = (steps_per_epoch - (at.step if epoch == at.epoch + 1 else 0)) * per_step / elapsed
+                eta = (time.perf_counter() - t_run) / steps_done * (total_steps - epoch * steps_per_epoch)
                 log_epoch(row, params, tracker, rate, eta, history[0])
                 write_series(history, paths.plots)
-                if epoch % tp.save_every == 0 or epoch == tp.epochs:
-                    checkpoint.save(paths.checkpoints, {
-                        "fingerprint": fp, "epoch": epoch, "model": model.state_dict(), "ema": ema.state_dict(),
-                        "optimizer": opt.state_dict(), "history": history, "consecutive_nonfinite": consecutive_bad,
-                        "params": params.model_dump()})
+            meter, bad_steps, now = Meter(), 0, Position(epoch, 0)
+            if world.is_main and (epoch % tp.save_every == 0 or epoch == tp.epochs
+                                  or time.monotonic() - last_save >= 60 * tp.checkpoint_minutes):
+                save(Position(epoch, 0), None)
             distributed.barrier(world)
 
     if not world.is_main:
