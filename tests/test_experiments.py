@@ -50,7 +50,7 @@ def test_resolve_expands_groups_once_and_names_the_unknown():
 
 def test_set_args_writes_what_dvc_parses():
     assert set_args({"a.b": False, "c": 0.5, "d": ["x-y", "z"], "e": None}) == [
-        "-S", "a.b=false", "-S", "c=0.5", "-S", "d=[x-y, z]", "-S", "e=null"]
+        "-S", "a.b=false", "-S", "c=0.5", "-S", "d=[x-y,z]", "-S", "e=null"]  # a list is one shell word
 
 
 def test_scale_overrides_are_known_keys_and_tiny_is_the_tests_scale():
@@ -116,7 +116,7 @@ def test_make_run_plan():
     assert cmds == [["dvc", "repro"]] and "full pipeline" in say[0]
     say, cmds = launch.plan(cuda=False, scale=None)
     assert cmds == [["pipeline.experiments", "run", "--scale", "cpu", "--queue", "-j", "2", "stable", "fixed"],
-                    ["pipeline.experiments", "compare", "stable", "fixed"]]
+                    ["pipeline.experiments", "compare", "--scale", "cpu", "stable", "fixed"]]
     assert "no CUDA" in say[0] and "cpu scale" in say[0] and SCALES["cpu"].about in "\n".join(say)
     assert any("needs a GPU" in line for line in say)
     say, cmds = launch.plan(cuda=True, scale="tiny")
