@@ -195,17 +195,20 @@ def label_of(changes: dict[str, Any]) -> str:
     return "+".join(f"{k.rsplit('.', 1)[-1]}={word(v)}" for k, v in changes.items())
 
 
-def note_no_ops(variant: dict[str, Any], scale: str, base: dict[str, Any]) -> None:
-    """Say which of the user's overrides change nothing: the committed value, or the scale's."""
+def is_baseline(variant: dict[str, Any], scale: str, base: dict[str, Any]) -> bool:
+    """Whether the user's overrides change nothing at the scale; says which of them are the committed
+    value or the scale's already."""
     same = []
     for k, v in variant.items():
         if _comparable(SCALES[scale].overrides.get(k, base[k])) == _comparable(v):
             where = f"the {scale} scale's value" if k in SCALES[scale].overrides else "the committed value (HEAD)"
             log.warning("-S %s=%s is %s already: it changes nothing", k, yaml_value(v), where)
             same.append(k)
-    if same and len(same) == len(variant):
-        log.warning("%s is the baseline itself at the %s scale: the same configuration as %s", label_of(variant),
+    if len(same) == len(variant):
+        log.warning("%s is the baseline at the %s scale, %s, which runs anyway: not run twice", label_of(variant),
                     scale, name_of("stable", scale))
+        return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -318,10 +321,11 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
     variants = parse_sets(sets or [], base)
     if (seeds > 1 or seed is not None) and any(k in SEED_KEYS for v in variants for k in v):
         raise ExperimentError(f"--seeds and --seed set {', '.join(SEED_KEYS)}: leave them out of -S")
-    for v in variants:
-        note_no_ops(v, scale, base)
+    if variants and "stable" not in names:  # the user's own experiments are compared with stable
+        names = ["stable", *names]
+    queue = queue or len(variants) > 1  # a sweep is queued
+    variants = [v for v in variants if not is_baseline(v, scale, base)]
     planned = plan(resolve(names), scale, seeds_of(seeds, seed, base), variants, own_name)
-    queue = queue or len(variants) > 1
     try:
         stale = sorted({p.name for p in planned} & set(experiment_revs(cwd)))
         if stale:
@@ -558,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     cwd = Path(os.getcwd())
     try:
         if args.cmd == "run":
-            names = args.names or (["stable"] if args.sets else DEFAULT)
+            names = args.names or ([] if args.sets else DEFAULT)
             labels = run(names, cwd, args.scale, args.queue, args.jobs, args.seeds, args.seed, args.sets, args.name)
             if args.sets:  # yours against stable
                 reference = name_of("stable", args.scale)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 
 import numpy as np
@@ -13,15 +14,16 @@ import torch
 
 from pipeline import launch
 from pipeline.arc import read_raw
-from pipeline.experiments import (ABLATIONS, EXPERIMENTS, FIXED, GROUPS, SCALES, ExperimentError, child_env,
-                                  expected_changes, mismatches, overrides, resolve, restore_params, set_args)
+from pipeline.experiments import (ABLATIONS, EXPERIMENTS, FIXED, GROUPS, NAME_RE, SCALES, ExperimentError, child_env,
+                                  expected_changes, infer_scale, is_baseline, label_of, main, mismatches, name_of,
+                                  overrides, parse_sets, plan, progress, resolve, restore_params, seeds_of, set_args)
 from pipeline.model import RLAN
 from pipeline.model.io import load_model
-from pipeline.params import flatten
+from pipeline.params import SEED_KEYS, flatten
 from pipeline.rules import check_rules
 from pipeline.tracking import Tracker
 from pipeline.train import loop, schedule
-from tests.helpers import TINY, example_batch, params_with, raw_params, run, tiny_workspace
+from tests.helpers import REPO, TINY, example_batch, params_with, raw_params, run, tiny_workspace
 
 
 def test_ablations_are_fixed_one_fix_at_a_time():
@@ -183,3 +185,133 @@ def test_fast_ema_and_evaluation_every_epoch_reach_training(tmp_path):
     assert decay == pytest.approx(FIXED["train.ema_decay"], abs=1e-3)
     assert measured_fixed == [True, True] and measured_stable == [False, True]  # eval_every 1 vs stable's 5
 
+
+
+# --- names, seeds, the user's overrides ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", sorted(SCALES))
+def test_names_carry_scale_and_seed_and_are_valid_dvc_names_and_mlflow_aliases(scale, tmp_path):
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    from pipeline.mlflow_model import alias_for
+
+    run(["git", "init", "-q"], tmp_path)
+    for base in [*EXPERIMENTS, label_of({"model.hyperlora_init_scale": 0.05, "train.lr": 1e-5})]:
+        for seed in (None, 43):
+            name = name_of(base, scale, seed)
+            parsed = NAME_RE.match(name)
+            assert (parsed["base"], parsed["scale"], parsed["seed"]) == (base, scale, None if seed is None else "43")
+            assert run(["git", "check-ref-format", f"refs/exps/ab/{'c' * 38}/{name}"], tmp_path, check=False) \
+                .returncode == 0, name
+            assert "/" not in name and alias_for(name) == re.sub(r"[^\w-]", "-", name)
+            if re.fullmatch(r"[\w-]+", base):  # the named experiments: the alias is the name itself
+                assert alias_for(name) == name
+            _validate_model_alias_name(alias_for(name))
+            _validate_model_alias_name_reserved(alias_for(name))
+
+
+def test_every_seed_of_the_schema_is_a_seed_key():
+    assert sorted(k for k in params_with().flat() if k.split(".")[-1] == "seed") == sorted(SEED_KEYS)
+
+
+def test_seed_repeats_start_at_the_committed_seed():
+    base = flatten(raw_params())
+    assert base["train.seed"] == 42
+    assert seeds_of(3, None, base) == [None, 43, 44]  # None: the committed seeds, no override
+    assert seeds_of(1, 7, base) == [7] and seeds_of(1, 42, base) == [None]
+    assert overrides("fixed", "cpu", 43) == {**SCALES["cpu"].overrides, **FIXED, **{k: 43 for k in SEED_KEYS}}
+    mixed = {**base, "augment.seed": 1}  # the committed seeds differ: every repeat sets all three to one value
+    assert seeds_of(2, None, mixed) == [42, 43]
+    assert seeds_of(1, 42, mixed) == [42]
+
+
+def test_set_params_sweep_and_keys_checked_with_did_you_mean():
+    base = flatten(raw_params())
+    assert parse_sets(["model.hyperlora_init_scale=0.05,0.2", "train.learning_rate=1e-5",
+                       "validation.accept_broken_rules=[a,b]"], base) == [
+        {"model.hyperlora_init_scale": 0.05, "train.learning_rate": 1e-5, "validation.accept_broken_rules": ["a", "b"]},
+        {"model.hyperlora_init_scale": 0.2, "train.learning_rate": 1e-5, "validation.accept_broken_rules": ["a", "b"]}]
+    with pytest.raises(ExperimentError, match=r"model.hyperlora_int_scale is not a key of params.yaml "
+                                              r"\(did you mean model.hyperlora_init_scale\?\)"):
+        parse_sets(["model.hyperlora_int_scale=0.05"], base)
+    with pytest.raises(ExperimentError, match="expected key=value"):
+        parse_sets(["model.hidden_dim"], base)
+
+
+def test_plan_names_each_repeat_and_the_users_own_experiments(caplog):
+    base = flatten(raw_params())
+    variants = parse_sets(["model.hyperlora_init_scale=0.05,0.1,0.2"], base)
+    kept = [v for v in variants if not is_baseline(v, "cpu", base)]
+    assert kept == [variants[0], variants[2]]
+    assert "-S model.hyperlora_init_scale=0.1 is the committed value (HEAD) already" in caplog.text
+    assert is_baseline({"train.epochs": 10}, "cpu", base) and "the cpu scale's value already" in caplog.text
+    planned = plan(["stable"], "cpu", [None, 43], kept)
+    assert [(p.name, p.label) for p in planned] == [
+        ("stable_cpu", "stable_cpu"), ("stable_cpu_s43", "stable_cpu"),
+        ("hyperlora_init_scale=0.05_cpu", "hyperlora_init_scale=0.05_cpu"),
+        ("hyperlora_init_scale=0.05_cpu_s43", "hyperlora_init_scale=0.05_cpu"),
+        ("hyperlora_init_scale=0.2_cpu", "hyperlora_init_scale=0.2_cpu"),
+        ("hyperlora_init_scale=0.2_cpu_s43", "hyperlora_init_scale=0.2_cpu")]
+    assert planned[3].changes == {**SCALES["cpu"].overrides, "model.hyperlora_init_scale": 0.05,
+                                  **{k: 43 for k in SEED_KEYS}}
+    assert [p.name for p in plan([], "tiny", [None], kept[:1], "mine")] == ["mine_tiny"]
+    assert [p.name for p in plan([], "tiny", [None], kept, "mine")] == [
+        "mine-hyperlora_init_scale=0.05_tiny", "mine-hyperlora_init_scale=0.2_tiny"]
+    for bad in ("fixed", "-x", "a b", "a/b"):
+        with pytest.raises(ExperimentError, match="experiment name"):
+            plan([], "tiny", [None], kept[:1], bad)
+
+
+def test_scale_inferred_from_params_for_an_experiment_not_named_by_the_runner():
+    base = flatten(raw_params())
+    for scale in SCALES:
+        assert infer_scale({**base, **SCALES[scale].overrides}, base) == scale
+    assert infer_scale({**base, **SCALES["cpu"].overrides, "model.hidden_dim": 8}, base) is None
+    assert infer_scale({**base, "model.use_gumbel_softmax": False}, base) == "full"
+
+
+def test_queue_progress_reads_each_running_experiments_epochs(tmp_path):
+    run_dir = tmp_path / ".dvc" / "tmp" / "exps" / "run" / ("c0a6496" + "f" * 33)
+    run_dir.mkdir(parents=True)
+    out = run_dir / f"{run_dir.name}.out"
+    out.write_text("Running stage 'train':\n> python -m stages.train\n"
+                   "epoch 1/3:   0%|  | 0/6 [00:00<?]\repoch 1/3: 100%|##| 6/6"
+                   "02:31:40 INFO pipeline.train.loop: epoch 1/3: loss 3.0957, train exact 0.000\n"
+                   "epoch 2/3:  50%|#  | 3/6")  # a line still being written
+    status = ("Task     Name         Created    Status\nc0a6496  stable_tiny  02:16 AM   Running\n"
+              "32c8d94  fixed_tiny   02:17 AM   Queued\n")
+    read: dict = {}
+    assert progress(tmp_path, status, read) == ["stable_tiny: Running stage 'train'",
+                                                 "stable_tiny: epoch 1/3: loss 3.0957, train exact 0.000"]
+    assert progress(tmp_path, status, read) == []  # nothing new
+    with out.open("a") as f:
+        f.write("\r02:31:46 INFO pipeline.train.loop: epoch 2/3: loss 3.2\n02:31:47 ERROR stage: boom\n")
+    assert progress(tmp_path, status, read) == ["stable_tiny: epoch 2/3: loss 3.2", "stable_tiny: ERROR stage: boom"]
+
+
+def test_overrides_command_restores_heads_params_and_prints_the_assignment(tmp_path, monkeypatch, capsys):
+    committed = (REPO / "params.yaml").read_text()
+    repo = _git_repo(tmp_path, committed)
+    inherited = committed.replace("use_gumbel_softmax: true", "use_gumbel_softmax: false")
+    (repo / "params.yaml").write_text(inherited)  # what a workspace `dvc exp run` of fixed leaves
+    monkeypatch.chdir(repo)
+    main(["overrides", "stable", "--scale", "tiny", "--seed", "2"])  # (its logging set-up replaces caplog's)
+    printed = capsys.readouterr()
+    assert printed.out.split() == set_args({**SCALES["tiny"].overrides, **{k: 2 for k in SEED_KEYS}})
+    assert (repo / "params.yaml").read_text() == committed
+    assert "model.use_gumbel_softmax: committed True, now False" in printed.err
+    [backup] = (repo / ".dvc" / "tmp").glob("params.yaml.*")
+    assert backup.read_text() == inherited
+
+
+def test_experiment_refs_hide_dvcs_own_refs(tmp_path, monkeypatch):
+    from pipeline.lineage import experiment_refs
+
+    _git_repo(tmp_path, "a: 1\n")
+    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    for ref in ("refs/exps/exec/EXEC_HEAD", "refs/exps/exec/EXEC_BASELINE", "refs/exps/celery/stash",
+                f"refs/exps/{head[:2]}/{head[2:]}/stable_cpu"):
+        run(["git", "update-ref", ref, head], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert experiment_refs() == {"stable_cpu": f"refs/exps/{head[:2]}/{head[2:]}/stable_cpu"}
