@@ -46,11 +46,12 @@ def test_a_temporary_copy_needs_no_restore_hint(tmp_path):
     path = _repo(tmp_path, "a: 1\n")
     path.write_text("a: 2\n")
     assert "git checkout -- params.yaml" in committed.restore_hint(path)
-    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12" / "params.yaml"
-    copy.parent.mkdir(parents=True)
-    copy.write_text("a: 2\n")
+    workdir = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12"  # DVC's copy: a git repository of its own
+    workdir.mkdir(parents=True)
+    copy = _repo(workdir, "a: 1\n")
+    copy.write_text("a: 2\n")  # the experiment's override, discarded with the copy
     assert committed.in_temporary_copy(copy) and not committed.in_temporary_copy(path)
-    assert committed.restore_hint(copy) == ""
+    assert committed.changes_from_head(copy) == {"a": (1, 2)} and committed.restore_hint(copy) == ""
 
 
 def _refused() -> str:

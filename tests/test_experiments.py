@@ -278,7 +278,7 @@ def test_queue_progress_reads_each_running_experiments_epochs(tmp_path):
     out.write_text("Running stage 'train':\n> python -m stages.train\n"
                    "epoch 1/3:   0%|  | 0/6 [00:00<?]\repoch 1/3: 100%|##| 6/6"
                    "02:31:40 INFO pipeline.train.loop: epoch 1/3: loss 3.0957, train exact 0.000\n"
-                   "epoch 2/3:  50%|#  | 3/6")  # a line still being written
+                   "epoch 2/3: 100%|##| 6/6\r02:31:46 INFO pipeline.train.loop: epoch 2/3: lo")  # still being written
     status = ("Task     Name         Created    Status\nc0a6496  stable_tiny  02:16 AM   Running\n"
               "32c8d94  fixed_tiny   02:17 AM   Queued\n")
     read: dict = {}
@@ -286,7 +286,7 @@ def test_queue_progress_reads_each_running_experiments_epochs(tmp_path):
                                                  "stable_tiny: epoch 1/3: loss 3.0957, train exact 0.000"]
     assert progress(tmp_path, status, read) == []  # nothing new
     with out.open("a") as f:
-        f.write("\r02:31:46 INFO pipeline.train.loop: epoch 2/3: loss 3.2\n02:31:47 ERROR stage: boom\n")
+        f.write("ss 3.2\n02:31:47 ERROR stage: boom\n")
     assert progress(tmp_path, status, read) == ["stable_tiny: epoch 2/3: loss 3.2", "stable_tiny: ERROR stage: boom"]
 
 
