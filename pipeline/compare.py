@@ -22,7 +22,7 @@ import json
 import math
 import statistics
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class Group:
     label: str  # e.g. stable_cpu
     scale: str | None  # None: not known (an experiment not made by the runner)
     revs: dict[str, str]  # DVC experiment name -> its commit
-    scale_keys: frozenset[str] = frozenset()  # the keys the scale sets: not this group's own changes
+    scale_overrides: dict[str, Any] = field(default_factory=dict)  # the scale's: not this group's own changes
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,8 @@ def spread(runs: list[Outputs], key: str) -> Spread | None:
 def _own_changes(group: Group, runs: list[Outputs]) -> str:
     """What the group's repeats change from their baseline beyond the scale and the seed; a line that
     says so when the repeats do not agree (a key inherited by one of them)."""
-    own = [{k: new for k, (_, new) in r.changes.items() if k not in group.scale_keys and k not in SEED_KEYS}
+    scale = group.scale_overrides
+    own = [{k: new for k, (_, new) in r.changes.items() if k not in SEED_KEYS and (k not in scale or scale[k] != new)}
            for r in runs]
     text = ", ".join(f"{k}={yaml_value(v)}" for k, v in own[0].items()) or "none (the baseline)"
     if any(o != own[0] for o in own[1:]):

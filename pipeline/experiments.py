@@ -333,7 +333,8 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
             _dvc(["exp", "remove", *stale], cwd)
         for p in planned:
             restore_params(cwd)
-            own = {k: v for k, v in p.changes.items() if k not in SCALES[scale].overrides}
+            scale_values = SCALES[scale].overrides
+            own = {k: v for k, v in p.changes.items() if k not in scale_values or scale_values[k] != v}
             log.info("%s experiment %s: the %s scale and %s", "queueing" if queue else "running", p.name, scale,
                      " ".join(set_args(own)) or "the baseline")
             _dvc(["exp", "run", "--force", "--queue" if queue else "--temp", "-n", p.name, *set_args(p.changes)],
@@ -471,7 +472,7 @@ def group_of(name: str, scale: str | None, revs: dict[str, str], cwd: Path) -> G
     if m is None and name in revs and not scale:  # an experiment not named by the runner
         params = _params_at(revs[name], cwd)
         found = infer_scale(params, _params_at(f"{revs[name]}^", cwd))
-        return Group(name, found, {name: revs[name]}, frozenset(SCALES[found].overrides if found else ()))
+        return Group(name, found, {name: revs[name]}, SCALES[found].overrides if found else {})
     if m is not None and m["seed"] is not None:
         label, at, members = name, m["scale"], {name: revs[name]} if name in revs else {}
     else:
@@ -490,7 +491,7 @@ def group_of(name: str, scale: str | None, revs: dict[str, str], cwd: Path) -> G
     if not members:
         raise ExperimentError(f"no experiment named {label}; run it with `python -m pipeline.experiments run "
                               f"--scale {at} {NAME_RE.match(label)['base'] if NAME_RE.match(label) else label}`")
-    return Group(label, at, members, frozenset(SCALES[at].overrides))
+    return Group(label, at, members, SCALES[at].overrides)
 
 
 def groups_of(names: list[str], scale: str | None, cwd: Path) -> dict[str, Group]:

@@ -28,8 +28,7 @@ def outputs(entropy_ratio: float, seed: int, pixel: float = 0.4, changes: dict |
 
 
 def group(label: str, n: int, scale: str | None = "cpu") -> Group:
-    return Group(label, scale, {f"{label}_s{i}": f"{i:07d}" for i in range(n)},
-                 frozenset(SCALES[scale].overrides) if scale else frozenset())
+    return Group(label, scale, {f"{label}_s{i}": f"{i:07d}" for i in range(n)}, SCALES[scale].overrides if scale else {})
 
 
 def test_verdict_calls_a_difference_real_only_beyond_the_spread():
@@ -72,12 +71,16 @@ def test_report_states_scale_and_seeds_and_bolds_only_a_real_winner():
 
 def test_report_flags_mixed_or_unknown_scales_and_a_key_one_repeat_inherited():
     groups = {"stable_cpu": group("stable_cpu", 2), "mine": group("mine", 2, scale=None)}
-    runs = {"stable_cpu": [outputs(3.9, 42), outputs(3.8, 43, changes={"model.hidden_dim": (256, 32)})],
+    runs = {"stable_cpu": [outputs(3.9, 42, changes={"model.hidden_dim": (256, 32)}),
+                           outputs(3.8, 43, changes={"model.hidden_dim": (256, 32), "train.seed": (42, 43)})],
             "mine": [outputs(2.0, 1, changes={"model.use_gumbel_softmax": (True, False)}),
                      outputs(2.1, 2, changes={"train.seed": (42, 2)})]}
     text = render(groups, runs)
     assert "Scale: cpu, unknown. WARNING: experiments of different or unknown scales" in text
     assert "| stable_cpu | stable_cpu_s0 (0000000), stable_cpu_s1 (0000001) | none (the baseline) |" in text
+    runs["stable_cpu"][1] = outputs(3.8, 43, changes={"model.hidden_dim": (256, 64)})  # the scale's key, changed
+    assert "| stable_cpu | stable_cpu_s0 (0000000), stable_cpu_s1 (0000001) | none (the baseline) -- WARNING: its " \
+           "repeats differ in model.hidden_dim |" in render(groups, runs)
     assert "model.use_gumbel_softmax=false -- WARNING: its repeats differ in model.use_gumbel_softmax" in text
 
 
