@@ -441,11 +441,16 @@ def check_params(planned: list[Planned], rev: str, cwd: Path) -> None:
         raise ExperimentError("experiment params are not the baseline plus their overrides:\n" + "\n".join(problems))
 
 
-def experiment_revs(cwd: Path) -> dict[str, str]:
-    """Name -> commit of every experiment of the current baseline."""
-    shown = json.loads(_dvc(["exp", "show", "--json"], cwd).stdout)
+def finished(shown: list[dict[str, Any]]) -> dict[str, str]:
+    """Name -> commit of every finished experiment in `dvc exp show --json`'s output: not one that is
+    queued, running or failed in the queue (its rev is the queue's entry, without outputs)."""
     return {exp["name"]: exp["revs"][0]["rev"] for entry in shown for exp in entry.get("experiments") or []
-            if exp.get("name") and exp.get("revs")}
+            if exp.get("name") and exp.get("revs") and (exp.get("executor") or {}).get("state", "success") == "success"}
+
+
+def experiment_revs(cwd: Path) -> dict[str, str]:
+    """Name -> commit of every finished experiment of the current baseline."""
+    return finished(json.loads(_dvc(["exp", "show", "--json"], cwd).stdout))
 
 
 # --- comparing: experiments by group, one scale ----------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from pipeline import launch
 from pipeline.arc import read_raw
 from pipeline.experiments import (ABLATIONS, EXPERIMENTS, FIXED, GROUPS, NAME_RE, SCALES, ExperimentError, child_env,
-                                  expected_changes, infer_scale, is_baseline, label_of, main, mismatches, name_of,
+                                  expected_changes, finished, infer_scale, is_baseline, label_of, main, mismatches, name_of,
                                   overrides, parse_sets, plan, progress, resolve, restore_params, seeds_of, set_args)
 from pipeline.model import RLAN
 from pipeline.model.io import load_model
@@ -315,3 +315,14 @@ def test_experiment_refs_hide_dvcs_own_refs(tmp_path, monkeypatch):
         run(["git", "update-ref", ref, head], tmp_path)
     monkeypatch.chdir(tmp_path)
     assert experiment_refs() == {"stable_cpu": f"refs/exps/{head[:2]}/{head[2:]}/stable_cpu"}
+
+
+def test_only_finished_experiments_count():
+    def exp(name, rev, state):
+        return {"name": name, "executor": state and {"state": state}, "revs": [{"rev": rev, "name": name}]}
+
+    shown = [{"rev": "workspace", "experiments": None},
+             {"rev": "6522fb5", "experiments": [exp("stable_cpu", "ee9e397", "success"), exp("fixed_cpu", "7f94ceb", "running"),
+                                                exp("mine_cpu", "51fe481", "queued"), exp("x_cpu", "aaaaaaa", "failed"),
+                                                exp("by-hand", "ef23388", None)]}]
+    assert finished(shown) == {"stable_cpu": "ee9e397", "by-hand": "ef23388"}
