@@ -341,7 +341,7 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
                  cwd, capture=queue)
         if queue:
             start_queue(cwd, jobs)
-            wait_for_queue(cwd)
+            wait_for_queue(cwd, jobs)
     finally:
         restore_params(cwd)
     check_params(planned, rev, cwd)
@@ -402,10 +402,19 @@ def progress(cwd: Path, status: str, read: dict[Path, int]) -> list[str]:
     return out
 
 
-def wait_for_queue(cwd: Path, poll: float = 5.0, timeout: float = 7 * 24 * 3600) -> None:
+def stalled(status: str) -> bool:
+    """Whether `dvc queue status` shows queued experiments and no worker to run them: DVC's workers can
+    stop early when several read the queue at once (a JSON decoding error in their log)."""
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
+    rows = [line.split()[-1] for line in status.splitlines()[1:] if line.strip() and not line.startswith("Worker")]
+    return workers is not None and workers.groups() == ("0", "0") and "Queued" in rows and "Running" not in rows
+
+
+def wait_for_queue(cwd: Path, jobs: int = 1, poll: float = 5.0, timeout: float = 7 * 24 * 3600) -> None:
     """Until no queued experiment is queued or running; logs the queue's table whenever it changes and
-    each experiment's stages and epochs as they come."""
-    deadline, shown, t0, read = time.time() + timeout, "", time.time(), {}
+    each experiment's stages and epochs as they come; starts the workers again when they stopped with
+    experiments still queued."""
+    deadline, shown, t0, read, idle = time.time() + timeout, "", time.time(), {}, 0
     log.info("the queue runs; its experiments' stages and epochs follow (`dvc queue logs -f NAME` shows one's "
              "whole log)")
     while time.time() < deadline:
@@ -418,6 +427,12 @@ def wait_for_queue(cwd: Path, poll: float = 5.0, timeout: float = 7 * 24 * 3600)
             shown = table
         if not any(word in status for word in ("Queued", "Running")):
             return
+        idle = idle + 1 if stalled(status) else 0
+        if idle == 3:  # three polls in a row: not a worker between two tasks
+            log.warning("the queue's workers stopped with experiments still queued (see "
+                        ".dvc/tmp/exps/celery/*.out); starting them again")
+            start_queue(cwd, jobs)
+            idle = 0
         time.sleep(poll)
     raise TimeoutError("the experiment queue did not finish")
 

@@ -16,7 +16,7 @@ from pipeline import launch
 from pipeline.arc import read_raw
 from pipeline.experiments import (ABLATIONS, EXPERIMENTS, FIXED, GROUPS, NAME_RE, SCALES, ExperimentError, child_env,
                                   expected_changes, finished, infer_scale, is_baseline, label_of, main, mismatches, name_of,
-                                  overrides, parse_sets, plan, progress, resolve, restore_params, seeds_of, set_args)
+                                  overrides, parse_sets, plan, progress, resolve, stalled, restore_params, seeds_of, set_args)
 from pipeline.model import RLAN
 from pipeline.model.io import load_model
 from pipeline.params import SEED_KEYS, flatten
@@ -326,3 +326,13 @@ def test_only_finished_experiments_count():
                                                 exp("mine_cpu", "51fe481", "queued"), exp("x_cpu", "aaaaaaa", "failed"),
                                                 exp("by-hand", "ef23388", None)]}]
     assert finished(shown) == {"stable_cpu": "ee9e397", "by-hand": "ef23388"}
+
+
+def test_a_queue_without_workers_is_seen_as_stalled():
+    head = "Task     Name         Created    Status\n"
+    rows = {"queued": "f35f9f5  mine_tiny    03:53 AM   Queued\n", "done": "6e4bf68  stable_tiny  03:52 AM   Success\n",
+            "running": "5548b3d  fixed_tiny   03:52 AM   Running\n"}
+    assert stalled(head + rows["queued"] + rows["done"] + "\nWorker status: 0 active, 0 idle\n")
+    assert not stalled(head + rows["queued"] + rows["done"] + "\nWorker status: 1 active, 0 idle\n")
+    assert not stalled(head + rows["done"] + "\nWorker status: 0 active, 0 idle\n")  # nothing left to run
+    assert not stalled(head + rows["queued"] + rows["running"] + "\nWorker status: 0 active, 0 idle\n")
