@@ -507,7 +507,8 @@ def group_of(name: str, scale: str | None, revs: dict[str, str], cwd: Path) -> G
                                       if scales else f"no experiment {name} at any scale here; run it with "
                                       f"`python -m pipeline.experiments run --scale cpu {name}`")
             label, at = name_of(name, scales[0]), scales[0]
-        members = {e: r for e, r in revs.items() if e == label or re.fullmatch(rf"{re.escape(label)}{SEP}s\d+", e)}
+        repeats = [e for e in revs if e == label or re.fullmatch(rf"{re.escape(label)}{SEP}s\d+", e)]
+        members = {e: revs[e] for e in sorted(repeats, key=lambda e: (e != label, len(e), e))}  # by seed
     if not members:
         raise ExperimentError(f"no experiment named {label}; run it with `python -m pipeline.experiments run "
                               f"--scale {at} {NAME_RE.match(label)['base'] if NAME_RE.match(label) else label}`")
@@ -523,6 +524,12 @@ def groups_of(names: list[str], scale: str | None, cwd: Path) -> dict[str, Group
         for n in GROUPS.get(name, [name]):
             g = group_of(n, scale, revs, cwd)
             groups[g.label] = g
+    one_scale(groups)
+    return groups
+
+
+def one_scale(groups: dict[str, Group]) -> None:
+    """Refuse groups of different scales; warn about a group whose scale is unknown."""
     scales = {g.scale for g in groups.values()}
     if len(scales - {None}) > 1:
         raise ExperimentError("refused: these experiments ran at different scales ("
@@ -532,7 +539,6 @@ def groups_of(names: list[str], scale: str | None, cwd: Path) -> dict[str, Group
         log.warning("the scale of %s is unknown (not named by the runner, its params match no scale): the "
                     "comparison may include a difference of scale", ", ".join(g.label for g in groups.values()
                                                                           if g.scale is None))
-    return groups
 
 
 def report_dir(labels: list[str]) -> str:

@@ -15,8 +15,8 @@ import torch
 from pipeline import launch
 from pipeline.arc import read_raw
 from pipeline.experiments import (ABLATIONS, EXPERIMENTS, FIXED, GROUPS, NAME_RE, SCALES, ExperimentError, child_env,
-                                  expected_changes, finished, infer_scale, is_baseline, label_of, main, mismatches, name_of,
-                                  overrides, parse_sets, plan, progress, resolve, stalled, restore_params, seeds_of, set_args)
+                                  expected_changes, finished, group_of, infer_scale, is_baseline, label_of, main, mismatches, name_of,
+                                  one_scale, overrides, parse_sets, plan, progress, resolve, stalled, restore_params, seeds_of, set_args)
 from pipeline.model import RLAN
 from pipeline.model.io import load_model
 from pipeline.params import SEED_KEYS, flatten
@@ -336,3 +336,22 @@ def test_a_queue_without_workers_is_seen_as_stalled():
     assert not stalled(head + rows["queued"] + rows["done"] + "\nWorker status: 1 active, 0 idle\n")
     assert not stalled(head + rows["done"] + "\nWorker status: 0 active, 0 idle\n")  # nothing left to run
     assert not stalled(head + rows["queued"] + rows["running"] + "\nWorker status: 0 active, 0 idle\n")
+
+
+def test_a_name_stands_for_its_seed_repeats_at_one_scale_never_two(tmp_path, caplog):
+    revs = {"stable_tiny_s43": "b", "fixed_tiny": "c", "stable_cpu": "d", "stable_tiny": "a", "stable_tiny_s100": "e"}
+    g = group_of("stable", "tiny", revs, tmp_path)
+    assert (g.label, g.scale, list(g.revs)) == ("stable_tiny", "tiny",
+                                                ["stable_tiny", "stable_tiny_s43", "stable_tiny_s100"])
+    assert g.scale_overrides == SCALES["tiny"].overrides
+    assert list(group_of("stable_tiny", None, revs, tmp_path).revs) == list(g.revs)
+    assert group_of("stable_tiny_s43", None, revs, tmp_path).revs == {"stable_tiny_s43": "b"}
+    assert list(group_of("fixed", None, revs, tmp_path).revs) == ["fixed_tiny"]  # the one scale it ran at
+    with pytest.raises(ExperimentError, match="stable ran at the scales cpu, tiny: choose one with --scale"):
+        group_of("stable", None, revs, tmp_path)
+    with pytest.raises(ExperimentError, match="no experiment named fixed_cpu"):
+        group_of("fixed", "cpu", revs, tmp_path)
+    with pytest.raises(ExperimentError, match=r"different scales \(stable_tiny: tiny, stable_cpu: cpu\)"):
+        one_scale({n: group_of(n, None, revs, tmp_path) for n in ("stable_tiny", "stable_cpu")})
+    one_scale({"stable_tiny": g, "mine": dataclasses.replace(g, label="mine", scale=None)})
+    assert "the scale of mine is unknown" in caplog.text
