@@ -200,7 +200,8 @@ def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]]) -> str:
         cells = [s.text() if (s := spread(outputs[g], k)) is not None else "-" for g in labels]
         lines.append(f"| {k.removeprefix('eval.')} | {' | '.join(cells)} |")
     for g in labels[1:]:
-        lines += ["", f"## {g} against {labels[0]}", "", differences_summary(outputs[labels[0]], outputs[g])]
+        lines += ["", f"## {g} against {labels[0]}", "",
+                  differences_summary(outputs[labels[0]], outputs[g], (labels[0], g))]
     return "\n".join(lines) + "\n"
 
 
@@ -214,7 +215,7 @@ def rows(a: list[Outputs], b: list[Outputs]) -> list[tuple[str, Spread, Spread, 
     return out
 
 
-def differences_summary(a: list[Outputs], b: list[Outputs]) -> str:
+def differences_summary(a: list[Outputs], b: list[Outputs], names: tuple[str, str]) -> str:
     """The metrics that differ for real, and how many do not."""
     found = rows(a, b)
     real = [r for r in found if r[3] == "real"]
@@ -222,11 +223,11 @@ def differences_summary(a: list[Outputs], b: list[Outputs]) -> str:
     text = (f"{len(real)} of {len(found)} metrics differ beyond the spread; "
             + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + ".")
     if real:
-        text += "\n\n" + table(real)
+        text += "\n\n" + table(real, names)
     return text
 
 
-def table(found: list[tuple[str, Spread, Spread, str]], names: tuple[str, str] = ("a", "b")) -> str:
+def table(found: list[tuple[str, Spread, Spread, str]], names: tuple[str, str]) -> str:
     lines = [f"| metric | {names[0]} | {names[1]} | difference | verdict |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {sa.text()} | {sb.text()} | {sb.mean - sa.mean:+.4g} | {v} |" for k, sa, sb, v in found]
     return "\n".join(lines)

@@ -89,7 +89,9 @@ def test_rows_pair_every_metric_and_the_table_shows_the_difference():
     found = {k: v for k, _, _, v in rows(a, b)}
     assert found == {"eval.eval.pixel_accuracy": "same", "eval.train.pixel_accuracy": "same",
                      "gap.training.attention_entropy_ratio": "real", "train.loss_total": "same"}
-    assert "| gap.training.attention_entropy_ratio | 3.1 ± 0.1414 | 1.1 ± 0.1414 | -2 | real |" in table(rows(a, b))
+    text = table(rows(a, b), ("stable_cpu", "fixed_cpu"))
+    assert text.startswith("| metric | stable_cpu | fixed_cpu | difference | verdict |")
+    assert "| gap.training.attention_entropy_ratio | 3.1 ± 0.1414 | 1.1 ± 0.1414 | -2 | real |" in text
 
 
 def test_curves_are_the_mean_over_the_repeats():
