@@ -1,8 +1,9 @@
 """A small CPU study: the stable and the fixed configuration (or any named experiments) at the cpu
 scale of `pipeline.experiments.SCALES`, through the real workflow in a clone of HEAD (the named
-experiments, then the compare report). Prints the compare report with the gap table and the time.
+experiments, each at one or more seeds, then the compare report: mean and spread over the seeds).
+Prints the compare report with the gap table and the time.
 
-    python -m benchmarks.gap_study [--scale cpu] [--jobs 2] [--keep DIR] [NAME|GROUP ...]
+    python -m benchmarks.gap_study [--scale cpu] [--seeds 3] [--jobs 2] [--keep DIR] [NAME|GROUP ...]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", default=DEFAULT, help="experiments or groups (default: stable fixed)")
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    ap.add_argument("--seeds", type=int, default=1, help="repeats of each experiment, one seed each")
     ap.add_argument("--jobs", type=int, default=1, help="> 1: run them in the DVC queue, this many at a time")
     ap.add_argument("--keep", type=Path, default=None, help="work here and keep it (created if missing)")
     args = ap.parse_args()
@@ -35,11 +37,12 @@ def main() -> None:
     t0 = time.perf_counter()
     subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
     queue = ["--queue", "-j", str(args.jobs)] if args.jobs > 1 else []
-    subprocess.run([sys.executable, "-m", "pipeline.experiments", "run", "--scale", args.scale, *queue, *args.names],
-                   cwd=repo, env=env, check=True)
-    report = subprocess.run([sys.executable, "-m", "pipeline.experiments", "compare", *args.names], cwd=repo, env=env,
-                            check=True, capture_output=True, text=True).stdout
-    print(f"\nGap study at the {args.scale} scale ({SCALES[args.scale].about}): {time.perf_counter() - t0:.0f} s "
+    subprocess.run([sys.executable, "-m", "pipeline.experiments", "run", "--scale", args.scale, "--seeds",
+                    str(args.seeds), *queue, *args.names], cwd=repo, env=env, check=True)
+    report = subprocess.run([sys.executable, "-m", "pipeline.experiments", "compare", "--scale", args.scale,
+                             *args.names], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+    print(f"\nGap study at the {args.scale} scale ({SCALES[args.scale].about}), {args.seeds} seed(s): "
+          f"{time.perf_counter() - t0:.0f} s "
           f"on this machine, work dir {work}\n")
     print(report)
 

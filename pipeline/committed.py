@@ -1,14 +1,21 @@
-"""params.yaml against its committed version (git HEAD): which keys differ, one line each.
+"""params.yaml against its committed version (git HEAD): which keys differ, and the command-line
+overrides (`-S key=value`) that express a set of values.
 
 A failed `dvc exp run -S key=value` leaves its override in params.yaml (DVC writes it before the
 stages run), and so does a `dvc exp run -S` in the workspace that succeeds: the next run inherits
-it. The experiments runner and the validate_params stage use this module to say so.
+it. The experiments runner, the validate_params stage (which names the differing keys at the start
+of every run) and the train stage (an MLflow tag, and the command a refused run can use instead) use
+this module to say so.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from pipeline import params
 
@@ -26,20 +33,79 @@ def committed_text(path: str | Path, rev: str = "HEAD") -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
+def _flat(text: str) -> dict[str, Any]:
+    tree = params.parse_yaml(text)
+    return params.flatten(tree) if isinstance(tree, dict) else {"(top level)": tree}
+
+
+def changed_values(committed: str, current: str) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (committed value, current value) for every key whose value differs (params.ABSENT
+    where one side lacks the key); raises params.ParamsError when either text is not (strict) YAML."""
+    if committed == current:
+        return {}
+    old, new = _flat(committed), _flat(current)
+    gone = params.ABSENT
+    return {k: (old.get(k, gone), new.get(k, gone))
+            for k in [*old, *(k for k in new if k not in old)] if old.get(k, gone) != new.get(k, gone)}
+
+
 def differences(committed: str, current: str) -> list[str]:
     """`key: committed X, now Y` for every dotted key whose value differs (an empty list when none)."""
-    if committed == current:
-        return []
     try:
         old, new = params.parse_yaml(committed), params.parse_yaml(current)
     except params.ParamsError as err:
-        return [f"(the file is not valid YAML: {err.problems[0]})"]
+        return [f"(the file is {err.problems[0]})"]  # not valid YAML: where and why
     return params.differences(old, new, ("committed", "now"))
+
+
+def changes_from_head(path: str | Path) -> dict[str, tuple[Any, Any]] | None:
+    """`changed_values` of the file against its committed version; None when it is not committed (or
+    not in a git repository) or either version is not YAML."""
+    committed = committed_text(path)
+    if committed is None:
+        return None
+    try:
+        if Path(path).stat().st_size > params.MAX_PARAMS_BYTES:
+            return None
+        return changed_values(committed, Path(path).read_bytes().decode("utf-8", errors="replace"))
+    except (OSError, params.ParamsError):
+        return None
+
+
+def yaml_value(value: Any) -> str:
+    """A value as DVC's `-S key=value` parses it: a YAML scalar, or a flow list without spaces (one
+    word, also where a shell splits `$(...)` into arguments)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(yaml_value, value)) + "]"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def set_args(changes: dict[str, Any]) -> list[str]:
+    """`-S key=value` arguments, values written as YAML scalars or flow lists (what dvc parses)."""
+    return [a for k, v in changes.items() for a in ("-S", f"{k}={yaml_value(v)}")]
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]] | None) -> str:
+    """One line: the keys a run's params.yaml changes from HEAD's, with both values (cut)."""
+    if changes is None:
+        return "params.yaml is not committed here: no baseline to compare with"
+    if not changes:
+        return "this run's params.yaml is HEAD's"
+    return "this run differs from HEAD in: " + ", ".join(
+        f"{params.shorten(k)} ({params.clip(old)} -> {params.clip(new)})" for k, (old, new) in changes.items())
+
+
+def in_temporary_copy(path: str | Path) -> bool:
+    """Whether the file is in DVC's temporary copy of the repository (`dvc exp run --queue/--temp`),
+    which is discarded with it: the workspace's own file is not changed."""
+    return f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}" in str(Path(path).resolve())
 
 
 def restore_hint(path: str | Path) -> str:
     """Why a params file may be wrong when it differs from its committed version, and how to restore
-    it; an empty string when it does not differ (or is not in git)."""
+    it; an empty string when it does not differ (or is not in git, or is in DVC's temporary copy)."""
+    if in_temporary_copy(path):
+        return ""
     committed = committed_text(path)
     try:
         too_large = Path(path).stat().st_size > params.MAX_PARAMS_BYTES

@@ -1,58 +1,120 @@
-"""Named experiments side by side: one table of every gap measure with the smallest gap marked, the
-evaluation metrics, and one set of overlaid training curves. Each experiment's outputs are read from
-its DVC experiment commit (`python -m pipeline.experiments compare stable fixed ...`)."""
+"""Experiments side by side, each one or more seed repeats of one configuration at one scale: every
+value is the mean and spread over the repeats, and a difference is called real only when it exceeds
+the spread.
+
+A group is what `python -m pipeline.experiments` names `stable_cpu`: the repeats `stable_cpu`,
+`stable_cpu_s43`, ... (one seed each). Per metric a group has the mean and the standard deviation over
+its repeats; two groups differ for real when the distance between their means is larger than the sum
+of their standard deviations (their mean ± sd intervals do not overlap), otherwise the difference is
+"within noise". With one seed in a group the spread is unknown, and no difference is called real.
+
+The report (`compare`) states the scale and the seeds, the params each group changes beyond its scale
+and seed, one table of every gap measure (the closest to no gap named only when it is closer for real),
+the evaluation metrics, every metric that differs for real from the first group, and one set of
+training curves (each group's mean over its repeats). `metrics_table` is the `dvc metrics diff`-style
+table of every metric of two groups. Outputs are read from each experiment's DVC commit.
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-from dataclasses import dataclass
+import functools
+import statistics
+import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
 
+from pipeline.committed import changed_values, yaml_value
 from pipeline.io import atomic_path
 from pipeline.monitor import STATUS_CODE
+from pipeline.params import SEED_KEYS, flatten
 
 GAP_MEASURES = ("exact_match_gap", "exact_match_relative_gap", "attention_entropy_ratio", "stop_value_gap",
                 "loss_ratio")
 RATIOS = {"attention_entropy_ratio", "loss_ratio"}  # 1 is no gap
 STATUS = {code: name for name, code in STATUS_CODE.items()}
+METRICS = {"train": "metrics/train.json", "eval": "metrics/eval.json", "gap": "metrics/gap.json"}
+ONE_SEED = "spread unknown (one seed)"
+RULE = ("mean ± standard deviation over the seeds; a difference is real when it is larger than the sum of the "
+        "two standard deviations, otherwise within noise")
+
+
+class CompareError(ValueError):
+    """Experiments that cannot be compared: an output is missing."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """Seed repeats of one configuration at one scale."""
+    label: str  # e.g. stable_cpu
+    scale: str | None  # None: not known (an experiment not made by the runner)
+    revs: dict[str, str]  # DVC experiment name -> its commit
+    scale_overrides: dict[str, Any] = field(default_factory=dict)  # the scale's: not this group's own changes
 
 
 @dataclass(frozen=True)
 class Outputs:
     """What one experiment wrote, read from its commit."""
     rev: str
+    metrics: dict[str, float]  # every number of METRICS, as train.<key>, eval.<side>.<key>, gap.<view>.<key>
     gap: dict[str, Any]  # metrics/gap.json
-    evaluation: dict[str, dict[str, Any]]  # metrics/eval.json
     series: pd.DataFrame  # metrics/train/epochs.tsv
-    meta_learning_start: int  # train.meta_learning_start_epoch
+    params: dict[str, Any]  # params.yaml, flat
+    changes: dict[str, tuple[Any, Any]]  # params.yaml against the experiment's baseline (its parent commit)
+
+    @property
+    def seed(self) -> str:
+        seeds = {self.params.get(k) for k in SEED_KEYS}
+        return str(seeds.pop()) if len(seeds) == 1 else "/".join(str(self.params.get(k)) for k in SEED_KEYS)
 
 
-def read_at(rev: str, paths: list[str], cwd: Path) -> list[str]:
-    """Files as experiment commit `rev` has them: in git, or in DVC's cache through its dvc.lock (the
-    metrics are cached outputs)."""
-    from dvc.api import DVCFileSystem
+@dataclass(frozen=True)
+class Spread:
+    """One metric over the repeats of a group."""
+    values: tuple[float, ...]
 
-    fs = DVCFileSystem(str(cwd), rev=rev)
-    out = []
-    for path in paths:
-        try:
-            out.append(fs.read_text(path))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} is not in experiment commit {rev[:7]} (nor in DVC's cache)") from None
-    return out
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def sd(self) -> float | None:
+        return statistics.stdev(self.values) if self.n > 1 else None
+
+    def text(self, fmt: str = ".4g") -> str:
+        return f"{self.mean:{fmt}}" + (f" ± {self.sd:{fmt}}" if self.sd is not None else "")
 
 
-def read_outputs(rev: str, cwd: Path) -> Outputs:
-    params, gap, evaluation, series = read_at(
-        rev, ["params.yaml", "metrics/gap.json", "metrics/eval.json", "metrics/train/epochs.tsv"], cwd)
-    return Outputs(rev, json.loads(gap), json.loads(evaluation), pd.read_csv(io.StringIO(series), sep="\t"),
-                   yaml.safe_load(params)["train"]["meta_learning_start_epoch"])
+def verdict(a: Spread, b: Spread) -> str:
+    """'same', 'real', 'within noise', or ONE_SEED: is b's mean different from a's beyond their spread?"""
+    difference = b.mean - a.mean
+    if math.isclose(difference, 0.0, rel_tol=1e-9, abs_tol=1e-12):
+        return "same"
+    if a.sd is None or b.sd is None:
+        return ONE_SEED
+    return "real" if abs(difference) > a.sd + b.sd else "within noise"
+
+
+def closest(distances: dict[str, Spread]) -> tuple[str | None, str]:
+    """(the group whose gap is closer to none than every other's for real, or None; what to write):
+    the name, 'tie' when every mean is the same, else why there is no winner."""
+    best = min(distances, key=lambda g: distances[g].mean)
+    verdicts = [verdict(distances[best], d) for g, d in distances.items() if g != best]
+    if all(v == "same" for v in verdicts):
+        return None, "tie"
+    if all(v == "real" for v in verdicts):
+        return best, best
+    return None, ONE_SEED if ONE_SEED in verdicts else "within noise"
 
 
 def distance(measure: str, value: float) -> float:
@@ -62,48 +124,157 @@ def distance(measure: str, value: float) -> float:
     return abs(value)
 
 
-def smallest(measure: str, values: dict[str, float]) -> list[str]:
-    """The experiments whose gap is closest to none; empty when every one has the same gap."""
-    d = {n: distance(measure, v) for n, v in values.items()}
-    best = min(d.values())
-    winners = [n for n, x in d.items() if x == best]
-    return [] if len(winners) == len(d) else winners
+@functools.lru_cache(maxsize=64)
+def _files_at(rev: str, cwd: Path) -> Any:
+    from dvc.api import DVCFileSystem
+
+    return DVCFileSystem(str(cwd), rev=rev)
 
 
-def render(runs: dict[str, Outputs]) -> str:
-    """The Markdown tables: gaps per view and measure (smallest in bold), then evaluation metrics."""
-    names = list(runs)
-    views = [v for v in ("training", "evaluation") if all(v in r.gap for r in runs.values())]
-    lines = [f"# {' vs '.join(names)}", "", "Experiments " + ", ".join(f"{n} ({r.rev[:7]})" for n, r in runs.items())
-             + ". Distance from no gap: |gap| for differences, |log ratio| for ratios.", "",
-             f"| gap | {' | '.join(names)} | smallest gap |", "|---|" + "---|" * (len(names) + 1)]
+def read_at(rev: str, path: str, cwd: Path) -> str:
+    """A file as experiment commit `rev` has it: in git, or in DVC's cache through the commit's
+    dvc.lock (the metrics are cached outputs)."""
+    try:
+        return _files_at(rev, cwd).read_text(path)
+    except FileNotFoundError:
+        raise CompareError(f"{path} is not in experiment commit {rev[:7]} (nor in DVC's cache)") from None
+
+
+def numbers(tree: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The numeric leaves of a metrics file (not booleans, not missing values), with dotted keys."""
+    return {k: float(v) for k, v in flatten(tree, prefix).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def read_outputs(rev: str, cwd: Path) -> Outputs:
+    files = {name: json.loads(read_at(rev, path, cwd)) for name, path in METRICS.items()}
+    text = read_at(rev, "params.yaml", cwd)
+    base = subprocess.run(["git", "show", f"{rev}^:params.yaml"], cwd=cwd, capture_output=True, text=True)
+    changes = changed_values(base.stdout, text) if base.returncode == 0 else {}
+    return Outputs(rev, {k: v for name, tree in files.items() for k, v in numbers(tree, f"{name}.").items()},
+                   files["gap"], pd.read_csv(io.StringIO(read_at(rev, "metrics/train/epochs.tsv", cwd)), sep="\t"),
+                   flatten(yaml.safe_load(text)), changes)
+
+
+def spread(runs: list[Outputs], key: str) -> Spread | None:
+    values = tuple(r.metrics[key] for r in runs if key in r.metrics)
+    return Spread(values) if values else None
+
+
+def _own_changes(group: Group, runs: list[Outputs]) -> str:
+    """What the group's repeats change from their baseline beyond the scale and the seed; a line that
+    says so when the repeats do not agree (a key inherited by one of them)."""
+    scale = group.scale_overrides
+    own = [{k: new for k, (_, new) in r.changes.items() if k not in SEED_KEYS and (k not in scale or scale[k] != new)}
+           for r in runs]
+    text = ", ".join(f"{k}={yaml_value(v)}" for k, v in own[0].items()) or "none (the baseline)"
+    if any(o != own[0] for o in own[1:]):
+        differing = sorted({k for o in own for k in o if any(p.get(k) != o.get(k) for p in own)})
+        text += f" -- WARNING: its repeats differ in {', '.join(differing)}"
+    return text
+
+
+def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]]) -> str:
+    """The Markdown report (without the curves)."""
+    labels = list(groups)
+    scales = sorted({g.scale or "unknown" for g in groups.values()})
+    lines = [f"# {' vs '.join(labels)}", "",
+             f"Scale: {', '.join(scales)}." + (" WARNING: experiments of different or unknown scales: their "
+                                                "differences include the scale's." if len(scales) > 1 or
+                                                scales == ["unknown"] else ""),
+             "Seeds: " + "; ".join(f"{g} {', '.join(r.seed for r in outputs[g])}" for g in labels) + ".",
+             f"Values: {RULE}.", "",
+             "| group | experiments | changes beyond the scale and the seed |", "|---|---|---|"]
+    for g in labels:
+        exps = ", ".join(f"{n} ({rev[:7]})" for n, rev in groups[g].revs.items())
+        lines.append(f"| {g} | {exps} | {_own_changes(groups[g], outputs[g])} |")
+    lines += ["", "Gaps: distance from no gap is |gap| for differences, |log ratio| for ratios.", "",
+              f"| gap | {' | '.join(labels)} | closest to no gap |", "|---|" + "---|" * (len(labels) + 1)]
+    views = [v for v in ("training", "evaluation") if all(v in r.gap for runs in outputs.values() for r in runs)]
     for view in views:
         for m in GAP_MEASURES:
-            values = {n: r.gap[view][m] for n, r in runs.items()}
-            best = smallest(m, values)
-            cells = [(f"**{values[n]:.4f}**" if n in best else f"{values[n]:.4f}")
-                     + f" ({STATUS[runs[n].gap[view][m + '_status']]})" for n in names]
-            lines.append(f"| {view}: {m} | {' | '.join(cells)} | {', '.join(best) or 'tie'} |")
-    lines.append(f"| overall status | {' | '.join(STATUS[r.gap['overall_status']] for r in runs.values())} | |")
-    lines += ["", f"| evaluation | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
-    first = next(iter(runs.values())).evaluation
-    for side in ("train", "eval"):
-        for k in first[side]:
-            lines.append(f"| {side}: {k} | " + " | ".join(f"{r.evaluation[side][k]:.4g}" for r in runs.values()) + " |")
+            values = {g: Spread(tuple(r.gap[view][m] for r in outputs[g])) for g in labels}
+            dists = {g: Spread(tuple(distance(m, r.gap[view][m]) for r in outputs[g])) for g in labels}
+            winner, said = closest(dists)
+            cells = []
+            for g in labels:
+                status = "/".join(sorted({STATUS[r.gap[view][m + "_status"]] for r in outputs[g]}))
+                cell = values[g].text(".4f")
+                cells.append((f"**{cell}**" if g == winner else cell) + f" ({status})")
+            lines.append(f"| {view}: {m} | {' | '.join(cells)} | {said} |")
+    lines.append("| overall status | " + " | ".join("/".join(sorted({STATUS[r.gap["overall_status"]]
+                                                                     for r in outputs[g]})) for g in labels) + " | |")
+    lines += ["", f"| evaluation | {' | '.join(labels)} |", "|---|" + "---|" * len(labels)]
+    keys = [k for k in outputs[labels[0]][0].metrics if k.startswith("eval.")]
+    for k in keys:
+        cells = [s.text() if (s := spread(outputs[g], k)) is not None else "-" for g in labels]
+        lines.append(f"| {k.removeprefix('eval.')} | {' | '.join(cells)} |")
+    for g in labels[1:]:
+        lines += ["", f"## {g} against {labels[0]}", "",
+                  differences_summary(outputs[labels[0]], outputs[g], (labels[0], g))]
     return "\n".join(lines) + "\n"
 
 
-def compare(revs: dict[str, str], cwd: Path, out: Path) -> str:
-    """Write `out/compare.md` and the overlaid curves of the experiments (name -> commit); return the
-    Markdown."""
+def rows(a: list[Outputs], b: list[Outputs]) -> list[tuple[str, Spread, Spread, str]]:
+    """(metric, a's spread, b's, verdict) for every metric both have."""
+    out = []
+    for key in a[0].metrics:
+        sa, sb = spread(a, key), spread(b, key)
+        if sa is not None and sb is not None:
+            out.append((key, sa, sb, verdict(sa, sb)))
+    return out
+
+
+def differences_summary(a: list[Outputs], b: list[Outputs], names: tuple[str, str]) -> str:
+    """The metrics that differ for real, and how many do not."""
+    found = rows(a, b)
+    real = [r for r in found if r[3] == "real"]
+    counts = {v: sum(r[3] == v for r in found) for v in ("within noise", ONE_SEED, "same")}
+    text = (f"{len(real)} of {len(found)} metrics differ beyond the spread; "
+            + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + ".")
+    if real:
+        text += "\n\n" + table(real, names)
+    return text
+
+
+def table(found: list[tuple[str, Spread, Spread, str]], names: tuple[str, str]) -> str:
+    lines = [f"| metric | {names[0]} | {names[1]} | difference | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {sa.text()} | {sb.text()} | {sb.mean - sa.mean:+.4g} | {v} |" for k, sa, sb, v in found]
+    return "\n".join(lines)
+
+
+def read_groups(groups: dict[str, Group], cwd: Path) -> dict[str, list[Outputs]]:
+    return {g: [read_outputs(rev, cwd) for rev in group.revs.values()] for g, group in groups.items()}
+
+
+def metrics_table(a: Group, b: Group, cwd: Path) -> str:
+    """Every metric of two groups: mean ± sd of each, the difference of the means and its verdict."""
+    outputs = read_groups({a.label: a, b.label: b}, cwd)
+    found = rows(outputs[a.label], outputs[b.label])
+    head = (f"{a.label} ({len(a.revs)} seed(s)) vs {b.label} ({len(b.revs)} seed(s)), scale "
+            f"{a.scale or 'unknown'}{'' if a.scale == b.scale else ' vs ' + (b.scale or 'unknown')}; {RULE}.")
+    return f"{head}\n\n{table(found, (a.label, b.label))}\n"
+
+
+def mean_series(runs: list[Outputs]) -> pd.DataFrame:
+    """The per-epoch series averaged over the repeats."""
+    if len(runs) == 1:
+        return runs[0].series
+    return pd.concat([r.series for r in runs]).groupby("epoch", as_index=False).mean(numeric_only=True)
+
+
+def compare(groups: dict[str, Group], cwd: Path, out: Path) -> str:
+    """Write `out/compare.md` and the overlaid curves of the groups (each one's mean over its repeats);
+    return the Markdown."""
     from pipeline.report import plot_curves
 
-    runs = {name: read_outputs(rev, cwd) for name, rev in revs.items()}
-    text = render(runs)
+    outputs = read_groups(groups, cwd)
+    text = render(groups, outputs)
+    starts = sorted({int(r.params["train.meta_learning_start_epoch"]) for runs in outputs.values() for r in runs})
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        figures = plot_curves({n: r.series for n, r in runs.items()}, tmp,
-                              sorted({r.meta_learning_start for r in runs.values()}))
-        text += "\n## Curves\n\n" + "".join(f"![{title}]({name})\n" for name, title in figures)
+        figures = plot_curves({g: mean_series(runs) for g, runs in outputs.items()}, tmp, starts)
+        text += ("\n## Curves\n\nEach group's mean over its seeds.\n\n"
+                 + "".join(f"![{title}]({name})\n" for name, title in figures))
         (tmp / "compare.md").write_text(text)
     return text

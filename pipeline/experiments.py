@@ -1,24 +1,35 @@
 """Named DVC experiments: the stable configuration, the fixed one, one ablation per fix, the seed's
-failure mode, and the scales they run at, each declared once here as overrides of params.yaml.
+failure mode, and the scales they run at, each declared once here as overrides of params.yaml; and
+the runner that runs them, or any override of the user's, at a scale, with seed repeats.
 
 `params.yaml` is the stable configuration. The fixed configuration applies seed 004 section 8's fixes
 (plus the faster EMA of the public fixed config); the baseline already evaluates with inverse
 augmentation and voting over the 8 dihedral views. Each ablation applies one fix alone to stable.
 
-    python -m pipeline.experiments run [--scale cpu] [--queue -j 2] [NAME|GROUP ...]   # default: stable fixed
-    python -m pipeline.experiments compare stable fixed [NAME ...] | ablations [--out metrics/compare]
-    python -m pipeline.experiments overrides fixed [--scale cpu]    # the -S arguments, to use by hand
+Every experiment's name carries its scale and, for a seed other than the committed one, its seed:
+`stable_cpu`, `fixed_cpu_s43` (`_` is the one separator that both DVC experiment names and MLflow
+aliases allow). The repeats of one configuration at one scale form a group (`stable_cpu`), which the
+compare report and `diff` show as mean and spread over the seeds.
+
+    python -m pipeline.experiments run [--scale cpu] [--seeds N] [--queue -j 2] [NAME|GROUP ...]   # default: stable fixed
+    python -m pipeline.experiments run --scale cpu -S key=value [-S key=a,b,c] [-n NAME]   # yours against stable
+    python -m pipeline.experiments compare stable fixed [--scale cpu] | ablations   # metrics/compare/<names>/
+    python -m pipeline.experiments diff stable fixed [--scale cpu]   # every metric: mean ± sd, real or within noise
+    python -m pipeline.experiments overrides fixed [--scale cpu] [--seed K]   # the -S arguments, for dvc exp run
     python -m pipeline.experiments runs [NAME ...] [--run RUN_ID]   # MLflow runs and model versions (pipeline.lineage)
 
-then `dvc metrics diff stable fixed`, `dvc params diff stable fixed`, `dvc plots diff stable fixed`.
+then `dvc metrics diff stable_cpu fixed_cpu`, `dvc params diff stable_cpu fixed_cpu`, `dvc plots diff ...`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,9 +41,9 @@ from typing import Any
 import yaml
 
 from pipeline import runlock
-from pipeline.committed import committed_text, differences
-from pipeline.compare import compare
-from pipeline.params import ParamsError, flatten, parse_yaml
+from pipeline.committed import committed_text, differences, set_args, yaml_value
+from pipeline.compare import CompareError, Group, compare, metrics_table
+from pipeline.params import SEED_KEYS, ParamsError, did_you_mean, flatten, parse_yaml
 from pipeline.stage import INTERRUPTED, fail, run_foreground, setup_logging
 
 log = logging.getLogger(__name__)
@@ -101,8 +112,18 @@ SCALES: dict[str, Scale] = {
 }
 
 
+SEP = "_"  # between an experiment's name, its scale and its seed
+NAME_RE = re.compile(rf"^(?P<base>.+){SEP}(?P<scale>{'|'.join(SCALES)})(?:{SEP}s(?P<seed>\d+))?$")
+_REF_SAFE = re.compile(r"^\w[\w.=+-]*$")  # a valid git ref component, DVC experiment name and shell word
+
+
 class ExperimentError(RuntimeError):
-    """A dvc command failed, or an experiment's params are not its baseline plus its overrides."""
+    """A dvc command failed, an experiment is unknown, or its params are not its baseline plus its overrides."""
+
+
+def name_of(base: str, scale: str, seed: int | None = None) -> str:
+    """The DVC experiment name: `stable_cpu`, `fixed_cpu_s43` (seed None: the committed seeds)."""
+    return f"{base}{SEP}{scale}" + (f"{SEP}s{seed}" if seed is not None else "")
 
 
 def resolve(names: list[str]) -> list[str]:
@@ -111,29 +132,109 @@ def resolve(names: list[str]) -> list[str]:
     for name in names:
         for n in GROUPS.get(name, [name]):
             if n not in EXPERIMENTS:
-                raise ExperimentError(f"unknown experiment {n!r}; declared: {', '.join(EXPERIMENTS)}; "
-                                      f"groups: {', '.join(GROUPS)}")
+                raise ExperimentError(f"unknown experiment {n!r}{did_you_mean(n, [*EXPERIMENTS, *GROUPS])}; "
+                                      f"declared: {', '.join(EXPERIMENTS)}; groups: {', '.join(GROUPS)}")
             if n not in out:
                 out.append(n)
     return out
 
 
-def overrides(name: str, scale: str = "full") -> dict[str, Any]:
-    """The keys an experiment sets on the committed params.yaml: the scale's, then its own."""
-    return {**SCALES[scale].overrides, **EXPERIMENTS[name]}
+def seed_changes(seed: int | None) -> dict[str, int]:
+    """The overrides of a run's seed: every seed key set to it (None: the committed seeds)."""
+    return {} if seed is None else {k: seed for k in SEED_KEYS}
 
 
-def set_args(changes: dict[str, Any]) -> list[str]:
-    """`-S key=value` arguments, values written as YAML scalars or flow lists (what dvc parses)."""
-    out = []
-    for k, v in changes.items():
-        v = list(v) if isinstance(v, tuple) else v
-        out += ["-S", f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"]
-    return out
+def overrides(name: str, scale: str = "full", seed: int | None = None) -> dict[str, Any]:
+    """The keys an experiment sets on the committed params.yaml: the scale's, its own, then the seed's."""
+    return {**SCALES[scale].overrides, **EXPERIMENTS[name], **seed_changes(seed)}
+
+
+def seeds_of(count: int, seed: int | None, base: dict[str, Any]) -> list[int | None]:
+    """The seed of each repeat: `seed` alone, or `count` of them from the committed train.seed on; None
+    stands for the committed seeds (no override, no suffix in the name)."""
+    committed = {base[k] for k in SEED_KEYS}
+    first = base["train.seed"] if seed is None else seed
+    wanted = [first + i for i in range(count)] if seed is None else [seed]
+    return [None if committed == {s} else s for s in wanted]
 
 
 def _comparable(v: Any) -> Any:
     return str(list(v)) if isinstance(v, (list, tuple)) else v  # `dvc params diff` shows lists as str(list)
+
+
+def _parse_value(text: str) -> Any:
+    """A -S value as DVC reads it (YAML, where `1e-5` is a number too)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_sets(sets: list[str], base: dict[str, Any]) -> list[dict[str, Any]]:
+    """`-S key=value` arguments as the overrides of each experiment they make: comma-separated values
+    are a sweep, one experiment per value (per combination when several keys are swept)."""
+    swept: dict[str, list[Any]] = {}
+    for arg in sets:
+        key, sep, text = arg.partition("=")
+        if not sep or not key:
+            raise ExperimentError(f"-S {arg!r}: expected key=value (comma-separated values for a sweep)")
+        if key not in base:
+            raise ExperimentError(f"-S {arg}: {key} is not a key of params.yaml{did_you_mean(key, list(base))}")
+        pieces = [text] if text.lstrip().startswith("[") else text.split(",")
+        swept[key] = [_parse_value(p) for p in pieces]
+    return [dict(zip(swept, combo)) for combo in itertools.product(*swept.values())] if swept else []
+
+
+def label_of(changes: dict[str, Any]) -> str:
+    """A name for the user's own experiment from its overrides: `hyperlora_init_scale=0.05`."""
+    def word(v: Any) -> str:
+        return re.sub(r"[^\w.-]+", "-", yaml_value(v)).strip("-.") or "null"
+
+    return "+".join(f"{k.rsplit('.', 1)[-1]}={word(v)}" for k, v in changes.items())
+
+
+def is_baseline(variant: dict[str, Any], scale: str, base: dict[str, Any]) -> bool:
+    """Whether the user's overrides change nothing at the scale; says which of them are the committed
+    value or the scale's already."""
+    same = []
+    for k, v in variant.items():
+        if _comparable(SCALES[scale].overrides.get(k, base[k])) == _comparable(v):
+            where = f"the {scale} scale's value" if k in SCALES[scale].overrides else "the committed value (HEAD)"
+            log.warning("-S %s=%s is %s already: it changes nothing", k, yaml_value(v), where)
+            same.append(k)
+    if len(same) == len(variant):
+        log.warning("%s is the baseline at the %s scale, %s, which runs anyway: not run twice", label_of(variant),
+                    scale, name_of("stable", scale))
+        return True
+    return False
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One experiment to run."""
+    name: str  # its DVC experiment name
+    label: str  # its group: the configuration at the scale, over the seeds
+    changes: dict[str, Any]  # on HEAD's params.yaml: the scale's, the experiment's (or the user's), the seed's
+
+
+def plan(names: list[str], scale: str, seeds: list[int | None], variants: list[dict[str, Any]],
+         own_name: str | None = None) -> list[Planned]:
+    """Every named experiment and every variant of the user's (stable plus its overrides), each at
+    every seed."""
+    configs = [(n, EXPERIMENTS[n]) for n in names]
+    for v in variants:
+        base = own_name if own_name and len(variants) == 1 else (f"{own_name}-{label_of(v)}" if own_name
+                                                                else label_of(v))
+        if base in EXPERIMENTS or not _REF_SAFE.match(base):
+            raise ExperimentError(f"experiment name {base!r}: " + ("a named experiment's name" if base in EXPERIMENTS
+                                  else "use letters, digits and _ . = + - (starting with a letter or digit)"))
+        configs.append((base, v))
+    return [Planned(name_of(base, scale, seed), name_of(base, scale), {**SCALES[scale].overrides, **own,
+                                                                       **seed_changes(seed)})
+            for base, own in configs for seed in seeds]
 
 
 def expected_changes(changes: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +278,16 @@ def _dvc(args: list[str], cwd: Path, capture: bool = True) -> subprocess.Complet
     return proc
 
 
-def restore_params(cwd: Path, announce: bool = False) -> None:
+def baseline_params(cwd: Path, rev: str = "HEAD") -> dict[str, Any]:
+    """The committed params.yaml, flat."""
+    text = committed_text(cwd / "params.yaml", rev)
+    if text is None:
+        raise ExperimentError("params.yaml is not committed: commit the baseline before running experiments")
+    return flatten(parse_yaml(text))
+
+
+def restore_params(cwd: Path, announce: bool = False,
+                   why: str = "every experiment runs from HEAD's params.yaml plus its own overrides") -> None:
     """Put HEAD's params.yaml back in the workspace. With `announce`, a file that differs is first
     reported key by key and copied to .dvc/tmp/ (what an earlier `dvc exp run -S` or an edit left)."""
     committed, path = committed_text(cwd / "params.yaml"), cwd / "params.yaml"
@@ -190,45 +300,75 @@ def restore_params(cwd: Path, announce: bool = False) -> None:
         backup = cwd / ".dvc" / "tmp" / f"params.yaml.{time.strftime('%Y%m%d-%H%M%S')}"
         backup.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, backup)
-        log.warning("params.yaml differs from HEAD; every experiment runs from HEAD's params.yaml plus its own "
-                    "overrides, so it is restored (your file is kept in %s):\n%s", backup.relative_to(cwd),
-                    "\n".join(f"  {line}" for line in differences(committed, current)))
+        log.warning("params.yaml differs from HEAD; %s, so HEAD's is restored (yours is kept in %s):\n%s", why,
+                    backup.relative_to(cwd), "\n".join(f"  {line}" for line in differences(committed, current)))
     path.write_text(committed)
 
 
-def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, jobs: int = 1) -> None:
-    """Run the named experiments from the committed baseline (HEAD's params.yaml) plus the scale's and
-    each one's own overrides, replacing earlier experiments of those names, then check that each one's
-    params are exactly that. Every stage of each runs (`--force`: the data stages take seconds), so each
-    has its own MLflow run; a training identical to one already finished is restored from its checkpoint.
-    In the workspace they run one after the other, `stable` last; with `queue`, in temporary copies,
-    `jobs` at a time. The workspace ends on HEAD's params.yaml, also when a run fails."""
-    names = resolve(names)
-    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                              check=True).stdout.strip()
+def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, jobs: int = 1, seeds: int = 1,
+        seed: int | None = None, sets: list[str] | None = None, own_name: str | None = None) -> list[str]:
+    """Run the named experiments, and the user's own (`sets`: `key=value`, comma-separated values a
+    sweep), from the committed baseline (HEAD's params.yaml) plus the scale's, each one's own and the
+    seed's overrides, each at `seeds` seeds (or at `seed`), replacing earlier experiments of those
+    names; then check that each one's params are exactly that. Every stage of each runs (`--force`:
+    the data stages take seconds), so each has its own MLflow run. They run outside the workspace, in
+    DVC's temporary copies: one after the other (`--temp`), or with `queue` (always for a sweep) in the
+    DVC queue, `jobs` at a time. The workspace keeps its dvc.lock and outputs and ends on HEAD's
+    params.yaml, also when a run fails. Returns the groups (configuration at the scale) that ran."""
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                         check=True).stdout.strip()
     restore_params(cwd, announce=True)
+    base = baseline_params(cwd)
+    variants = parse_sets(sets or [], base)
+    if (seeds > 1 or seed is not None) and any(k in SEED_KEYS for v in variants for k in v):
+        raise ExperimentError(f"--seeds and --seed set {', '.join(SEED_KEYS)}: leave them out of -S")
+    if variants and "stable" not in names:  # the user's own experiments are compared with stable
+        names = ["stable", *names]
+    queue = queue or len(variants) > 1  # a sweep is queued
+    variants = [v for v in variants if not is_baseline(v, scale, base)]
+    planned = plan(resolve(names), scale, seeds_of(seeds, seed, base), variants, own_name)
     try:
-        stale = sorted(set(names) & set(experiment_revs(cwd)))
+        stale = sorted({p.name for p in planned} & set(experiment_revs(cwd)))
         if stale:
+            log.info("replacing the earlier experiments %s", ", ".join(stale))
             _dvc(["exp", "remove", *stale], cwd)
-        for name in sorted(names, key=lambda n: n == "stable"):
+        for p in planned:
             restore_params(cwd)
-            log.info("%s experiment %s at the %s scale: %s", "queueing" if queue else "running", name, scale,
-                     " ".join(set_args(EXPERIMENTS[name])) or "the baseline")
-            _dvc(["exp", "run", "--force", *(["--queue"] if queue else []), "-n", name,
-                  *set_args(overrides(name, scale))], cwd, capture=queue)
+            scale_values = SCALES[scale].overrides
+            own = {k: v for k, v in p.changes.items() if k not in scale_values or scale_values[k] != v}
+            log.info("%s experiment %s: the %s scale and %s", "queueing" if queue else "running", p.name, scale,
+                     " ".join(set_args(own)) or "the baseline")
+            _dvc(["exp", "run", "--force", "--queue" if queue else "--temp", "-n", p.name, *set_args(p.changes)],
+                 cwd, capture=queue)
         if queue:
             start_queue(cwd, jobs)
             try:
-                wait_for_queue(cwd)
+                wait_for_queue(cwd, jobs)
             except KeyboardInterrupt:
-                stop_queue(cwd, names)
+                stop_queue(cwd, [p.name for p in planned])
                 raise
     finally:
         restore_params(cwd)
-    check_params(names, scale, baseline, cwd)
-    log.info("experiments %s ran from %s at scale %s, each with exactly its overrides; compare them with "
-             "`python -m pipeline.experiments compare %s`", ", ".join(names), baseline[:7], scale, " ".join(names))
+    check_params(planned, rev, cwd)
+    labels = list(dict.fromkeys(p.label for p in planned))
+    log.info("experiments %s ran from %s at the %s scale, each with exactly its overrides; compare them with "
+             "`python -m pipeline.experiments compare %s`", ", ".join(p.name for p in planned), rev[:7], scale,
+             " ".join(labels))
+    explain_workspace(cwd)
+    return labels
+
+
+def explain_workspace(cwd: Path) -> None:
+    """Say what `dvc status` shows now: the experiments ran in temporary copies, so any difference
+    between the workspace and its dvc.lock is the workspace's own."""
+    status = json.loads(_dvc(["status", "--json"], cwd).stdout or "{}")
+    if not status:
+        log.info("the workspace is as before: params.yaml is HEAD's and `dvc status` is clean")
+        return
+    log.info("the workspace is as before (the experiments ran in temporary copies; params.yaml is HEAD's): "
+             "`dvc status` lists %d stage(s), %s, whose dvc.lock entries the workspace's files do not match, as "
+             "before this run; `dvc exp apply NAME` puts one experiment's params, dvc.lock and outputs in the "
+             "workspace", len(status), ", ".join(status))
 
 
 def start_queue(cwd: Path, jobs: int) -> None:
@@ -256,64 +396,207 @@ def stop_queue(cwd: Path, names: list[str]) -> None:
         log.warning("interrupted the queued experiment %s", name)
 
 
-def wait_for_queue(cwd: Path, poll: float = 5.0, timeout: float = 7 * 24 * 3600) -> None:
-    """Until no queued experiment is queued or running; logs the queue's table whenever it changes."""
-    deadline, shown, t0 = time.time() + timeout, "", time.time()
+_PROGRESS = re.compile(r"(Running stage '[^']+'|INFO pipeline\.train\.loop: (?:epoch \d+/\d+: .*|pre-flight: .*)|"
+                       r"ERROR .*)")
+
+
+def progress(cwd: Path, status: str, read: dict[Path, int]) -> list[str]:
+    """New progress lines of the queued experiments (stage starts, the pre-flight projection, each
+    epoch, errors), from the logs DVC keeps of each task; `read` holds how far each log was read."""
+    out = []
+    for row in status.splitlines()[1:]:
+        parts = row.split()
+        if len(parts) < 3 or parts[-1] in ("Queued", "Status"):
+            continue
+        for log_file in (cwd / ".dvc" / "tmp" / "exps" / "run").glob(f"{parts[0]}*/*.out"):
+            with log_file.open("rb") as f:
+                f.seek(read.get(log_file, 0))
+                text = f.read().decode(errors="replace")
+            end = text.rfind("\n") + 1  # whole lines only
+            read[log_file] = read.get(log_file, 0) + len(text[:end].encode())
+            for segment in re.split(r"[\r\n]", text[:end]):
+                if (m := _PROGRESS.search(segment)) is not None:
+                    out.append(f"{parts[1]}: {m.group(1).removeprefix('INFO pipeline.train.loop: ')}")
+    return out
+
+
+def stalled(status: str) -> bool:
+    """Whether `dvc queue status` shows queued experiments and no worker to run them: DVC's workers can
+    stop early when several read the queue at once (a JSON decoding error in their log)."""
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
+    rows = [line.split()[-1] for line in status.splitlines()[1:] if line.strip() and not line.startswith("Worker")]
+    return workers is not None and workers.groups() == ("0", "0") and "Queued" in rows and "Running" not in rows
+
+
+def wait_for_queue(cwd: Path, jobs: int = 1, poll: float = 5.0, timeout: float = 7 * 24 * 3600) -> None:
+    """Until no queued experiment is queued or running; logs the queue's table whenever it changes and
+    each experiment's stages and epochs as they come; starts the workers again when they stopped with
+    experiments still queued."""
+    deadline, shown, t0, read, idle = time.time() + timeout, "", time.time(), {}, 0
+    log.info("the queue runs; its experiments' stages and epochs follow (`dvc queue logs -f NAME` shows one's "
+             "whole log)")
     while time.time() < deadline:
         status = _dvc(["queue", "status"], cwd).stdout
+        for line in progress(cwd, status, read):
+            log.info("%s", line)
         table = "\n".join(line for line in status.splitlines() if line.strip() and not line.startswith("Worker"))
         if table != shown:
             log.info("queue after %.0f s:\n%s", time.time() - t0, table)
             shown = table
         if not any(word in status for word in ("Queued", "Running")):
             return
+        idle = idle + 1 if stalled(status) else 0
+        if idle == 3:  # three polls in a row: not a worker between two tasks
+            log.warning("the queue's workers stopped with experiments still queued (see "
+                        ".dvc/tmp/exps/celery/*.out); starting them again")
+            start_queue(cwd, jobs)
+            idle = 0
         time.sleep(poll)
     raise TimeoutError("the experiment queue did not finish")
 
 
-def check_params(names: list[str], scale: str, baseline: str, cwd: Path) -> None:
-    """Fail, naming the experiment and the keys, unless `dvc params diff baseline <exp>` shows exactly
-    the overrides of the scale and the experiment that change a value of the baseline."""
+def check_params(planned: list[Planned], rev: str, cwd: Path) -> None:
+    """Fail, naming the experiment and the keys, unless `dvc params diff rev <exp>` shows exactly the
+    overrides of each experiment that change a value of the baseline."""
     revs = experiment_revs(cwd)
-    missing = [n for n in names if n not in revs]
+    missing = [p.name for p in planned if p.name not in revs]
     if missing:
         status = _dvc(["queue", "status"], cwd).stdout
         raise ExperimentError(f"experiment(s) {', '.join(missing)} did not finish (see `dvc queue logs NAME`):\n"
                               f"{status}")
-    base = flatten(parse_yaml(committed_text(cwd / "params.yaml", baseline) or "{}"))
+    base = baseline_params(cwd, rev)
     problems = []
-    for name in names:
-        diff = json.loads(_dvc(["params", "diff", baseline, revs[name], "--json"], cwd).stdout or "{}")
-        found = mismatches(expected_changes(overrides(name, scale), base), diff.get("params.yaml", {}))
-        problems += [f"  {name}: {p}" for p in found]
+    for p in planned:
+        diff = json.loads(_dvc(["params", "diff", rev, revs[p.name], "--json"], cwd).stdout or "{}")
+        problems += [f"  {p.name}: {m}" for m in mismatches(expected_changes(p.changes, base),
+                                                            diff.get("params.yaml", {}))]
     if problems:
         raise ExperimentError("experiment params are not the baseline plus their overrides:\n" + "\n".join(problems))
 
 
-def experiment_revs(cwd: Path) -> dict[str, str]:
-    """Name -> commit of every experiment of the current baseline."""
-    shown = json.loads(_dvc(["exp", "show", "--json"], cwd).stdout)
+def finished(shown: list[dict[str, Any]]) -> dict[str, str]:
+    """Name -> commit of every finished experiment in `dvc exp show --json`'s output: not one that is
+    queued, running or failed in the queue (its rev is the queue's entry, without outputs)."""
     return {exp["name"]: exp["revs"][0]["rev"] for entry in shown for exp in entry.get("experiments") or []
-            if exp.get("name") and exp.get("revs")}
+            if exp.get("name") and exp.get("revs") and (exp.get("executor") or {}).get("state", "success") == "success"}
+
+
+def experiment_revs(cwd: Path) -> dict[str, str]:
+    """Name -> commit of every finished experiment of the current baseline."""
+    return finished(json.loads(_dvc(["exp", "show", "--json"], cwd).stdout))
+
+
+# --- comparing: experiments by group, one scale ----------------------------------------------------
+
+
+def infer_scale(params: dict[str, Any], base: dict[str, Any]) -> str | None:
+    """The scale whose every override an experiment's params (flat) hold; `full` when none of the scales'
+    keys differs from its baseline `base`; None when neither (an experiment not made by the runner)."""
+    for scale, s in SCALES.items():
+        if s.overrides and all(_comparable(params.get(k)) == _comparable(v) for k, v in s.overrides.items()):
+            return scale
+    keys = {k for s in SCALES.values() for k in s.overrides}
+    return "full" if all(_comparable(params.get(k)) == _comparable(base.get(k)) for k in keys) else None
+
+
+def _params_at(rev: str, cwd: Path) -> dict[str, Any]:
+    return flatten(parse_yaml(committed_text(cwd / "params.yaml", rev) or "{}") or {})
+
+
+def group_of(name: str, scale: str | None, revs: dict[str, str], cwd: Path) -> Group:
+    """The experiments `name` stands for: a group (`stable_cpu`, or `stable` at `scale` or at the one
+    scale it ran at) with its seed repeats, one repeat (`stable_cpu_s43`), or any DVC experiment."""
+    m = NAME_RE.match(name)
+    if m is None and name in revs and not scale:  # an experiment not named by the runner
+        params = _params_at(revs[name], cwd)
+        found = infer_scale(params, _params_at(f"{revs[name]}^", cwd))
+        return Group(name, found, {name: revs[name]}, SCALES[found].overrides if found else {})
+    if m is not None and m["seed"] is not None:
+        label, at, members = name, m["scale"], {name: revs[name]} if name in revs else {}
+    else:
+        if m is not None:
+            label, at = name, m["scale"]
+        elif scale:
+            label, at = name_of(name, scale), scale
+        else:
+            scales = sorted({x["scale"] for e in revs if (x := NAME_RE.match(e)) and x["base"] == name})
+            if len(scales) != 1:
+                raise ExperimentError(f"{name} ran at the scales {', '.join(scales)}: choose one with --scale"
+                                      if scales else f"no experiment {name} at any scale here; run it with "
+                                      f"`python -m pipeline.experiments run --scale cpu {name}`")
+            label, at = name_of(name, scales[0]), scales[0]
+        repeats = [e for e in revs if e == label or re.fullmatch(rf"{re.escape(label)}{SEP}s\d+", e)]
+        members = {e: revs[e] for e in sorted(repeats, key=lambda e: (e != label, len(e), e))}  # by seed
+    if not members:
+        raise ExperimentError(f"no experiment named {label}; run it with `python -m pipeline.experiments run "
+                              f"--scale {at} {NAME_RE.match(label)['base'] if NAME_RE.match(label) else label}`")
+    return Group(label, at, members, SCALES[at].overrides)
+
+
+def groups_of(names: list[str], scale: str | None, cwd: Path) -> dict[str, Group]:
+    """The groups to compare (named groups such as `ablations` expanded); refused when they ran at
+    different scales, flagged (a warning here and in the report) when a scale is unknown."""
+    revs = experiment_revs(cwd)
+    groups: dict[str, Group] = {}
+    for name in names:
+        for n in GROUPS.get(name, [name]):
+            g = group_of(n, scale, revs, cwd)
+            groups[g.label] = g
+    one_scale(groups)
+    return groups
+
+
+def one_scale(groups: dict[str, Group]) -> None:
+    """Refuse groups of different scales; warn about a group whose scale is unknown."""
+    scales = {g.scale for g in groups.values()}
+    if len(scales - {None}) > 1:
+        raise ExperimentError("refused: these experiments ran at different scales ("
+                              + ", ".join(f"{g.label}: {g.scale}" for g in groups.values() if g.scale)
+                              + "), so their differences would be the scales'; compare experiments of one scale")
+    if None in scales:
+        log.warning("the scale of %s is unknown (not named by the runner, its params match no scale): the "
+                    "comparison may include a difference of scale", ", ".join(g.label for g in groups.values()
+                                                                          if g.scale is None))
+
+
+def report_dir(labels: list[str]) -> str:
+    """The directory of a comparison under metrics/compare/: the groups it compares."""
+    name = "-vs-".join(labels)
+    if len(name) <= 120:
+        return name
+    return f"{labels[0]}-vs-{len(labels) - 1}-others-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run named experiments (or groups) with dvc exp run")
-    r.add_argument("names", nargs="*", default=DEFAULT, help=f"experiments or groups ({', '.join(GROUPS)})")
+    r = sub.add_parser("run", help="run named experiments (or groups), or your own overrides, with dvc exp run")
+    r.add_argument("names", nargs="*", help=f"experiments or groups ({', '.join(GROUPS)}); default: "
+                                            f"{' '.join(DEFAULT)}, or stable with -S")
     r.add_argument("--scale", choices=sorted(SCALES), default="full", help="overrides applied to every experiment")
+    r.add_argument("--seeds", type=int, default=1, help="repeats of each, at seeds train.seed, +1, ...")
+    r.add_argument("--seed", type=int, default=None, help="one seed for every random choice (all of "
+                                                          f"{', '.join(SEED_KEYS)})")
+    r.add_argument("-S", "--set-param", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="your own experiment: stable plus these overrides; comma-separated values are a sweep")
+    r.add_argument("-n", "--name", default=None, help="the name of your own experiment (default: from its -S)")
     r.add_argument("--queue", action="store_true", help="queue them and run with dvc queue start")
     r.add_argument("-j", "--jobs", type=int, default=1, help="parallel queue workers")
-    c = sub.add_parser("compare", help="gap reports of experiments side by side")
-    c.add_argument("names", nargs="+", help="two or more experiments, or a group")
-    c.add_argument("--out", default="metrics/compare")
+    for cmd, about in (("compare", "gap reports of experiments side by side: metrics/compare/<names>/"),
+                       ("diff", "every metric of two experiments: mean ± sd over their seeds, real or within noise")):
+        c = sub.add_parser(cmd, help=about)
+        c.add_argument("names", nargs="+", help="experiments (stable, stable_cpu, stable_cpu_s43) or a group")
+        c.add_argument("--scale", choices=sorted(SCALES), default=None, help="the scale (default: the one they ran at)")
+        if cmd == "compare":
+            c.add_argument("--out", default=None, help="report directory (default: metrics/compare/<names>)")
     sub.add_parser("runs", help="each experiment's MLflow runs and registered model version (python -m pipeline.lineage)",
                    add_help=False)
-    o = sub.add_parser("overrides", help="print the -S arguments of an experiment")
+    o = sub.add_parser("overrides", help="the -S arguments of an experiment, for dvc exp run (restores HEAD's "
+                                         "params.yaml first, when the workspace's differs)")
     o.add_argument("name", choices=sorted(EXPERIMENTS))
     o.add_argument("--scale", choices=sorted(SCALES), default="full")
+    o.add_argument("--seed", type=int, default=None, help=f"one seed for {', '.join(SEED_KEYS)}")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["runs"]:  # the lineage command, with its own arguments (names, --run RUN_ID)
         from pipeline import lineage
@@ -325,18 +608,29 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.cmd == "run":  # one run of experiments at a time in a workspace (pipeline.runlock)
             with runlock.hold(cwd, " ".join(["python -m pipeline.experiments", *argv])):
-                run(args.names, cwd, args.scale, args.queue, args.jobs)
+                names = args.names or ([] if args.sets else DEFAULT)
+                labels = run(names, cwd, args.scale, args.queue, args.jobs, args.seeds, args.seed, args.sets,
+                             args.name)
+            if args.sets:  # yours against stable
+                reference = name_of("stable", args.scale)
+                labels = [reference, *(g for g in labels if g != reference)]
+                groups = groups_of(labels, None, cwd)
+                print(compare(groups, cwd, cwd / "metrics" / "compare" / report_dir(labels)))
         elif args.cmd == "compare":
-            names = resolve(args.names)
-            revs = experiment_revs(cwd)
-            absent = [n for n in names if n not in revs]
-            if absent:
-                raise ExperimentError(f"no experiment named {', '.join(absent)}; run `python -m pipeline.experiments "
-                                      f"run {' '.join(absent)}`")
-            print(compare({n: revs[n] for n in names}, cwd, Path(args.out)))
+            groups = groups_of(args.names, args.scale, cwd)
+            out = Path(args.out) if args.out else cwd / "metrics" / "compare" / report_dir(list(groups))
+            print(compare(groups, cwd, out))
+            log.info("report: %s", out / "compare.md")
+        elif args.cmd == "diff":
+            groups = groups_of(args.names, args.scale, cwd)
+            if len(groups) != 2:
+                raise ExperimentError(f"diff compares two experiments; got {len(groups)}: {', '.join(groups)}")
+            print(metrics_table(*groups.values(), cwd))
         else:
-            print(" ".join(set_args(overrides(args.name, args.scale))))
-    except (ExperimentError, ParamsError, runlock.WorkspaceError) as err:
+            restore_params(cwd, announce=True, why="`dvc exp run` with these arguments gives HEAD's params.yaml "
+                                                   "plus them only from HEAD's params.yaml")
+            print(" ".join(set_args(overrides(args.name, args.scale, args.seed))))
+    except (ExperimentError, CompareError, ParamsError, runlock.WorkspaceError) as err:
         fail(str(err))
     except KeyboardInterrupt:
         fail("interrupted (Ctrl-C): the same command resumes each interrupted training from its checkpoint",

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.experiments import DEFAULT, SCALES, child_env
+from pipeline.experiments import DEFAULT, SCALES, child_env, name_of, report_dir
 from pipeline.stage import INTERRUPTED, run_foreground
 
 def shown(cmd: list[str]) -> str:
@@ -29,11 +29,13 @@ def plan(cuda: bool, scale: str | None) -> tuple[list[str], list[list[str]]]:
         return [say], [["dvc", "repro"]]
     scale, why = (scale, f"SCALE={scale}") if scale else ("cpu", "no CUDA GPU here")
     cmds = [["pipeline.experiments", "run", "--scale", scale, "--queue", "-j", "2", *DEFAULT],
-            ["pipeline.experiments", "compare", *DEFAULT]]
+            ["pipeline.experiments", "compare", "--scale", scale, *DEFAULT]]
+    labels = [name_of(n, scale) for n in DEFAULT]
     say = [f"make run: {why}: the stable-versus-fixed workflow at the {scale} scale, not the full pipeline:",
            *(f"  {shown(c)}" for c in cmds),
            f"  {scale} scale: {SCALES[scale].about}.",
-           "  Results: `dvc exp show`, `dvc metrics diff stable fixed`, metrics/compare/compare.md.",
+           f"  Results: `dvc exp show`, `dvc metrics diff {' '.join(labels)}`, "
+           f"metrics/compare/{report_dir(labels)}/compare.md.",
            f"  The full pipeline ({SCALES['full'].about}) needs a GPU: with CUDA, `make run` runs `dvc repro`."]
     return say, cmds
 

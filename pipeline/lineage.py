@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,11 +120,17 @@ def _git(*args: str) -> str:
     return proc.stdout if proc.returncode == 0 else ""
 
 
+# an experiment's ref: refs/exps/<2 hex digits of its baseline>/<the other 38>/<name>; DVC's own refs under
+# refs/exps (EXEC_HEAD, EXEC_BASELINE, the queue's stash) are not experiments
+_EXPERIMENT_REF = re.compile(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/[^/]+")
+
+
 def experiment_refs() -> dict[str, str]:
     """DVC experiment name -> its git ref (refs/exps/..), the latest one per name."""
     out: dict[str, str] = {}
     for ref in _git("for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps").split():
-        out.setdefault(ref.rsplit("/", 1)[1], ref)
+        if _EXPERIMENT_REF.fullmatch(ref):
+            out.setdefault(ref.rsplit("/", 1)[1], ref)
     return out
 
 

@@ -13,6 +13,7 @@ in a mapping (YAML's last-wins would hide the first). A value echoed in a messag
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,12 @@ def shorten(text: str, limit: int = CLIP) -> str:
 def clip(value: Any) -> str:
     """A value as a message shows it: its repr, cut (`shorten`)."""
     return shorten(repr(value))
+
+
+# Every random choice of the pipeline follows one of these: the augmentation cache, the training
+# (initialisation, sample order, held-out slice, each micro-batch's noise and dropout) and the
+# evaluation's colour permutations. A run's seed is all three set to one value.
+SEED_KEYS = ("augment.seed", "train.seed", "evaluate.seed")
 
 
 class ParamsError(ValueError):
@@ -242,9 +249,15 @@ class Params(_Section):
             for part in parents:
                 node = node[part]
             if last not in node:
-                raise ParamsError([f"{dotted}: unknown key"])
+                raise ParamsError([f"{dotted}: unknown key{did_you_mean(dotted, list(self.flat()))}"])
             node[last] = list(value) if isinstance(value, tuple) else value
         return parse_params(raw)
+
+
+def did_you_mean(key: str, known: list[str]) -> str:
+    """' (did you mean X?)' for the known dotted key closest to a mistyped one, or ""."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -313,8 +326,10 @@ def _problem_lines(err: ValidationError) -> list[str]:
         if e["type"] == "extra_forbidden":
             parent = _field_at(loc[:-1]) if len(loc) > 1 else None
             model = parent.annotation if parent is not None else Params
-            known = ", ".join(getattr(model, "model_fields", {}))
-            lines.append(f"{key}: unknown key (known keys here: {known})")
+            fields = list(getattr(model, "model_fields", {}))
+            parent_key = "".join(f"{p}." for p in loc[:-1])
+            hint = did_you_mean(key, [parent_key + f for f in fields])
+            lines.append(f"{key}: unknown key{hint} (known keys here: {', '.join(fields)})")
         elif e["type"] == "missing":
             lines.append(f"{key}: missing (every hyperparameter must be set in params.yaml)")
         else:

@@ -349,6 +349,7 @@ class Tracker:
         self.continued = False  # start() continued an earlier run rather than creating one
         self.restored_from: str | None = None  # the finished run a new run of a restored training comes from
         self.inputs: Callable[[], list[Any]] | None = None  # gives the DatasetInputs logged by a new run
+        self.tags: dict[str, str] = {}  # set by the stage on a new run, besides the tags of every run
         self._client = None
 
     @property
@@ -397,6 +398,7 @@ class Tracker:
             self.restored_from = tags["restored_from_run"] = done[0].info.run_id
         if self.params.validation.accept_broken_rules:  # error rules broken on purpose (validate_params)
             tags["validation.accepted_rules"] = ",".join(self.params.validation.accept_broken_rules)
+        tags.update(self.tags)
         self.run_id = self._client.create_run(exp_id, run_name=name, tags=tags).info.run_id
         self.log_params(self.params.flat())
         if self.inputs is not None:

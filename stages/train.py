@@ -8,18 +8,32 @@ SIGTERM stop it with one line saying where the next run resumes, and exit status
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
-from pipeline import arc, distributed, lineage, mlflow_model, runlock, tracking
+from pipeline import arc, committed, distributed, lineage, mlflow_model, runlock, tracking
 from pipeline.integrity import IntegrityError
 from pipeline.model.io import ModelFileError
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
 from pipeline.tracking_client import TrackingLost, unless_required
 from pipeline.train.loop import TrainPaths, train
-from pipeline.train.preflight import PreflightError
+from pipeline.train.preflight import PreflightError, with_cpu_run
 
 log = logging.getLogger("train")
+
+
+def refusal(message: str, params_path: str) -> str:
+    """A pre-flight refusal with this run's own overrides (what its params.yaml changes from HEAD's) in
+    the CPU-scale command it suggests, and how to restore params.yaml where a `dvc exp run -S` left them."""
+    changes = committed.changes_from_head(params_path) or {}
+    kept = {k: new for k, (_, new) in changes.items() if new != "(absent)"}
+    if kept:
+        command = " ".join(["python -m pipeline.experiments run --scale cpu",
+                            *map(shlex.quote, committed.set_args(kept))])
+        message = with_cpu_run(message, command)
+    hint = committed.restore_hint(params_path)
+    return f"{message}\n{hint}" if hint else message
 
 
 def main() -> None:
@@ -46,13 +60,17 @@ def main() -> None:
         setup_logging(logging.WARNING)
 
     tracker = Tracker(params, enabled=world.is_main and tracked)  # only rank 0 writes outputs and logs to MLflow
+    changes = committed.changes_from_head(args.params)
+    tracker.tags["differs_from_head"] = ("(params.yaml is not committed)" if changes is None else  # visible in MLflow
+                                         ", ".join(f"{k}={committed.yaml_value(v)}" for k, (_, v) in changes.items())
+                                         or "none")
     tracker.inputs = lambda: lineage.training_inputs(args.cache, args.raw)  # once the cache is verified
     paths = TrainPaths(Path(args.cache), tracking.repo_root() / args.checkpoints, Path(args.model),
                        Path(args.metrics), Path(args.plots))
     try:
         final = train(params, arc.read_raw(Path(args.raw) / "pairs.parquet"), paths, tracker, world)
     except PreflightError as err:  # the run would not finish on this machine: say why, no traceback
-        fail(str(err))
+        fail(refusal(str(err), args.params))
         return
     except (ModelFileError, IntegrityError, FileNotFoundError) as err:  # damaged or missing inputs: one line
         tracker.end("FAILED")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 from pipeline import runlock
-from pipeline.committed import restore_hint
+from pipeline.committed import changes_from_head, describe_changes, restore_hint
 from pipeline.io import write_json, write_text
 from pipeline.params import ParamsError, load_params
-from pipeline.rules import check_rules, render_report, summary
+from pipeline.rules import ACCEPT_KEY, check_rules, render_report, summary
 from pipeline.stage import fail, parser, run, setup_logging
 
 log = logging.getLogger("validate_params")
@@ -27,11 +27,15 @@ def main() -> None:
     ap.add_argument("--stamp", required=True, help="written only when validation passes")
     args = ap.parse_args()
     setup_logging()
+    changes = changes_from_head(args.params)
+    log.info("%s", describe_changes(changes))  # an inherited override shows here, at the start of every run
+    differs = {"differs_from_head": ", ".join(changes or {}), "keys_differing_from_head": len(changes or {})}
 
     try:
         params = load_params(args.params)
     except ParamsError as err:
-        write_json(args.metrics, {"errors": len(err.problems), "warnings": 0, "schema_errors": len(err.problems)})
+        write_json(args.metrics, {"errors": len(err.problems), "warnings": 0, "schema_errors": len(err.problems),
+                                  **differs})
         write_text(args.report, "# params.yaml validation\n\n**FAILED** (schema):\n\n"
                    + "".join(f"- {p}\n" for p in err.problems))
         fail(failure(str(err), args.params))
@@ -42,10 +46,12 @@ def main() -> None:
     for v in violations:
         (log.error if v.severity == "error" else log.warning)(str(v))  # accepted errors are warnings
     counts = summary(violations)
-    write_json(args.metrics, {**counts, "schema_errors": 0})
+    write_json(args.metrics, {**counts, "schema_errors": 0, **differs})
     write_text(args.report, render_report(violations))
     if counts["errors"]:
-        fail(failure(f"params.yaml breaks {counts['errors']} rule(s); see {args.report}", args.params))
+        broken = ", ".join(v.rule.id for v in violations if v.severity == "error")
+        fail(failure(f"params.yaml breaks {counts['errors']} rule(s): {broken}; see {args.report}. To break one on "
+                     f"purpose (a failure mode, an ablation), list its id in {ACCEPT_KEY}", args.params))
     write_text(args.stamp, "params.yaml passed the schema and every error-level rule (pipeline/rules.py)\n")
     log.info("params.yaml valid: %d warning(s), %d accepted error(s), %d rules checked", counts["warnings"],
              counts["accepted_errors"], counts["rules_checked"])

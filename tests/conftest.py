@@ -9,6 +9,15 @@ import pytest
 from pipeline.arc import Task
 from tests.helpers import tiny_task_set
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on the 2 cores of CI: each worker, and the DVC, stage and training
+    # processes it starts, keeps to one thread instead of each taking every core.
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny_tasks() -> list[Task]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 
 import numpy as np
@@ -13,15 +14,16 @@ import torch
 
 from pipeline import launch
 from pipeline.arc import read_raw
-from pipeline.experiments import (ABLATIONS, EXPERIMENTS, FIXED, GROUPS, SCALES, ExperimentError, child_env,
-                                  expected_changes, mismatches, overrides, resolve, restore_params, set_args)
+from pipeline.experiments import (ABLATIONS, EXPERIMENTS, FIXED, GROUPS, NAME_RE, SCALES, ExperimentError, child_env,
+                                  expected_changes, finished, group_of, infer_scale, is_baseline, label_of, main, mismatches, name_of,
+                                  one_scale, overrides, parse_sets, plan, progress, resolve, stalled, restore_params, seeds_of, set_args)
 from pipeline.model import RLAN
 from pipeline.model.io import load_model
-from pipeline.params import flatten
+from pipeline.params import SEED_KEYS, flatten
 from pipeline.rules import check_rules
 from pipeline.tracking import Tracker
 from pipeline.train import loop, schedule
-from tests.helpers import TINY, example_batch, params_with, raw_params, run, tiny_workspace
+from tests.helpers import REPO, TINY, example_batch, params_with, raw_params, run, tiny_workspace
 
 
 def test_ablations_are_fixed_one_fix_at_a_time():
@@ -50,7 +52,7 @@ def test_resolve_expands_groups_once_and_names_the_unknown():
 
 def test_set_args_writes_what_dvc_parses():
     assert set_args({"a.b": False, "c": 0.5, "d": ["x-y", "z"], "e": None}) == [
-        "-S", "a.b=false", "-S", "c=0.5", "-S", "d=[x-y, z]", "-S", "e=null"]
+        "-S", "a.b=false", "-S", "c=0.5", "-S", "d=[x-y,z]", "-S", "e=null"]  # a list is one shell word
 
 
 def test_scale_overrides_are_known_keys_and_tiny_is_the_tests_scale():
@@ -116,7 +118,7 @@ def test_make_run_plan():
     assert cmds == [["dvc", "repro"]] and "full pipeline" in say[0]
     say, cmds = launch.plan(cuda=False, scale=None)
     assert cmds == [["pipeline.experiments", "run", "--scale", "cpu", "--queue", "-j", "2", "stable", "fixed"],
-                    ["pipeline.experiments", "compare", "stable", "fixed"]]
+                    ["pipeline.experiments", "compare", "--scale", "cpu", "stable", "fixed"]]
     assert "no CUDA" in say[0] and "cpu scale" in say[0] and SCALES["cpu"].about in "\n".join(say)
     assert any("needs a GPU" in line for line in say)
     say, cmds = launch.plan(cuda=True, scale="tiny")
@@ -183,3 +185,173 @@ def test_fast_ema_and_evaluation_every_epoch_reach_training(tmp_path):
     assert decay == pytest.approx(FIXED["train.ema_decay"], abs=1e-3)
     assert measured_fixed == [True, True] and measured_stable == [False, True]  # eval_every 1 vs stable's 5
 
+
+
+# --- names, seeds, the user's overrides ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", sorted(SCALES))
+def test_names_carry_scale_and_seed_and_are_valid_dvc_names_and_mlflow_aliases(scale, tmp_path):
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    from pipeline.mlflow_model import alias_for
+
+    run(["git", "init", "-q"], tmp_path)
+    for base in [*EXPERIMENTS, label_of({"model.hyperlora_init_scale": 0.05, "train.lr": 1e-5})]:
+        for seed in (None, 43):
+            name = name_of(base, scale, seed)
+            parsed = NAME_RE.match(name)
+            assert (parsed["base"], parsed["scale"], parsed["seed"]) == (base, scale, None if seed is None else "43")
+            assert run(["git", "check-ref-format", f"refs/exps/ab/{'c' * 38}/{name}"], tmp_path, check=False) \
+                .returncode == 0, name
+            assert "/" not in name and alias_for(name) == re.sub(r"[^\w-]", "-", name)
+            if re.fullmatch(r"[\w-]+", base):  # the named experiments: the alias is the name itself
+                assert alias_for(name) == name
+            _validate_model_alias_name(alias_for(name))
+            _validate_model_alias_name_reserved(alias_for(name))
+
+
+def test_every_seed_of_the_schema_is_a_seed_key():
+    assert sorted(k for k in params_with().flat() if k.split(".")[-1] == "seed") == sorted(SEED_KEYS)
+
+
+def test_seed_repeats_start_at_the_committed_seed():
+    base = flatten(raw_params())
+    assert base["train.seed"] == 42
+    assert seeds_of(3, None, base) == [None, 43, 44]  # None: the committed seeds, no override
+    assert seeds_of(1, 7, base) == [7] and seeds_of(1, 42, base) == [None]
+    assert overrides("fixed", "cpu", 43) == {**SCALES["cpu"].overrides, **FIXED, **{k: 43 for k in SEED_KEYS}}
+    mixed = {**base, "augment.seed": 1}  # the committed seeds differ: every repeat sets all three to one value
+    assert seeds_of(2, None, mixed) == [42, 43]
+    assert seeds_of(1, 42, mixed) == [42]
+
+
+def test_set_params_sweep_and_keys_checked_with_did_you_mean():
+    base = flatten(raw_params())
+    assert parse_sets(["model.hyperlora_init_scale=0.05,0.2", "train.learning_rate=1e-5",
+                       "validation.accept_broken_rules=[a,b]"], base) == [
+        {"model.hyperlora_init_scale": 0.05, "train.learning_rate": 1e-5, "validation.accept_broken_rules": ["a", "b"]},
+        {"model.hyperlora_init_scale": 0.2, "train.learning_rate": 1e-5, "validation.accept_broken_rules": ["a", "b"]}]
+    with pytest.raises(ExperimentError, match=r"model.hyperlora_int_scale is not a key of params.yaml "
+                                              r"\(did you mean model.hyperlora_init_scale\?\)"):
+        parse_sets(["model.hyperlora_int_scale=0.05"], base)
+    with pytest.raises(ExperimentError, match="expected key=value"):
+        parse_sets(["model.hidden_dim"], base)
+
+
+def test_plan_names_each_repeat_and_the_users_own_experiments(caplog):
+    base = flatten(raw_params())
+    variants = parse_sets(["model.hyperlora_init_scale=0.05,0.1,0.2"], base)
+    kept = [v for v in variants if not is_baseline(v, "cpu", base)]
+    assert kept == [variants[0], variants[2]]
+    assert "-S model.hyperlora_init_scale=0.1 is the committed value (HEAD) already" in caplog.text
+    assert is_baseline({"train.epochs": 10}, "cpu", base) and "the cpu scale's value already" in caplog.text
+    planned = plan(["stable"], "cpu", [None, 43], kept)
+    assert [(p.name, p.label) for p in planned] == [
+        ("stable_cpu", "stable_cpu"), ("stable_cpu_s43", "stable_cpu"),
+        ("hyperlora_init_scale=0.05_cpu", "hyperlora_init_scale=0.05_cpu"),
+        ("hyperlora_init_scale=0.05_cpu_s43", "hyperlora_init_scale=0.05_cpu"),
+        ("hyperlora_init_scale=0.2_cpu", "hyperlora_init_scale=0.2_cpu"),
+        ("hyperlora_init_scale=0.2_cpu_s43", "hyperlora_init_scale=0.2_cpu")]
+    assert planned[3].changes == {**SCALES["cpu"].overrides, "model.hyperlora_init_scale": 0.05,
+                                  **{k: 43 for k in SEED_KEYS}}
+    assert [p.name for p in plan([], "tiny", [None], kept[:1], "mine")] == ["mine_tiny"]
+    assert [p.name for p in plan([], "tiny", [None], kept, "mine")] == [
+        "mine-hyperlora_init_scale=0.05_tiny", "mine-hyperlora_init_scale=0.2_tiny"]
+    for bad in ("fixed", "-x", "a b", "a/b"):
+        with pytest.raises(ExperimentError, match="experiment name"):
+            plan([], "tiny", [None], kept[:1], bad)
+
+
+def test_scale_inferred_from_params_for_an_experiment_not_named_by_the_runner():
+    base = flatten(raw_params())
+    for scale in SCALES:
+        assert infer_scale({**base, **SCALES[scale].overrides}, base) == scale
+    assert infer_scale({**base, **SCALES["cpu"].overrides, "model.hidden_dim": 8}, base) is None
+    assert infer_scale({**base, "model.use_gumbel_softmax": False}, base) == "full"
+
+
+def test_queue_progress_reads_each_running_experiments_epochs(tmp_path):
+    run_dir = tmp_path / ".dvc" / "tmp" / "exps" / "run" / ("c0a6496" + "f" * 33)
+    run_dir.mkdir(parents=True)
+    out = run_dir / f"{run_dir.name}.out"
+    out.write_text("Running stage 'train':\n> python -m stages.train\n"
+                   "epoch 1/3:   0%|  | 0/6 [00:00<?]\repoch 1/3: 100%|##| 6/6"
+                   "02:31:40 INFO pipeline.train.loop: epoch 1/3: loss 3.0957, train exact 0.000\n"
+                   "epoch 2/3: 100%|##| 6/6\r02:31:46 INFO pipeline.train.loop: epoch 2/3: lo")  # still being written
+    status = ("Task     Name         Created    Status\nc0a6496  stable_tiny  02:16 AM   Running\n"
+              "32c8d94  fixed_tiny   02:17 AM   Queued\n")
+    read: dict = {}
+    assert progress(tmp_path, status, read) == ["stable_tiny: Running stage 'train'",
+                                                 "stable_tiny: epoch 1/3: loss 3.0957, train exact 0.000"]
+    assert progress(tmp_path, status, read) == []  # nothing new
+    with out.open("a") as f:
+        f.write("ss 3.2\n02:31:47 ERROR stage: boom\n")
+    assert progress(tmp_path, status, read) == ["stable_tiny: epoch 2/3: loss 3.2", "stable_tiny: ERROR stage: boom"]
+
+
+def test_overrides_command_restores_heads_params_and_prints_the_assignment(tmp_path, monkeypatch, capsys):
+    committed = (REPO / "params.yaml").read_text()
+    repo = _git_repo(tmp_path, committed)
+    inherited = committed.replace("use_gumbel_softmax: true", "use_gumbel_softmax: false")
+    (repo / "params.yaml").write_text(inherited)  # what a workspace `dvc exp run` of fixed leaves
+    monkeypatch.chdir(repo)
+    main(["overrides", "stable", "--scale", "tiny", "--seed", "2"])  # (its logging set-up replaces caplog's)
+    printed = capsys.readouterr()
+    assert printed.out.split() == set_args({**SCALES["tiny"].overrides, **{k: 2 for k in SEED_KEYS}})
+    assert (repo / "params.yaml").read_text() == committed
+    assert "model.use_gumbel_softmax: committed True, now False" in printed.err
+    [backup] = (repo / ".dvc" / "tmp").glob("params.yaml.*")
+    assert backup.read_text() == inherited
+
+
+def test_experiment_refs_hide_dvcs_own_refs(tmp_path, monkeypatch):
+    from pipeline.lineage import experiment_refs
+
+    _git_repo(tmp_path, "a: 1\n")
+    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    for ref in ("refs/exps/exec/EXEC_HEAD", "refs/exps/exec/EXEC_BASELINE", "refs/exps/celery/stash",
+                f"refs/exps/{head[:2]}/{head[2:]}/stable_cpu"):
+        run(["git", "update-ref", ref, head], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert experiment_refs() == {"stable_cpu": f"refs/exps/{head[:2]}/{head[2:]}/stable_cpu"}
+
+
+def test_only_finished_experiments_count():
+    def exp(name, rev, state):
+        return {"name": name, "executor": state and {"state": state}, "revs": [{"rev": rev, "name": name}]}
+
+    shown = [{"rev": "workspace", "experiments": None},
+             {"rev": "6522fb5", "experiments": [exp("stable_cpu", "ee9e397", "success"), exp("fixed_cpu", "7f94ceb", "running"),
+                                                exp("mine_cpu", "51fe481", "queued"), exp("x_cpu", "aaaaaaa", "failed"),
+                                                exp("by-hand", "ef23388", None)]}]
+    assert finished(shown) == {"stable_cpu": "ee9e397", "by-hand": "ef23388"}
+
+
+def test_a_queue_without_workers_is_seen_as_stalled():
+    head = "Task     Name         Created    Status\n"
+    rows = {"queued": "f35f9f5  mine_tiny    03:53 AM   Queued\n", "done": "6e4bf68  stable_tiny  03:52 AM   Success\n",
+            "running": "5548b3d  fixed_tiny   03:52 AM   Running\n"}
+    assert stalled(head + rows["queued"] + rows["done"] + "\nWorker status: 0 active, 0 idle\n")
+    assert not stalled(head + rows["queued"] + rows["done"] + "\nWorker status: 1 active, 0 idle\n")
+    assert not stalled(head + rows["done"] + "\nWorker status: 0 active, 0 idle\n")  # nothing left to run
+    assert not stalled(head + rows["queued"] + rows["running"] + "\nWorker status: 0 active, 0 idle\n")
+
+
+def test_a_name_stands_for_its_seed_repeats_at_one_scale_never_two(tmp_path, caplog):
+    revs = {"stable_tiny_s43": "b", "fixed_tiny": "c", "stable_cpu": "d", "stable_tiny": "a", "stable_tiny_s100": "e"}
+    g = group_of("stable", "tiny", revs, tmp_path)
+    assert (g.label, g.scale, list(g.revs)) == ("stable_tiny", "tiny",
+                                                ["stable_tiny", "stable_tiny_s43", "stable_tiny_s100"])
+    assert g.scale_overrides == SCALES["tiny"].overrides
+    assert list(group_of("stable_tiny", None, revs, tmp_path).revs) == list(g.revs)
+    assert group_of("stable_tiny_s43", None, revs, tmp_path).revs == {"stable_tiny_s43": "b"}
+    assert list(group_of("fixed", None, revs, tmp_path).revs) == ["fixed_tiny"]  # the one scale it ran at
+    with pytest.raises(ExperimentError, match="stable ran at the scales cpu, tiny: choose one with --scale"):
+        group_of("stable", None, revs, tmp_path)
+    with pytest.raises(ExperimentError, match="no experiment named fixed_cpu"):
+        group_of("fixed", "cpu", revs, tmp_path)
+    with pytest.raises(ExperimentError, match=r"different scales \(stable_tiny: tiny, stable_cpu: cpu\)"):
+        one_scale({n: group_of(n, None, revs, tmp_path) for n in ("stable_tiny", "stable_cpu")})
+    one_scale({"stable_tiny": g, "mine": dataclasses.replace(g, label="mine", scale=None)})
+    assert "the scale of mine is unknown" in caplog.text

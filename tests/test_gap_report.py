@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline.arc import Task
-from pipeline.compare import GAP_MEASURES, Outputs, distance, render, smallest
+from pipeline.compare import distance
 from pipeline.gap import gap_checks, gap_metrics
 from pipeline.report import CURVES, curve_figure, plot_curves, task_picture
 from stages.gap_report import pick_pictures
@@ -112,28 +112,6 @@ def test_task_picture_and_selection(tmp_path):
     assert pick_pictures(candidates, 3) == [("c", 0), ("a", 0), ("b", 0)]  # solved first, then by id
 
 
-def test_gap_distance_and_smallest():
+def test_gap_distance():  # (the compare report, which ranks by it: tests/test_compare.py)
     assert distance("loss_ratio", 2.0) == pytest.approx(distance("loss_ratio", 0.5))
     assert distance("exact_match_gap", -0.1) == pytest.approx(0.1)
-    assert smallest("attention_entropy_ratio", {"stable": 4.5, "fixed": 1.1, "no-gumbel": 0.95}) == ["no-gumbel"]
-    assert smallest("exact_match_gap", {"a": 0.0, "b": 0.0, "c": 0.1}) == ["a", "b"]
-    assert smallest("exact_match_gap", {"a": 0.0, "b": 0.0}) == []  # a tie
-
-
-def test_compare_table_has_a_column_per_experiment_and_marks_the_smallest_gap():
-    def outputs(ratio: float, status: int) -> Outputs:
-        view = {**{m: 0.0 for m in GAP_MEASURES}, **{f"{m}_status": 0 for m in GAP_MEASURES},
-                "attention_entropy_ratio": ratio, "attention_entropy_ratio_status": status}
-        side = {"pass@1": 0.0, "loss": 1.5}
-        return Outputs("0123456789", {"training": view, "evaluation": view, "overall_status": status},
-                       {"train": side, "eval": side}, _series(2), 3)
-
-    text = render({"stable": outputs(4.47, 1), "fixed": outputs(1.10, 0), "raw-entropy": outputs(3.0, 1)})
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert rows["gap"] == "| gap | stable | fixed | raw-entropy | smallest gap |"
-    assert rows["training: attention_entropy_ratio"] == (
-        "| training: attention_entropy_ratio | 4.4700 (warning) | **1.1000** (ok) | 3.0000 (warning) | fixed |")
-    assert rows["training: exact_match_gap"].endswith("| tie |")
-    assert rows["overall status"] == "| overall status | warning | ok | warning | |"
-    assert rows["eval: loss"] == "| eval: loss | 1.5 | 1.5 | 1.5 |"
-    assert len([r for r in rows if r.startswith(("training: ", "evaluation: "))]) == 2 * len(GAP_MEASURES)

@@ -99,7 +99,6 @@ def test_a_repeated_key_is_refused_naming_both_lines(tmp_path):
 
 def test_long_values_are_cut_in_messages():
     huge = "x" * 500_000
-    err = None
     with pytest.raises(ParamsError) as err:
         parse_params(set_key(raw_params(), "data.source", huge))
     line = next(p for p in err.value.problems if p.startswith("data.source"))

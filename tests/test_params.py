@@ -43,6 +43,17 @@ def test_unknown_key_is_named_with_known_keys(key):
     assert any(line.startswith(f"{key}: unknown key") for line in err.problems), err.problems
     assert "known keys here" in str(err)
 
+    hint = {"model.hiden_dim": "model.hidden_dim", "train.loo_training.weight": "train.loo_training.loss_weight"}
+    assert (f"(did you mean {hint[key]}?)" in str(err)) if key in hint else "did you mean" not in str(err)
+
+
+def test_override_of_an_unknown_key_names_the_closest():
+    from pipeline.params import load_params
+
+    with pytest.raises(ParamsError, match=r"model.hyperlora_int_scale: unknown key \(did you mean "
+                                          r"model.hyperlora_init_scale\?\)"):
+        load_params(REPO / "params.yaml").override({"model.hyperlora_int_scale": 0.05})
+
 
 @pytest.mark.parametrize(
     "key, value, fragment",

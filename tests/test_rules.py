@@ -116,7 +116,8 @@ def test_stage_passes_stable_and_writes_outputs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out["metrics"].read_text()) == {"errors": 0, "warnings": 2, "accepted_errors": 0,
                                                       "accepted_rules": "", "rules_checked": len(RULES),
-                                                      "rules_passed": len(RULES) - 2, "schema_errors": 0}
+                                                      "rules_passed": len(RULES) - 2, "schema_errors": 0,
+                                                      "differs_from_head": "", "keys_differing_from_head": 0}
     assert out["stamp"].exists() and "passed" in out["report"].read_text()
 
 
@@ -206,3 +207,19 @@ def test_stage_error_names_the_override_left_in_params_yaml(tmp_path, key, value
     assert f"{key}: committed {committed!r}, now {value!r}" in proc.stderr
     assert "git checkout -- params.yaml" in proc.stderr and "Traceback" not in proc.stderr
     assert not out["stamp"].exists()
+    # said first, before any check, and recorded
+    first = proc.stderr.splitlines()[0]
+    assert first.endswith(f"this run differs from HEAD in: {key} ({committed!r} -> {value!r})")
+    m = json.loads(out["metrics"].read_text())
+    assert (m["differs_from_head"], m["keys_differing_from_head"]) == (key, 1)
+    if "rule" in fragment:  # how to break it on purpose
+        assert "hyperlora-init-scale-negligible" in proc.stderr and "validation.accept_broken_rules" in proc.stderr
+
+
+def test_stage_says_when_the_run_is_heads_params(tmp_path):
+    write_params(tmp_path)
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "baseline"]):
+        run(cmd, tmp_path)
+    proc, out = _stage(tmp_path)
+    assert proc.returncode == 0 and "this run's params.yaml is HEAD's" in proc.stderr.splitlines()[0]
+    assert json.loads(out["metrics"].read_text())["keys_differing_from_head"] == 0

@@ -30,6 +30,8 @@ import torch
 log = logging.getLogger(__name__)
 GB = 1024**3
 MEMORY_MARGIN = 0.9  # use at most this share of the memory available
+# what a run refused on the CPU can run instead; `with_cpu_run` puts the run's own overrides in
+CPU_RUN = "python -m pipeline.experiments run --scale cpu stable fixed"
 
 
 class PreflightError(RuntimeError):
@@ -177,6 +179,11 @@ def project(step: Callable[[int], None], batch_size: int, samples: int, device: 
     return Projection(str(device), batch_size, samples, seconds * per_process, peak, available, basis)
 
 
+def with_cpu_run(message: str, command: str) -> str:
+    """A refusal's message with `command` as the CPU-scale run to use instead."""
+    return message.replace(CPU_RUN, command)
+
+
 def check(p: Projection, max_cpu_hours: float) -> None:
     """Raise PreflightError with what was projected and what to do, if the run cannot finish."""
     problems, remedies = [], []
@@ -184,8 +191,7 @@ def check(p: Projection, max_cpu_hours: float) -> None:
         problems.append(f"projected {format_hours(p.hours)} for {p.samples:,} samples at "
                         f"{1 / p.seconds_per_sample:,.2f} samples/s on the CPU, more than "
                         f"train.max_cpu_hours={max_cpu_hours:g}")
-        remedies.append("train on a GPU, run the CPU-sized study instead (python -m pipeline.experiments run "
-                        "--scale cpu stable fixed), or raise train.max_cpu_hours")
+        remedies.append(f"train on a GPU, run it at the CPU scale instead ({CPU_RUN}), or raise train.max_cpu_hours")
     if p.peak_bytes > p.available_bytes:
         problems.append(f"a micro-batch of {p.batch_size} is projected to need {p.peak_bytes / GB:.1f} GB, more than "
                         f"the {p.available_bytes / GB:.1f} GB available on {p.device} ({p.measured})")
