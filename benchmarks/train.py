@@ -171,7 +171,7 @@ def encoding(name: str, device: torch.device, reps: int) -> dict:
     or bucketed (samples grouped by their number of pairs, one call per group, as a sampler that
     buckets micro-batches by demonstration count would see them)."""
     from pipeline.model import RLAN
-    from pipeline.model.context import PairLayout
+    from pipeline.model.rlan.context import PairLayout
 
     torch.manual_seed(0)
     p, cache, sampler, order = _setup(name, device, load_batch_size())

@@ -318,7 +318,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="context-heads-divide-hidden", severity="error", keys=("model.solver_context_heads", "model.hidden_dim"),
         summary="the context cross-attention heads split the hidden channels evenly",
-        source="the model (pipeline/model/layers.py CrossAttention2d)",
+        source="the model (pipeline/model/rlan/layers.py CrossAttention2d)",
         check=lambda p: _when(
             (p.model.use_cross_attention_context or p.model.use_solver_context)
             and p.model.hidden_dim % p.model.solver_context_heads != 0,

@@ -30,7 +30,7 @@ Predictor = Callable[[dict[str, torch.Tensor]], Prediction]
 def model_predictor(model: RLAN, temperature: float, best_step: bool, device: torch.device,
                     precision: str) -> Predictor:
     """The model in eval mode, with the training precision (`train.precision`: bf16 autocast on CUDA)."""
-    from pipeline.model.dsc import attention_entropy
+    from pipeline.model.rlan.dsc import attention_entropy
 
     model.eval()
 

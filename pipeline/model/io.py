@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from pipeline.io import atomic_path
-from pipeline.model.rlan import RLAN
+from pipeline.model.rlan.model import RLAN
 from pipeline.params import ModelParams
 
 FORMAT = 1

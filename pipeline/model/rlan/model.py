@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from pipeline.canvas import COLOR_OFFSET, PAD
-from pipeline.model.context import ContextEncoder, ContextInjector, PairLayout, Support
-from pipeline.model.dsc import DSC, Clues
-from pipeline.model.hyperlora import LoRA, HyperLoRA
-from pipeline.model.layers import ChannelNorm, GridEmbedding, run
-from pipeline.model.msre import MSRE
-from pipeline.model.solver import RecursiveSolver
+from pipeline.model.rlan.context import ContextEncoder, ContextInjector, PairLayout, Support
+from pipeline.model.rlan.dsc import DSC, Clues
+from pipeline.model.rlan.hyperlora import LoRA, HyperLoRA
+from pipeline.model.rlan.layers import ChannelNorm, GridEmbedding, run
+from pipeline.model.rlan.msre import MSRE
+from pipeline.model.rlan.solver import RecursiveSolver
 from pipeline.model.stablemax import log_stablemax
 from pipeline.params import ModelParams
 
