@@ -97,7 +97,7 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
     from pipeline.model import RLAN
     from pipeline.runtime import autocast
     from pipeline.train.batches import prepare
-    from pipeline.train.loop import build_optimizer
+    from pipeline.model.rlan.family import build_optimizer
     from pipeline.train.losses import Objective
 
     torch.manual_seed(0)

@@ -64,26 +64,35 @@ def smallest(measure: str, values: dict[str, float]) -> list[str]:
     return [] if len(winners) == len(d) else winners
 
 
+def _number(value: Any) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
 def render(runs: dict[str, Outputs]) -> str:
-    """The Markdown tables: gaps per view and measure (smallest in bold), then evaluation metrics."""
+    """The Markdown tables: gaps per view and measure (smallest in bold; — where an experiment's model
+    does not measure it, e.g. the DSC's attention entropy of a TRM), then the evaluation metrics (every
+    metric of any experiment)."""
     names = list(runs)
     views = [v for v in ("training", "evaluation") if all(v in r.gap for r in runs.values())]
     lines = [f"# {' vs '.join(names)}", "", "Experiments " + ", ".join(f"{n} ({r.rev[:7]})" for n, r in runs.items())
-             + ". Distance from no gap: |gap| for differences, |log ratio| for ratios.", "",
+             + ". Distance from no gap: |gap| for differences, |log ratio| for ratios; — not measured.", "",
              f"| gap | {' | '.join(names)} | smallest gap |", "|---|" + "---|" * (len(names) + 1)]
     for view in views:
         for m in GAP_MEASURES:
-            values = {n: r.gap[view][m] for n, r in runs.items()}
-            best = smallest(m, values)
+            values = {n: r.gap[view][m] for n, r in runs.items() if m in r.gap[view]}
+            if not values:
+                continue
+            best = smallest(m, values) if len(values) > 1 else []
             cells = [(f"**{values[n]:.4f}**" if n in best else f"{values[n]:.4f}")
-                     + f" ({STATUS[runs[n].gap[view][m + '_status']]})" for n in names]
+                     + f" ({STATUS[runs[n].gap[view][m + '_status']]})" if n in values else "—" for n in names]
             lines.append(f"| {view}: {m} | {' | '.join(cells)} | {', '.join(best) or 'tie'} |")
     lines.append(f"| overall status | {' | '.join(STATUS[r.gap['overall_status']] for r in runs.values())} | |")
     lines += ["", f"| evaluation | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
-    first = next(iter(runs.values())).evaluation
     for side in ("train", "eval"):
-        for k in first[side]:
-            lines.append(f"| {side}: {k} | " + " | ".join(f"{r.evaluation[side][k]:.4g}" for r in runs.values()) + " |")
+        keys = list(dict.fromkeys(k for r in runs.values() for k in r.evaluation[side]))
+        for k in keys:
+            lines.append(f"| {side}: {k} | " + " | ".join(_number(r.evaluation[side].get(k)) for r in runs.values())
+                         + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,8 @@ CURVES = [
      ["lora_magnitude_gru_reset", "lora_magnitude_gru_update", "lora_magnitude_gru_candidate",
       "lora_magnitude_output_head", "lora_diversity"]),
     ("loo.png", "Leave-one-out accuracy and skipped ratio", ["loo_accuracy", "loo_skipped_ratio", "equiv_delta_norm"]),
+    ("halting.png", "TRM's halting: segments run and Q-head accuracy, train vs held-out",
+     ["halt_steps", "halt_steps_eval", "q_halt_accuracy", "q_halt_accuracy_eval"]),
 ]
 
 

@@ -1,5 +1,6 @@
-"""Stage `evaluate`: TRM-style evaluation of the trained model on the evaluation tasks and, measured
-the same way, on the training tasks' test pairs; pass@K, per-input table, submission.json."""
+"""Stage `evaluate`: TRM-style evaluation of the trained model (of either family) on the evaluation
+tasks and, measured the same way, on the training tasks' test pairs; pass@K, per-input table,
+submission.json. The views are fresh augmentations or the cached versions (`evaluate.views`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from typing import Any
 import pandas as pd
 
 from pipeline import arc, distributed, lineage, tracking
+from pipeline.cache import CacheReader
 from pipeline.evaluation import submission
-from pipeline.evaluation.predictor import model_predictor
 from pipeline.evaluation.runner import SideResult, evaluate_side
-from pipeline.integrity import file_md5
+from pipeline.evaluation.views import cached_versions
+from pipeline.integrity import IntegrityError, file_md5
 from pipeline.io import write_json, write_text
+from pipeline.model import family as families
 from pipeline.model.io import ModelFileError, load_model
 from pipeline.params import load_params
 from pipeline.stage import fail, parser, setup_logging
@@ -39,6 +42,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--model", required=True, help="trained model file (stage train)")
     ap.add_argument("--raw", required=True, help="raw tasks (stage prepare)")
+    ap.add_argument("--cache", required=True, help="augmentation cache (stage augment): its versions are the cache views")
     ap.add_argument("--metrics", required=True, help="metrics of both sides (JSON)")
     ap.add_argument("--tasks-table", required=True, help="one row per test input (CSV)")
     ap.add_argument("--submission", required=True, help="ARC Prize submission of the evaluation tasks (JSON)")
@@ -62,9 +66,15 @@ def main() -> None:
     except ModelFileError as err:
         fail(str(err))
         return
-    predict = model_predictor(model, meta["temperature"], ep.use_best_step_selection, world.device,
-                              params.train.precision)
+    predict = families.of(model).predictor(model, meta, ep, world.device, params.train.precision)
     tasks = arc.read_raw(Path(args.raw) / "pairs.parquet")
+    versions = None
+    if ep.views == "cache":
+        try:
+            versions = cached_versions(CacheReader(args.cache).samples, ep.max_versions)
+        except (IntegrityError, FileNotFoundError) as err:
+            fail(str(err))
+            return
 
     results = {}
     try:
@@ -72,7 +82,11 @@ def main() -> None:
             chosen = arc.select([t for t in tasks if t.split == split], ep.max_tasks)
             if not chosen:
                 fail(f"no {split} tasks in {args.raw}: the {side} side of the evaluation has nothing to measure")
-            results[side] = evaluate_side(chosen, predict, ep, desc=f"evaluate {side}", world=world)
+            if versions is not None and (missing := sorted({t.id for t in chosen} - set(versions))):
+                fail(f"{args.cache} holds no version of {split} task(s) {', '.join(missing[:5])}: no cache views of "
+                     "them (rebuild the cache with `dvc repro augment`)")
+            results[side] = evaluate_side(chosen, predict, ep, desc=f"evaluate {side}", world=world,
+                                          versions=versions)
     finally:
         distributed.shutdown(world)
     if not world.is_main:

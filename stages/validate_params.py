@@ -39,9 +39,9 @@ def main() -> None:
     violations = check_rules(params)
     for v in violations:
         (log.error if v.severity == "error" else log.warning)(str(v))  # accepted errors are warnings
-    counts = summary(violations)
+    counts = summary(violations, family=params.model.family)
     write_json(args.metrics, {**counts, "schema_errors": 0})
-    write_text(args.report, render_report(violations))
+    write_text(args.report, render_report(violations, family=params.model.family))
     if counts["errors"]:
         fail(failure(f"params.yaml breaks {counts['errors']} rule(s); see {args.report}", args.params))
     write_text(args.stamp, "params.yaml passed the schema and every error-level rule (pipeline/rules.py)\n")

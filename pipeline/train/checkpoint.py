@@ -46,10 +46,10 @@ def _digest_files(h: "hashlib._Hash", files: list[Path]) -> None:
 
 
 def fingerprint(params: Params, data: list[Path], extra: bytes = b"") -> str:
-    """Hash of what shapes training's outputs: the data, augment, model and train params (less the
+    """Hash of what shapes training's outputs: the data, augment, model, trm and train params (less the
     neutral keys), the training code, the files in `data` (the cache) and `extra` (the held-out slice).
     A checkpoint is resumed only under the same fingerprint."""
-    keep = {k: params.model_dump()[k] for k in ("data", "augment", "model", "train")}
+    keep = {k: params.model_dump()[k] for k in ("data", "augment", "model", "trm", "train")}
     for k in NEUTRAL_TRAIN_KEYS:
         keep["train"].pop(k)
     h = hashlib.blake2b(json.dumps(keep, sort_keys=True).encode(), digest_size=16)
