@@ -35,6 +35,23 @@ def test_stable_configuration_has_no_errors_and_the_known_warnings():
     assert ids(p, "warning") == {"hyperlora-scaling-default", "gumbel-entropy-raw"}
 
 
+def test_trm_is_checked_by_its_own_rules_and_the_shared_ones():
+    trm = params_with(model__family="trm", evaluate__views="cache")
+    assert ids(trm) == set()  # TRM's ARC-AGI-1 configuration passes; RLAN's warnings are not TRM's
+    assert ids(params_with(model__family="trm", model__hyperlora_init_scale=0.01, evaluate__views="cache")) == set()
+    assert ids(params_with(model__family="trm"), "warning") == {"trm-cache-views"}  # fresh views: the blank embedding
+    assert ids(params_with(model__family="trm", evaluate__views="cache", trm__num_heads=3), "error") == {
+        "trm-heads-divide-hidden"}
+    assert ids(params_with(model__family="trm", evaluate__views="cache", trm__hidden_size=24, trm__num_heads=8),
+               "error") == {"trm-heads-divide-hidden"}  # 3 channels per head: RoPE turns pairs
+    assert ids(params_with(model__family="trm", evaluate__views="cache", trm__mixer="mlp", trm__num_heads=3)) == set()
+    assert ids(params_with(model__family="trm", evaluate__views="cache", trm__global_batch_size=766),
+               "error") == {"trm-batch-accumulation"}
+    assert ids(params_with(model__family="trm", evaluate__views="cache", evaluate__use_inverse_aug=False),
+               "error") == {"color-permutation-inverse-aug", "eval-views-inverse-aug"}  # shared rules: both families
+    assert "trm-heads-divide-hidden" not in ids(params_with(trm__num_heads=3))  # RLAN does not read section trm
+
+
 def test_fixed_configuration_has_no_errors():
     p = params_with().override(FIXED)
     assert ids(p, "error") == set()
