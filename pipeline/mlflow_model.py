@@ -1,6 +1,7 @@
 """The trained model as an MLflow model: logged with the PyTorch flavour and registered.
 
-MLflow gets `RLANPredictor`: the EMA weights of `models/model.pt` in eval mode at their saved
+MLflow gets the module its family gives it (pipeline.model.family: `Family.mlflow_model`; TRM's
+takes one (B, 901) int64 tensor, see pipeline/model/trm/family.py). For RLAN, `RLANPredictor`: the EMA weights of `models/model.pt` in eval mode at their saved
 temperature, behind one tensor. Its input `views` (B, 2D + 1, H, W), uint8 token canvases
 (pipeline.canvas: 0 padding, 1 end of grid, colour c as c + 2), stacks the D context inputs, the D
 context outputs and the query input; an empty context slot is all zeros. Its output is the last

@@ -1,4 +1,5 @@
-"""Stage `train`: RLAN on the augmentation cache, tracked in MLflow, resumable from checkpoints."""
+"""Stage `train`: the model family of `model.family` (RLAN or TRM) on the augmentation cache, tracked in
+MLflow, resumable from checkpoints."""
 
 from __future__ import annotations
 
