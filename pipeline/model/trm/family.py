@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,7 @@ class TRMBatch:
     def size(self) -> int:
         return len(self.inputs)
 
-    def _map(self, fn) -> TRMBatch:  # noqa: ANN001
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TRMBatch:
         return dataclasses.replace(self, inputs=fn(self.inputs), labels=fn(self.labels), puzzle=fn(self.puzzle))
 
     def to(self, device: torch.device) -> TRMBatch:

@@ -50,7 +50,7 @@ class SignSGD(torch.optim.Optimizer):
         self.embedding = embedding
 
     @torch.no_grad()
-    def step(self, closure=None) -> None:  # noqa: ANN001 (torch's signature)
+    def step(self, closure: None = None) -> None:
         read = [(ids, rows.grad) for ids, rows in self.embedding.pending if rows.grad is not None]
         self.embedding.clear()
         weight = self.embedding.weight
