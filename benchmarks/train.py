@@ -1,4 +1,4 @@
-"""Training cost of RLAN, measured on the objective exactly as the training loop calls it.
+"""Training cost of RLAN, measured on the objective exactly as the training loop calls it, and of TRM.
 
     python -m benchmarks.train [--device cpu|cuda] [--steps N] [--batch B] [--skip-memory]
 
@@ -13,6 +13,9 @@
   own (float32 on the CPU, the resident set's peak; on CUDA the allocator's peak in bf16).
 - projected cost of the stable configuration: 200 epochs x 400K samples at 40% of the H100's dense
   bf16 peak (989 TFLOP/s).
+- TRM (section trm, its ARC-AGI-1 configuration): GFLOP of one training segment per example and of
+  one evaluated view, counted on the meta device, and its run's projected cost: every pair of the
+  cache offered once per epoch, one segment per example slot and optimizer step.
 The validated configuration holds every context pair out for leave-one-out (`max_holdouts: null`);
 the cheaper option of one held-out pair per sample (`max_holdouts: 1`, a different experiment) is
 counted beside it for comparison. Every configuration runs in a child process.
@@ -85,6 +88,34 @@ def count_flops(name: str, batches: int) -> dict:
     return out
 
 
+def count_trm_flops(segments: int) -> dict:
+    """TRM's ARC-AGI-1 configuration (section trm), on the meta device: GFLOP of one training segment
+    per example (forward of h_cycles x (l_cycles + 1) network applications, backward of the last
+    l_cycles + 1), and of one evaluated view (halt_max_steps segments, forward only). The sequence
+    is always the 900 cells and the puzzle prefix, so the count does not depend on the data."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.model.trm import TRM
+    from pipeline.params import load_params
+
+    c = load_params(REPO / "params.yaml").trm
+    B = 8
+    with torch.device("meta"):
+        model = TRM(c, num_puzzles=B + 1).train()
+        inputs, puzzle = torch.zeros(B, 900, dtype=torch.long), torch.arange(1, B + 1)
+        carry = model.initial_carry(B, torch.device("meta"))
+    with FlopCounterMode(display=False) as fc:
+        for _ in range(segments):
+            carry, seg = model.segment(carry, inputs, inputs, puzzle)
+            (seg.logits.float().mean() + seg.q_halt.mean()).backward()
+    train = fc.get_total_flops() / (segments * B) / 1e9
+    model.eval()
+    with FlopCounterMode(display=False) as fc:
+        model.solve(inputs, puzzle)
+    return {"gflop_segment": train, "gflop_view": fc.get_total_flops() / B / 1e9, "halt_max_steps": c.halt_max_steps,
+            "global_batch": c.global_batch_size, "params": sum(p.numel() for p in model.parameters())}
+
+
 def load_batch_size() -> int:
     from pipeline.params import load_params
 
@@ -97,7 +128,7 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
     from pipeline.model import RLAN
     from pipeline.runtime import autocast
     from pipeline.train.batches import prepare
-    from pipeline.train.loop import build_optimizer
+    from pipeline.model.rlan.family import build_optimizer
     from pipeline.train.losses import Objective
 
     torch.manual_seed(0)
@@ -171,7 +202,7 @@ def encoding(name: str, device: torch.device, reps: int) -> dict:
     or bucketed (samples grouped by their number of pairs, one call per group, as a sampler that
     buckets micro-batches by demonstration count would see them)."""
     from pipeline.model import RLAN
-    from pipeline.model.context import PairLayout
+    from pipeline.model.rlan.context import PairLayout
 
     torch.manual_seed(0)
     p, cache, sampler, order = _setup(name, device, load_batch_size())
@@ -241,6 +272,8 @@ def main() -> None:
         kind, name, *rest = args.one
         if kind == "flops":
             out = count_flops(name, args.flop_batches)
+        elif kind == "trm-flops":
+            out = count_trm_flops(2)
         elif kind == "encode":
             out = encoding(name, device, args.steps)
         elif kind == "speed":
@@ -262,6 +295,17 @@ def main() -> None:
                  f"previous model {BEFORE['gflop_meta']:.0f}"),
              Row("production: meta-learning / task-loss FLOPs (every pair)", ratio, "x"),
              Row("stable run (80M samples) at 40% of H100 bf16 peak", hours, "H100-h", "<= 24", hours <= 24)]
+    trm = _child(["trm-flops", "arc-agi-1"])
+    pairs = json.loads((REPO / "data/cache/manifest.json").read_text())["pairs"]
+    epochs = STABLE_SAMPLES // json.loads((REPO / "data/cache/manifest.json").read_text())["samples"]
+    segments = epochs * pairs  # one segment of one example per slot and optimizer step, every pair each epoch
+    trm_hours = segments * trm["gflop_segment"] * 1e9 / (0.4 * H100_BF16_DENSE) / 3600
+    rows += [Row(f"TRM ({trm['params'] / 1e6:.2f}M params): GFLOP per example and segment, training", trm["gflop_segment"],
+                 "GFLOP"),
+             Row(f"TRM: GFLOP per evaluated view ({trm['halt_max_steps']} segments, forward)", trm["gflop_view"], "GFLOP"),
+             Row(f"TRM run ({epochs} epochs x {pairs:,} pairs = {segments / 1e6:.0f}M example-segments, "
+                 f"{segments // trm['global_batch']:,} steps of {trm['global_batch']}) at 40% of H100 bf16 peak",
+                 trm_hours, "H100-h", "paper: about 3 days on 4 H100 (288 H100-h)")]
     for name in ("production", "tiny"):
         b = batch if name == "production" else max(batch, 16)
         for meta in ("task", "meta"):

@@ -188,16 +188,23 @@ def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]]) -> str:
     for g in labels:
         exps = ", ".join(f"{n} ({rev[:7]})" for n, rev in groups[g].revs.items())
         lines.append(f"| {g} | {exps} | {_own_changes(groups[g], outputs[g])} |")
-    lines += ["", "Gaps: distance from no gap is |gap| for differences, |log ratio| for ratios.", "",
+    lines += ["", "Gaps: distance from no gap is |gap| for differences, |log ratio| for ratios; — where a "
+              "group's model does not measure it (the DSC's attention entropy of a TRM).", "",
               f"| gap | {' | '.join(labels)} | closest to no gap |", "|---|" + "---|" * (len(labels) + 1)]
     views = [v for v in ("training", "evaluation") if all(v in r.gap for runs in outputs.values() for r in runs)]
     for view in views:
         for m in GAP_MEASURES:
-            values = {g: Spread(tuple(r.gap[view][m] for r in outputs[g])) for g in labels}
-            dists = {g: Spread(tuple(distance(m, r.gap[view][m]) for r in outputs[g])) for g in labels}
-            winner, said = closest(dists)
+            present = [g for g in labels if all(m in r.gap[view] for r in outputs[g])]
+            if not present:
+                continue
+            values = {g: Spread(tuple(r.gap[view][m] for r in outputs[g])) for g in present}
+            dists = {g: Spread(tuple(distance(m, r.gap[view][m]) for r in outputs[g])) for g in present}
+            winner, said = closest(dists) if len(present) > 1 else (None, "—")
             cells = []
             for g in labels:
+                if g not in present:
+                    cells.append("—")
+                    continue
                 status = "/".join(sorted({STATUS[r.gap[view][m + "_status"]] for r in outputs[g]}))
                 cell = values[g].text(".4f")
                 cells.append((f"**{cell}**" if g == winner else cell) + f" ({status})")
@@ -205,9 +212,9 @@ def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]]) -> str:
     lines.append("| overall status | " + " | ".join("/".join(sorted({STATUS[r.gap["overall_status"]]
                                                                      for r in outputs[g]})) for g in labels) + " | |")
     lines += ["", f"| evaluation | {' | '.join(labels)} |", "|---|" + "---|" * len(labels)]
-    keys = [k for k in outputs[labels[0]][0].metrics if k.startswith("eval.")]
+    keys = list(dict.fromkeys(k for g in labels for r in outputs[g] for k in r.metrics if k.startswith("eval.")))
     for k in keys:
-        cells = [s.text() if (s := spread(outputs[g], k)) is not None else "-" for g in labels]
+        cells = [s.text() if (s := spread(outputs[g], k)) is not None else "—" for g in labels]
         lines.append(f"| {k.removeprefix('eval.')} | {' | '.join(cells)} |")
     for g in labels[1:]:
         lines += ["", f"## {g} against {labels[0]}", "",

@@ -13,6 +13,7 @@ compare report and `diff` show as mean and spread over the seeds.
 
     python -m pipeline.experiments run [--scale cpu] [--seeds N] [--queue -j 2] [NAME|GROUP ...]   # default: stable fixed
     python -m pipeline.experiments run --scale cpu -S key=value [-S key=a,b,c] [-n NAME]   # yours against stable
+    python -m pipeline.experiments run --scale cpu stable fixed trm cache-views   # TRM and the view sources
     python -m pipeline.experiments compare stable fixed [--scale cpu] | ablations   # metrics/compare/<names>/
     python -m pipeline.experiments diff stable fixed [--scale cpu]   # every metric: mean ± sd, real or within noise
     python -m pipeline.experiments overrides fixed [--scale cpu] [--seed K]   # the -S arguments, for dvc exp run
@@ -76,7 +77,13 @@ FAILURE_MODES: dict[str, dict[str, Any]] = {
     "no-inverse-aug": {"evaluate.use_inverse_aug": False,
                        "validation.accept_broken_rules": ["color-permutation-inverse-aug", "eval-views-inverse-aug"]},
 }
-EXPERIMENTS: dict[str, dict[str, Any]] = {"stable": {}, "fixed": FIXED, **ABLATIONS, **FAILURE_MODES}
+# The second model family, TRM (section `trm` of params.yaml), evaluated as TRM evaluates: by voting
+# over the cached versions (its puzzle embeddings exist for those only); and RLAN on those same views.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "trm": {"model.family": "trm", "evaluate.views": "cache"},
+    "cache-views": {"evaluate.views": "cache"},  # stable RLAN voting over the cached versions, not fresh views
+}
+EXPERIMENTS: dict[str, dict[str, Any]] = {"stable": {}, "fixed": FIXED, **ABLATIONS, **FAILURE_MODES, **FAMILIES}
 GROUPS: dict[str, list[str]] = {"ablations": ["stable", *ABLATIONS]}
 DEFAULT = ["stable", "fixed"]
 
@@ -96,7 +103,9 @@ SCALES: dict[str, Scale] = {
         "data.max_tasks": 20, "augment.samples_per_task": 100,
         "train.epochs": 10, "train.steps_per_epoch": 25, "train.batch_size": 16, "train.grad_accumulation_steps": 1,
         "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 1, "train.cpu_threads": 1,
-        "evaluate.device": "cpu", "evaluate.batch_size": 128,
+        "evaluate.device": "cpu", "evaluate.batch_size": 128, "evaluate.max_versions": 8,
+        "trm.hidden_size": 32, "trm.num_heads": 2, "trm.h_cycles": 2, "trm.l_cycles": 2, "trm.puzzle_emb_len": 4,
+        "trm.halt_max_steps": 3, "trm.global_batch_size": 16, "trm.lr_warmup_steps": 10,
     }, "20+20 tasks, 100 versions each, a 32-wide model, 10 epochs (7 with meta-learning) of 25 steps of 16 samples; "
        "about 6 minutes for both in the queue on 2 cores"),
     "tiny": Scale({
@@ -108,6 +117,8 @@ SCALES: dict[str, Scale] = {
         "train.heldout_tasks": 2, "train.meta_learning_start_epoch": 1, "train.eval_every": 1, "train.save_every": 1,
         "train.device": "cpu", "train.cpu_threads": 1, "train.equivariance_training.num_augmentations": 1,
         "evaluate.max_tasks": 2, "evaluate.batch_size": 64, "evaluate.device": "cpu",
+        "trm.hidden_size": 16, "trm.num_heads": 2, "trm.num_layers": 1, "trm.h_cycles": 2, "trm.l_cycles": 1,
+        "trm.puzzle_emb_len": 2, "trm.halt_max_steps": 2, "trm.global_batch_size": 6, "trm.lr_warmup_steps": 2,
     }, "3+3 tasks, a 16-wide model, 3 epochs of 2 steps: the tests' scale, seconds per experiment"),
 }
 

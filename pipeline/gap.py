@@ -23,16 +23,17 @@ HELDOUT_KEYS = ("heldout_exact_match", "attention_entropy_eval", "stop_value_eva
 
 
 def training_checks(row: dict[str, Any], m: MonitoringParams) -> list[monitor.Check]:
-    """Checks of one epoch's (or the final) training metrics; none if a side was not measured."""
+    """Checks of one epoch's (or the final) training metrics; none if exact match or loss was not
+    measured on a side (the DSC's measures only where the model has them)."""
     train, held = [row.get(k) for k in TRAIN_KEYS], [row.get(k) for k in HELDOUT_KEYS]
-    if None in train + held:
+    if None in (train[0], train[3], held[0], held[3]):
         return []
     return monitor.gap_checks(monitor.Side(*train), monitor.Side(*held), m)
 
 
 def evaluation_checks(evaluation: dict[str, dict[str, Any]], m: MonitoringParams) -> list[monitor.Check]:
     def side(x: dict[str, Any]) -> monitor.Side:
-        return monitor.Side(x["pass@1"], x["attention_entropy"], x["stop_value"], x["loss"])
+        return monitor.Side(x["pass@1"], x.get("attention_entropy"), x.get("stop_value"), x["loss"])
 
     return monitor.gap_checks(side(evaluation["train"]), side(evaluation["eval"]), m)
 

@@ -29,7 +29,27 @@ from pipeline.canvas import CANVAS, place_grids, segments, transformed_coords
 
 
 class AugmentedCache(CacheReader):
-    """The cache written by `pipeline.cache.build_cache`, served as padded tensor batches."""
+    """The cache written by `pipeline.cache.build_cache`, served as padded tensor batches (RLAN: a
+    sample's context pairs and one query pair) or as single pairs (TRM: `pair_canvases`)."""
+
+    @property
+    def pair_sample(self) -> np.ndarray:
+        """(P,) the sample of each stored pair (pairs are numbered sample by sample, demonstrations first)."""
+        return np.repeat(np.arange(len(self)), self.n_demo + self.n_test)
+
+    def pair_canvases(self, pairs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, outputs), each (N, 30, 30) uint8: stored pairs `pairs` at their recorded offsets."""
+        pairs = np.asarray(pairs, np.int64)
+        N = len(pairs)
+        canv = np.zeros((2 * N, CANVAS, CANVAS), np.uint8)
+        hw, off, start = self.hw[pairs], self.offset[pairs], self.cell_start[pairs]
+        g_h, g_w = np.stack([hw[:, 0], hw[:, 2]], 1).ravel(), np.stack([hw[:, 1], hw[:, 3]], 1).ravel()
+        g_start = np.stack([start, start + hw[:, 0] * hw[:, 1]], 1).ravel()
+        g_slot = np.stack([np.arange(N), N + np.arange(N)], 1).ravel()
+        place_grids(canv, g_slot, self.read_cells(g_start, g_h * g_w), g_h, g_w, np.repeat(off[:, 0], 2),
+                    np.repeat(off[:, 1], 2))
+        t = torch.from_numpy(canv)
+        return t[:N], t[N:]
 
     def max_context(self) -> int:
         """The most context pairs a sample can have (the D of a batch is at most this)."""

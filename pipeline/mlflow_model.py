@@ -1,6 +1,7 @@
 """The trained model as an MLflow model: logged with the PyTorch flavour and registered.
 
-MLflow gets `RLANPredictor`: the EMA weights of `models/model.pt` in eval mode at their saved
+MLflow gets the module its family gives it (pipeline.model.family: `Family.mlflow_model`; TRM's
+takes one (B, 901) int64 tensor, see pipeline/model/trm/family.py). For RLAN, `RLANPredictor`: the EMA weights of `models/model.pt` in eval mode at their saved
 temperature, behind one tensor. Its input `views` (B, 2D + 1, H, W), uint8 token canvases
 (pipeline.canvas: 0 padding, 1 end of grid, colour c as c + 2), stacks the D context inputs, the D
 context outputs and the query input; an empty context slot is all zeros. Its output is the last
@@ -80,11 +81,12 @@ def example_views(cache: str | Path, n: int = 1) -> np.ndarray:
     return pack_views(reader.batch(np.arange(min(n, len(reader))), np.random.default_rng(0))).numpy()
 
 
-def signature() -> Any:
+def signature(example: np.ndarray, shape: tuple[int, ...]) -> Any:
+    """One input tensor of `example`'s dtype and `shape`; the logits (B, 12, 30, 30) float32 out."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, CANVAS, CANVAS))]),
+    return ModelSignature(inputs=Schema([TensorSpec(example.dtype, shape)]),
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_TOKENS, CANVAS, CANVAS))]))
 
 
@@ -106,6 +108,7 @@ def publish(tracker: Any, model_path: str | Path, cache: str | Path) -> Any:
     """Log `model_path` into the tracker's training run as an MLflow PyTorch model, register it
     and point the DVC experiment's alias at it; returns the ModelVersion (None without a run).
     A run that already registered this very model (a restored training) only moves the alias."""
+    from pipeline.model import family as families
     from pipeline.model.io import load_model
     from pipeline.tracking import run_name, store_lock, using_tracking_uri
 
@@ -123,14 +126,15 @@ def publish(tracker: Any, model_path: str | Path, cache: str | Path) -> Any:
     else:
         t0 = time.perf_counter()
         model, meta = load_model(model_path)
+        logged, example, shape = families.of(model).mlflow_model(model, meta, cache)
         with using_tracking_uri(tracker.uri), tempfile.TemporaryDirectory() as tmp, \
                 mlflow.start_run(run_id=tracker.run_id), _quiet("mlflow.pytorch"):
             # pickle, not MLflow's default torch.export (14 s for the tiny model): the README's MLflow
             # section says why (MLflow warns that pickled models run code when loaded: trust the store)
             code = shutil.copytree(PACKAGE, Path(tmp) / PACKAGE.name,
                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            info = client.call("log_model", mlflow.pytorch.log_model, RLANPredictor(model, meta["temperature"]),
-                               name=ARTIFACT, signature=signature(), input_example=example_views(cache),
+            info = client.call("log_model", mlflow.pytorch.log_model, logged, name=ARTIFACT,
+                               signature=signature(example, shape), input_example=example,
                                code_paths=[str(code)], pip_requirements=requirements(),
                                serialization_format="pickle")  # bounded like every call (tracking.retry_s)
         run = client.get_run(tracker.run_id)

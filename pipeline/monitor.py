@@ -43,32 +43,38 @@ def overall(checks: list[Check]) -> Status:
 
 @dataclass(frozen=True)
 class Side:
-    """What the gap monitor compares, measured the same way on the train and the eval side."""
+    """What the gap monitor compares, measured the same way on the train and the eval side. RLAN's
+    DSC measures (attention entropy, stop value) are None for a family without them (TRM)."""
 
     exact_match: float
-    attention_entropy: float
-    stop_value: float
+    attention_entropy: float | None
+    stop_value: float | None
     loss: float
 
 
 def gap_checks(train: Side, ev: Side, m: MonitoringParams) -> list[Check]:
+    """The gaps both sides measured: exact match (absolute and relative), loss ratio, and the DSC's
+    attention entropy ratio and stop value gap where the model has a DSC."""
     gap = train.exact_match - ev.exact_match
     rel = gap / max(train.exact_match, 0.01)
-    ent = ev.attention_entropy / max(train.attention_entropy, 1e-6)
-    stop = abs(train.stop_value - ev.stop_value)
     loss = ev.loss / max(train.loss, 1e-8)
-    return [
+    checks = [
         Check("exact_match_gap", gap, grade(gap, m.exact_match_gap_warning, m.exact_match_gap_critical),
               f"train {train.exact_match:.4f} vs eval {ev.exact_match:.4f} exact match"),
         Check("exact_match_relative_gap", rel, grade(rel, m.relative_gap_warning, m.relative_gap_critical),
               f"gap is {rel:.1%} of the train exact match"),
-        Check("attention_entropy_ratio", ent, grade(ent, m.entropy_ratio_warning, m.entropy_ratio_critical),
-              f"eval attention entropy {ev.attention_entropy:.3f} vs train {train.attention_entropy:.3f}"),
-        Check("stop_value_gap", stop, grade(stop, m.stop_value_gap_warning, m.stop_value_gap_critical),
-              f"eval stop value {ev.stop_value:.3f} vs train {train.stop_value:.3f}"),
-        Check("loss_ratio", loss, grade(loss, m.loss_ratio_warning, m.loss_ratio_critical),
-              f"eval loss {ev.loss:.4f} vs train {train.loss:.4f}"),
     ]
+    if train.attention_entropy is not None and ev.attention_entropy is not None:
+        ent = ev.attention_entropy / max(train.attention_entropy, 1e-6)
+        checks.append(Check("attention_entropy_ratio", ent, grade(ent, m.entropy_ratio_warning, m.entropy_ratio_critical),
+                            f"eval attention entropy {ev.attention_entropy:.3f} vs train {train.attention_entropy:.3f}"))
+    if train.stop_value is not None and ev.stop_value is not None:
+        stop = abs(train.stop_value - ev.stop_value)
+        checks.append(Check("stop_value_gap", stop, grade(stop, m.stop_value_gap_warning, m.stop_value_gap_critical),
+                            f"eval stop value {ev.stop_value:.3f} vs train {train.stop_value:.3f}"))
+    checks.append(Check("loss_ratio", loss, grade(loss, m.loss_ratio_warning, m.loss_ratio_critical),
+                        f"eval loss {ev.loss:.4f} vs train {train.loss:.4f}"))
+    return checks
 
 
 LORA_TARGETS = ("gru_reset", "gru_update", "gru_candidate", "output_head")

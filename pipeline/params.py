@@ -78,7 +78,11 @@ class AugmentParams(_Section):
     max_tries_factor: int = Field(ge=1, le=100)
 
 
+FAMILIES = ("rlan", "trm")  # the model families (pipeline/model/family.py)
+
+
 class ModelParams(_Section):
+    family: Literal["rlan", "trm"]  # which family trains: RLAN (the keys below) or TRM (section `trm`)
     hidden_dim: int = Field(ge=8, le=4096, multiple_of=8)  # GroupNorm(8) in the encoder, MSRE and head
     max_clues: int = Field(ge=1, le=64)
     num_solver_steps: int = Field(ge=1, le=64)
@@ -97,6 +101,34 @@ class ModelParams(_Section):
     hyperlora_scaling: float = Field(gt=0.0, le=100.0)
     hyperlora_dropout: float = Field(ge=0.0, lt=1.0)
     hyperlora_init_scale: float = Field(gt=0.0, le=10.0)
+
+
+class TRMParams(_Section):
+    """TRM's architecture and optimisation (used when model.family is trm); TRM's names in comments."""
+
+    hidden_size: int = Field(ge=8, le=4096)
+    num_heads: int = Field(ge=1, le=64)
+    expansion: float = Field(gt=0.0, le=16.0)  # SwiGLU width: expansion x hidden x 2/3, rounded up to 256
+    num_layers: int = Field(ge=1, le=16)  # L_layers: blocks of the one network
+    h_cycles: int = Field(ge=1, le=64)  # H_cycles: answer updates per segment (gradient through the last)
+    l_cycles: int = Field(ge=1, le=64)  # L_cycles: latent updates before each answer update
+    mixer: Literal["attention", "mlp"]  # attention (RoPE) or the MLP over positions (mlp_t, no position code)
+    puzzle_emb_len: int = Field(ge=1, le=64)  # positions in front of the grid; the embedding fills the first
+    rms_norm_eps: float = Field(gt=0.0, le=1.0)
+    rope_theta: float = Field(gt=0.0)
+    halt_max_steps: int = Field(ge=1, le=64)  # supervision segments of a sample, at most (always all in evaluation)
+    halt_exploration_prob: float = _prob()
+    q_loss_weight: float = Field(ge=0.0, le=100.0)  # weight of the Q-head's halting loss
+    global_batch_size: int = Field(ge=1, le=65_536)  # examples per optimizer step, over train.grad_accumulation_steps
+    learning_rate: float = Field(gt=0.0, le=1.0)  # lr
+    lr_warmup_steps: int = Field(ge=0)
+    lr_min_ratio: float = _prob()  # cosine decay after the warm-up down to this share; 1.0 = constant
+    beta1: float = Field(ge=0.0, lt=1.0)
+    beta2: float = Field(ge=0.0, lt=1.0)
+    weight_decay: float = Field(ge=0.0, le=10.0)
+    puzzle_emb_lr: float = Field(gt=0.0, le=10.0)
+    puzzle_emb_weight_decay: float = Field(ge=0.0, le=10.0)
+    ema_decay: float = Field(ge=0.0, lt=1.0)  # ema_rate
 
 
 class LooParams(_Section):
@@ -163,6 +195,8 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     seed: int = Field(ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"]
+    views: Literal["fresh", "cache"]  # fresh: drawn augmented views; cache: the cached versions of each task
+    max_versions: int | None = Field(ge=1)  # cache views: the first N versions of each task; null = all
     use_trm_style_eval: bool
     num_augmented_views: int = Field(ge=1, le=8)
     num_color_perms: int = Field(ge=1, le=1000)
@@ -230,6 +264,7 @@ class Params(_Section):
     data: DataParams
     augment: AugmentParams
     model: ModelParams
+    trm: TRMParams
     train: TrainParams
     evaluate: EvaluateParams
     monitoring: MonitoringParams

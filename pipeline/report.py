@@ -38,6 +38,8 @@ CURVES = [
       "lora_magnitude_output_head", "lora_diversity"]),
     ("loo.png", "Leave-one-out: pixel accuracy, exact match, skipped ratio; equivariance delta norm",
      ["loo_accuracy", "loo_exact_match", "loo_skipped_ratio", "equiv_delta_norm"]),
+    ("halting.png", "TRM's halting: segments run and Q-head accuracy, train vs held-out",
+     ["halt_steps", "halt_steps_eval", "q_halt_accuracy", "q_halt_accuracy_eval"]),
 ]
 PANELS_PER_ROW = 3
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.params import HYPERLORA_CODE_DEFAULTS, Params, shorten
+from pipeline.params import FAMILIES, HYPERLORA_CODE_DEFAULTS, Params, shorten
 
 Severity = Literal["error", "warning"]
 Status = Literal["error", "warning", "accepted"]  # accepted: an error rule broken on purpose
@@ -33,6 +33,14 @@ class Rule:
     summary: str  # what must hold
     source: str  # where the rule comes from
     check: Callable[[Params], str | None]  # the problem when violated, else None
+    families: tuple[str, ...] = FAMILIES  # the model families (model.family) it applies to
+
+
+RLAN_ONLY, TRM_ONLY = ("rlan",), ("trm",)
+
+
+def applies(rule: Rule, p: Params) -> bool:
+    return p.model.family in rule.families
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,7 @@ RULES: tuple[Rule, ...] = (
             f"model.hyperlora_init_scale={p.model.hyperlora_init_scale}: at 0.01 the adaptation effect was "
             f"a 0.0001 loss delta (negligible); the model's default is {HYPERLORA_CODE_DEFAULTS['init_scale']}",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "hyperlora-init-scale-default", "warning", ("model.hyperlora_init_scale",),
@@ -131,6 +140,7 @@ RULES: tuple[Rule, ...] = (
             f"model.hyperlora_init_scale={p.model.hyperlora_init_scale} differs from the model's default "
             f"{HYPERLORA_CODE_DEFAULTS['init_scale']} (the validated value)",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "hyperlora-scaling-default", "warning", ("model.hyperlora_scaling",),
@@ -141,6 +151,7 @@ RULES: tuple[Rule, ...] = (
             f"model.hyperlora_scaling={p.model.hyperlora_scaling} is {p.model.hyperlora_scaling / HYPERLORA_CODE_DEFAULTS['scaling']:g}x "
             f"the model's default {HYPERLORA_CODE_DEFAULTS['scaling']}: watch lora_magnitude_* for explosions",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "train-last-step", "error", ("train.use_best_step_selection",),
@@ -151,6 +162,7 @@ RULES: tuple[Rule, ...] = (
             "train.use_best_step_selection must be false: entropy-based selection adds noise to the "
             "gradients; use evaluate.use_best_step_selection at inference instead",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "loo-min-pairs", "error", ("train.loo_training.min_pairs_for_loo",),
@@ -161,6 +173,7 @@ RULES: tuple[Rule, ...] = (
             f"train.loo_training.min_pairs_for_loo={p.train.loo_training.min_pairs_for_loo}: holding one "
             "pair out of fewer than 2 leaves no context",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "loo-every-pair", "warning", ("train.loo_training.max_holdouts",),
@@ -171,6 +184,7 @@ RULES: tuple[Rule, ...] = (
             f"train.loo_training.max_holdouts={p.train.loo_training.max_holdouts}: at most that many pairs per sample "
             "are held out per step, a cheaper experiment than the validated one (null: every pair)",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "equivariance-needs-hyperlora", "error",
@@ -182,6 +196,7 @@ RULES: tuple[Rule, ...] = (
             "train.equivariance_training.enabled is true but model.use_hyperlora is false: there are no "
             "LoRA deltas to compare",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "color-permutation-inverse-aug", "error",
@@ -255,6 +270,7 @@ RULES: tuple[Rule, ...] = (
             f"model.use_gumbel_softmax is false but the temperature decays {p.train.temperature_start} -> "
             f"{p.train.temperature_end}: set train.temperature_start == train.temperature_end",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "gumbel-entropy-raw", "warning", ("model.use_gumbel_softmax", "train.entropy_on_raw_logits"),
@@ -265,6 +281,7 @@ RULES: tuple[Rule, ...] = (
             "train.entropy_on_raw_logits is false with Gumbel noise on: the entropy term measures the noise "
             "(train entropy 0.02 against 3.82 in evaluation)",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "kl-needs-gumbel", "warning", ("train.lambda_kl_consistency", "model.use_gumbel_softmax"),
@@ -275,6 +292,7 @@ RULES: tuple[Rule, ...] = (
             f"train.lambda_kl_consistency={p.train.lambda_kl_consistency} has no effect without Gumbel noise "
             "(noisy and clean attention are equal)",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "temperature-decays", "warning", ("train.temperature_start", "train.temperature_end"),
@@ -284,12 +302,14 @@ RULES: tuple[Rule, ...] = (
             p.train.temperature_end > p.train.temperature_start,
             f"train.temperature_end={p.train.temperature_end} > temperature_start={p.train.temperature_start}",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "ema-lag", "warning", ("train.ema_decay", "train.eval_every"),
         "the EMA weights that are evaluated are not far behind the trained weights",
         "seed 004 §6",
         _ema_lag,
+        families=RLAN_ONLY,
     ),
     Rule(
         "meta-learning-starts", "warning", ("train.meta_learning_start_epoch", "train.epochs"),
@@ -301,6 +321,7 @@ RULES: tuple[Rule, ...] = (
             f"train.meta_learning_start_epoch={p.train.meta_learning_start_epoch} >= train.epochs="
             f"{p.train.epochs}: the meta-learning losses never run",
         ),
+        families=RLAN_ONLY,
     ),
     Rule(
         "distributed-accumulation", "error",
@@ -318,7 +339,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="context-heads-divide-hidden", severity="error", keys=("model.solver_context_heads", "model.hidden_dim"),
         summary="the context cross-attention heads split the hidden channels evenly",
-        source="the model (pipeline/model/layers.py CrossAttention2d)",
+        source="the model (pipeline/model/rlan/layers.py CrossAttention2d)",
         check=lambda p: _when(
             (p.model.use_cross_attention_context or p.model.use_solver_context)
             and p.model.hidden_dim % p.model.solver_context_heads != 0,
@@ -326,6 +347,41 @@ RULES: tuple[Rule, ...] = (
             f"{p.model.hidden_dim}: the context cross-attention (use_cross_attention_context, use_solver_context) "
             "gives each head hidden_dim / solver_context_heads channels",
         ),
+        families=RLAN_ONLY,
+    ),
+    Rule(
+        "trm-heads-divide-hidden", "error", ("trm.num_heads", "trm.hidden_size", "trm.mixer"),
+        "TRM's attention heads split the hidden channels evenly, into an even number each (RoPE turns pairs)",
+        "the model (pipeline/model/trm/layers.py Attention)",
+        lambda p: _when(
+            p.trm.mixer == "attention" and (p.trm.hidden_size % p.trm.num_heads or (p.trm.hidden_size // p.trm.num_heads) % 2),
+            f"trm.hidden_size={p.trm.hidden_size} is not {p.trm.num_heads} heads (trm.num_heads) of an even number "
+            "of channels",
+        ),
+        families=TRM_ONLY,
+    ),
+    Rule(
+        "trm-batch-accumulation", "error", ("trm.global_batch_size", "train.grad_accumulation_steps"),
+        "TRM's examples per optimizer step split evenly into the micro-batches of a step",
+        "the training loop (pipeline/model/trm/family.py)",
+        lambda p: _when(
+            p.trm.global_batch_size % p.train.grad_accumulation_steps != 0,
+            f"trm.global_batch_size={p.trm.global_batch_size} is not a multiple of train.grad_accumulation_steps="
+            f"{p.train.grad_accumulation_steps}: each micro-batch holds global_batch_size / grad_accumulation_steps "
+            "examples",
+        ),
+        families=TRM_ONLY,
+    ),
+    Rule(
+        "trm-cache-views", "warning", ("evaluate.views", "model.family"),
+        "TRM is evaluated on the cached versions, the only ones with a trained puzzle embedding",
+        "TRM's evaluation (evaluators/arc.py of the public code)",
+        lambda p: _when(
+            p.evaluate.views != "cache",
+            "evaluate.views=fresh with model.family=trm: a fresh view has no puzzle embedding of its own, so TRM "
+            "answers it with the blank one (evaluate.views: cache is TRM's own evaluation)",
+        ),
+        families=TRM_ONLY,
     ),
     Rule(
         "monitoring-threshold-order", "error",
@@ -355,21 +411,25 @@ def check_rules(params: Params, rules: tuple[Rule, ...] = RULES) -> list[Violati
     order; an error rule listed in `validation.accept_broken_rules` is accepted."""
     accept = set(params.validation.accept_broken_rules) - set(_ACCEPT_RULES)
     found = [Violation(r, msg, accepted=r.severity == "error" and r.id in accept)
-             for r in rules if (msg := r.check(params)) is not None]
+             for r in rules if applies(r, params) and (msg := r.check(params)) is not None]
     return sorted(found, key=lambda v: _ORDER[v.severity])
 
 
-def summary(violations: list[Violation], rules: tuple[Rule, ...] = RULES) -> dict[str, int | str]:
-    """Counts for metrics/params_validation.json; `accepted_rules` names the accepted errors."""
+def summary(violations: list[Violation], rules: tuple[Rule, ...] = RULES,
+            family: str | None = None) -> dict[str, int | str]:
+    """Counts for metrics/params_validation.json; `accepted_rules` names the accepted errors. With
+    `family`, only the rules of that model family count as checked."""
     count = {s: sum(v.severity == s for v in violations) for s in _ORDER}
+    checked = [r for r in rules if family is None or family in r.families]
     return {"errors": count["error"], "warnings": count["warning"], "accepted_errors": count["accepted"],
             "accepted_rules": ",".join(v.rule.id for v in violations if v.accepted),
-            "rules_checked": len(rules), "rules_passed": len(rules) - len(violations)}
+            "rules_checked": len(checked), "rules_passed": len(checked) - len(violations)}
 
 
-def render_report(violations: list[Violation], rules: tuple[Rule, ...] = RULES) -> str:
-    """Markdown report: the verdict, the violations, then every rule with its status."""
-    s = summary(violations, rules)
+def render_report(violations: list[Violation], rules: tuple[Rule, ...] = RULES, family: str | None = None) -> str:
+    """Markdown report: the verdict, the violations, then every rule with its status (`n/a` for a rule
+    of another model family than `family`)."""
+    s = summary(violations, rules, family)
     verdict = "FAILED" if s["errors"] else "passed"
     by_id = {v.rule.id: v for v in violations}
     lines = [
@@ -388,7 +448,8 @@ def render_report(violations: list[Violation], rules: tuple[Rule, ...] = RULES) 
         lines.append("")
     lines += ["## Rules", "", "| id | severity | keys | rule | source | status |", "|---|---|---|---|---|---|"]
     for r in rules:
-        status = by_id[r.id].severity.upper() if r.id in by_id else "ok"
+        status = (by_id[r.id].severity.upper() if r.id in by_id else
+                  "ok" if family is None or family in r.families else f"n/a ({', '.join(r.families)} only)")
         keys = ", ".join(f"`{k}`" for k in r.keys)
         lines.append(f"| `{r.id}` | {r.severity} | {keys} | {r.summary} | {r.source} | {status} |")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
-"""Stage `evaluate`: TRM-style evaluation of the trained model on the evaluation tasks and, measured
-the same way, on the training tasks' test pairs; pass@K, per-input table, submission.json."""
+"""Stage `evaluate`: TRM-style evaluation of the trained model (of either family) on the evaluation
+tasks and, measured the same way, on the training tasks' test pairs; pass@K, per-input table,
+submission.json. The views are fresh augmentations or the cached versions (`evaluate.views`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from typing import Any
 import pandas as pd
 
 from pipeline import arc, distributed, lineage, tracking
+from pipeline.cache import CacheReader
 from pipeline.evaluation import submission
-from pipeline.evaluation.predictor import model_predictor
 from pipeline.evaluation.runner import SideResult, evaluate_side
-from pipeline.integrity import file_md5
+from pipeline.evaluation.views import cached_versions
+from pipeline.integrity import IntegrityError, file_md5
 from pipeline.io import write_json, write_text
+from pipeline.model import family as families
 from pipeline.model.io import ModelFileError, load_model
 from pipeline.params import differences
 from pipeline.runtime import use_cpu_threads
@@ -41,6 +44,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--model", required=True, help="trained model file (stage train)")
     ap.add_argument("--raw", required=True, help="raw tasks (stage prepare)")
+    ap.add_argument("--cache", required=True, help="augmentation cache (stage augment): its versions are the cache views")
     ap.add_argument("--metrics", required=True, help="metrics of both sides (JSON)")
     ap.add_argument("--tasks-table", required=True, help="one row per test input (CSV)")
     ap.add_argument("--submission", required=True, help="ARC Prize submission of the evaluation tasks (JSON)")
@@ -65,16 +69,26 @@ def main() -> None:
     except ModelFileError as err:
         fail(str(err))
         return
-    other = differences({"model": model.cfg.model_dump()}, {"model": params.model.model_dump()},
-                        ("the model has", "params.yaml"))
+    section = "trm" if model.FAMILY == "trm" else "model"  # the params section the model was built from
+    recorded = model.config()
+    other = differences({section: recorded.get("trm") if section == "trm" else recorded},
+                        {section: getattr(params, section).model_dump()}, ("the model has", "params.yaml"))
+    if model.FAMILY != params.model.family:
+        other.insert(0, f"model.family: the model has {model.FAMILY!r}, params.yaml {params.model.family!r}")
     if other:  # the metrics would be recorded beside params the model was not trained with
-        fail(f"{args.model} was trained with another model section than {args.params} ({'; '.join(other[:3])}"
+        fail(f"{args.model} was trained with another {section} section than {args.params} ({'; '.join(other[:3])}"
              f"{f'; and {len(other) - 3} more' if len(other) > 3 else ''}): train it with these params first "
              f"(`dvc repro`), or evaluate it with the params.yaml it was trained with")
         return
-    predict = model_predictor(model, meta["temperature"], ep.use_best_step_selection, world.device,
-                              params.train.precision)
+    predict = families.of(model).predictor(model, meta, ep, world.device, params.train.precision)
     tasks = arc.read_raw(Path(args.raw) / "pairs.parquet")
+    versions = None
+    if ep.views == "cache":
+        try:
+            versions = cached_versions(CacheReader(args.cache).samples, ep.max_versions)
+        except (IntegrityError, FileNotFoundError) as err:
+            fail(str(err))
+            return
 
     results = {}
     try:
@@ -82,7 +96,11 @@ def main() -> None:
             chosen = arc.select([t for t in tasks if t.split == split], ep.max_tasks)
             if not chosen:
                 fail(f"no {split} tasks in {args.raw}: the {side} side of the evaluation has nothing to measure")
-            results[side] = evaluate_side(chosen, predict, ep, desc=f"evaluate {side}", world=world)
+            if versions is not None and (missing := sorted({t.id for t in chosen} - set(versions))):
+                fail(f"{args.cache} holds no version of {split} task(s) {', '.join(missing[:5])}: no cache views of "
+                     "them (rebuild the cache with `dvc repro augment`)")
+            results[side] = evaluate_side(chosen, predict, ep, desc=f"evaluate {side}", world=world,
+                                          versions=versions)
     finally:
         distributed.shutdown(world)
     if not world.is_main:

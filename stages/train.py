@@ -1,4 +1,5 @@
-"""Stage `train`: RLAN on the augmentation cache, tracked in MLflow, resumable from checkpoints.
+"""Stage `train`: the model family of `model.family` (RLAN or TRM) on the augmentation cache, tracked in
+MLflow, resumable from checkpoints.
 
 `--checkpoints` is the checkpoint store (pipeline.train.checkpoint): a relative path is taken from the
 root of the repository, also when DVC runs the stage in a temporary copy (`dvc exp run --temp/--queue`),

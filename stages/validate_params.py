@@ -45,9 +45,9 @@ def main() -> None:
     violations = check_rules(params)
     for v in violations:
         (log.error if v.severity == "error" else log.warning)(str(v))  # accepted errors are warnings
-    counts = summary(violations)
+    counts = summary(violations, family=params.model.family)
     write_json(args.metrics, {**counts, "schema_errors": 0, **differs})
-    write_text(args.report, render_report(violations))
+    write_text(args.report, render_report(violations, family=params.model.family))
     if counts["errors"]:
         broken = ", ".join(v.rule.id for v in violations if v.severity == "error")
         fail(failure(f"params.yaml breaks {counts['errors']} rule(s): {broken}; see {args.report}. To break one on "

@@ -33,7 +33,7 @@ def scripted(answer):
             logps.append(np.full((30, 30), logp, np.float32))
             state["n"] += 1
         zeros = np.zeros(B, np.float32)
-        return Prediction(np.stack(toks), np.stack(logps), zeros, zeros, zeros)
+        return Prediction(np.stack(toks), np.stack(logps), zeros, {"attention_entropy": zeros, "stop_value": zeros})
 
     return predict
 

@@ -24,9 +24,9 @@ import torch
 from pipeline.augment import IDENTITY_CMAP, augment_grid
 from pipeline.loader import batch_from_pairs
 from pipeline.model import RLAN
-from pipeline.model.dsc import attention_entropy
-from pipeline.model.context import Support
-from pipeline.model.hyperlora import LoRA
+from pipeline.model.rlan.dsc import attention_entropy
+from pipeline.model.rlan.context import Support
+from pipeline.model.rlan.hyperlora import LoRA
 from pipeline.train.batches import holdouts, pack
 from pipeline.train.losses import equivariance, solve_examples, stablemax_cross_entropy, training_losses
 from tests.helpers import TINY_MODEL, params_with
@@ -424,7 +424,7 @@ def test_loo_accuracy_is_pixel_accuracy_over_the_held_out_answers(monkeypatch):
 
 
 def test_loo_pooled_vectors_stay_float32_under_bf16_autocast():
-    from pipeline.model.context import pooled_without
+    from pipeline.model.rlan.context import pooled_without
 
     torch.manual_seed(0)
     pooled = torch.randn(7, 16) * 3

@@ -23,12 +23,12 @@ import torch
 from pipeline.canvas import NUM_TOKENS, PAD
 from pipeline.loader import batch_from_pairs, crop_canvas
 from pipeline.model import RLAN
-from pipeline.model.context import PairEmbedding
-from pipeline.model.dsc import DSC, attention_entropy, gumbel_noise
+from pipeline.model.rlan.context import PairEmbedding
+from pipeline.model.rlan.dsc import DSC, attention_entropy, gumbel_noise
 from pipeline.model.io import ModelFileError, load_model, save_model
-from pipeline.model.layers import CrossAttention2d
-from pipeline.model.msre import fourier, frequencies, relative_coords
-from pipeline.model.rlan import query_grid
+from pipeline.model.rlan.layers import CrossAttention2d
+from pipeline.model.rlan.msre import fourier, frequencies, relative_coords
+from pipeline.model.rlan.model import query_grid
 from pipeline.train.losses import stablemax_cross_entropy, token_accuracy
 from tests.helpers import TINY_MODEL, example_batch, params_with
 
@@ -421,7 +421,7 @@ def test_cross_attention_ignores_masked_tokens_and_reuses_its_memory():
 
 
 def test_pair_encoding_in_chunks_is_the_same_encoding(monkeypatch):
-    import pipeline.model.context as context
+    import pipeline.model.rlan.context as context
 
     m = tiny()
     b = example_batch(4, demos=3)
@@ -438,7 +438,7 @@ def test_pair_encoding_in_chunks_is_the_same_encoding(monkeypatch):
 
 
 def test_cross_attention_in_chunks_on_the_cpu_is_the_same_attention(monkeypatch):
-    import pipeline.model.layers as layers
+    import pipeline.model.rlan.layers as layers
 
     torch.manual_seed(0)
     att = CrossAttention2d(16, 2, 0.0).train()

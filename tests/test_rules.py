@@ -35,6 +35,23 @@ def test_stable_configuration_has_no_errors_and_the_known_warnings():
     assert ids(p, "warning") == {"hyperlora-scaling-default", "gumbel-entropy-raw"}
 
 
+def test_trm_is_checked_by_its_own_rules_and_the_shared_ones():
+    trm = params_with(model__family="trm", evaluate__views="cache")
+    assert ids(trm) == set()  # TRM's ARC-AGI-1 configuration passes; RLAN's warnings are not TRM's
+    assert ids(params_with(model__family="trm", model__hyperlora_init_scale=0.01, evaluate__views="cache")) == set()
+    assert ids(params_with(model__family="trm"), "warning") == {"trm-cache-views"}  # fresh views: the blank embedding
+    assert ids(params_with(model__family="trm", evaluate__views="cache", trm__num_heads=3), "error") == {
+        "trm-heads-divide-hidden"}
+    assert ids(params_with(model__family="trm", evaluate__views="cache", trm__hidden_size=24, trm__num_heads=8),
+               "error") == {"trm-heads-divide-hidden"}  # 3 channels per head: RoPE turns pairs
+    assert ids(params_with(model__family="trm", evaluate__views="cache", trm__mixer="mlp", trm__num_heads=3)) == set()
+    assert ids(params_with(model__family="trm", evaluate__views="cache", trm__global_batch_size=766),
+               "error") == {"trm-batch-accumulation"}
+    assert ids(params_with(model__family="trm", evaluate__views="cache", evaluate__use_inverse_aug=False),
+               "error") == {"color-permutation-inverse-aug", "eval-views-inverse-aug"}  # shared rules: both families
+    assert "trm-heads-divide-hidden" not in ids(params_with(trm__num_heads=3))  # RLAN does not read section trm
+
+
 def test_fixed_configuration_has_no_errors():
     p = params_with().override(FIXED)
     assert ids(p, "error") == set()
@@ -114,11 +131,14 @@ def _stage(tmp_path, **overrides) -> tuple[subprocess.CompletedProcess, dict]:
 def test_stage_passes_stable_and_writes_outputs(tmp_path):
     proc, out = _stage(tmp_path)
     assert proc.returncode == 0, proc.stderr
+    rlan = [r for r in RULES if "rlan" in r.families]  # TRM's rules do not apply
+    assert 0 < len(rlan) < len(RULES)
     assert json.loads(out["metrics"].read_text()) == {"errors": 0, "warnings": 2, "accepted_errors": 0,
-                                                      "accepted_rules": "", "rules_checked": len(RULES),
-                                                      "rules_passed": len(RULES) - 2, "schema_errors": 0,
+                                                      "accepted_rules": "", "rules_checked": len(rlan),
+                                                      "rules_passed": len(rlan) - 2, "schema_errors": 0,
                                                       "differs_from_head": "", "keys_differing_from_head": 0}
-    assert out["stamp"].exists() and "passed" in out["report"].read_text()
+    report = out["report"].read_text()
+    assert out["stamp"].exists() and "passed" in report and "| n/a (trm only) |" in report
 
 
 def test_stage_fails_on_rule_error_naming_the_key(tmp_path):

@@ -18,6 +18,7 @@ from pipeline.arc import read_raw
 from pipeline.loader import batch_from_pairs, crop_canvas
 from pipeline.model import RLAN
 from pipeline.model.io import ModelFileError, load_model
+from pipeline.model.rlan import family as rlan_family
 from pipeline.params import load_params
 from pipeline.tracking import Tracker, tracking_uri
 from pipeline.train import preflight, schedule
@@ -54,7 +55,7 @@ def test_tiny_model_learns_a_handful_of_tasks():
 
     tests = crop_canvas(batch_from_pairs([example(k) for k in range(4) for _ in range(8)]), 6)
     model = RLAN(p.model)
-    opt = loop.build_optimizer(model, p.train)
+    opt = rlan_family.build_optimizer(model, p.train)
     for step in range(600):
         model.train()
         batch = crop_canvas(batch_from_pairs([example(k) for k in range(4) for _ in range(8)]), 6)
@@ -73,7 +74,7 @@ def test_tiny_model_learns_a_handful_of_tasks():
 def test_optimizer_groups_and_schedules():
     p = params_with()
     model = RLAN(params_with(model__hidden_dim=16, model__dsc_num_heads=2, model__solver_context_heads=2).model)
-    opt = loop.build_optimizer(model, p.train)
+    opt = rlan_family.build_optimizer(model, p.train)
     hyper = {id(q) for q in model.hyperlora.parameters()}
     for g in opt.param_groups:
         is_hyper = all(id(q) in hyper for q in g["params"])
@@ -101,10 +102,10 @@ def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
     tracker = Tracker(params)
     final = loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), tracker)
     tracker.end()
-    assert set(final) == {"epochs", *loop.EPOCH_METRICS} and final["epochs"] == 3
+    assert set(final) == {"epochs", *rlan_family.METRICS} and final["epochs"] == 3
     assert json.loads((tmp_path / "train.json").read_text()) == final
     rows = (tmp_path / "plots" / "epochs.tsv").read_text().splitlines()
-    assert rows[0].split("\t") == ["epoch", *loop.EPOCH_METRICS] and len(rows) == 4
+    assert rows[0].split("\t") == ["epoch", *rlan_family.METRICS] and len(rows) == 4
     for name in ("loo_accuracy", "equiv_delta_norm", "heldout_exact_match", "lora_diversity"):
         assert final[name] is not None, name
     model, meta = load_model(tmp_path / "model.pt")
@@ -115,7 +116,7 @@ def test_train_writes_model_metrics_series_and_mlflow(tmp_path):
     client = mlflow.MlflowClient(tracking_uri(params.tracking))
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
-    assert set(loop.EPOCH_METRICS) - {"loo_accuracy"} <= set(run.data.metrics)  # every named metric is logged
+    assert set(rlan_family.METRICS) - {"loo_accuracy"} <= set(run.data.metrics)  # every named metric is logged
     assert len(client.get_metric_history(tracker.run_id, "loss_total")) == 3
     assert run.data.params["model.hyperlora_init_scale"] == "0.1"
     assert run.data.params["train.loo_training.loss_weight"] == "0.5"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline.arc import Task
@@ -16,7 +17,7 @@ from pipeline.augment import inverse_grid
 from pipeline.canvas import decode_canvas
 from pipeline.distributed import World, gather_to_main, single
 from pipeline.evaluation.predictor import Predictor
-from pipeline.evaluation.views import View, render, views_of
+from pipeline.evaluation.views import Version, View, cache_views, render, views_of
 from pipeline.evaluation.voting import Ranked, Voting, pass_at_k, task_mean
 from pipeline.loader import batch_from_pairs
 from pipeline.params import EvaluateParams
@@ -42,7 +43,14 @@ def pixel_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     return float((pred == truth).mean()) if pred.shape == truth.shape else 0.0
 
 
-def plan_views(tasks: list[Task], ep: EvaluateParams) -> list[tuple[Task, View]]:
+def plan_views(tasks: list[Task], ep: EvaluateParams,
+               versions: dict[str, list[Version]] | None = None) -> list[tuple[Task, View]]:
+    """Every view of every test input: the cached versions of each task (`evaluate.views: cache`,
+    `versions` from pipeline.evaluation.views.cached_versions), or fresh ones."""
+    if ep.views == "cache":
+        if versions is None:
+            raise ValueError("evaluate.views is cache: the cache's versions are needed")
+        return [(t, v) for t in tasks for i in range(len(t.tests)) for v in cache_views(t, i, versions)]
     if ep.use_trm_style_eval:
         n_d, n_c = ep.num_augmented_views, ep.num_color_perms
     else:
@@ -51,12 +59,13 @@ def plan_views(tasks: list[Task], ep: EvaluateParams) -> list[tuple[Task, View]]
 
 
 def evaluate_side(tasks: list[Task], predict: Predictor, ep: EvaluateParams, desc: str = "evaluate",
-                  world: World | None = None) -> SideResult | None:
+                  world: World | None = None, versions: dict[str, list[Version]] | None = None
+                  ) -> SideResult | None:
     """Predict every view of every test input of `tasks` and vote. With several processes, rank r
     predicts batches r, r + W, ... (the very batches a single process would form, so every number
     is the same), the outcomes meet on rank 0, which votes; other ranks return None."""
     world = world or single()
-    plan = plan_views(tasks, ep)
+    plan = plan_views(tasks, ep, versions)
     n_batches = -(-len(plan) // ep.batch_size)
     local = predict_views(plan, predict, ep, range(world.rank, n_batches, world.size), desc, world.is_main)
     parts = gather_to_main(world, local)
@@ -78,16 +87,17 @@ def predict_views(plan: list[tuple[Task, View]], predict: Predictor, ep: Evaluat
         for b, ids in zip(batches, tasks_of):
             start = b * ep.batch_size
             chunk = plan[start : start + ep.batch_size]
-            pred = predict(batch_from_pairs([render(t, v) for t, v in chunk]))
+            batch = batch_from_pairs([render(t, v) for t, v in chunk])
+            batch["version"] = torch.tensor([v.version for _, v in chunk], dtype=torch.int64)
+            pred = predict(batch)
             for i, (task, view) in enumerate(chunk):
                 grid = decode_canvas(pred.tokens[i])
-                conf = confidence(grid, pred.logp[i])
+                conf = confidence(grid, pred.logp[i]) if pred.confidence is None else float(pred.confidence[i])
                 if ep.use_inverse_aug and grid.size:
                     grid = inverse_grid(grid, view.dihedral, view.cmap)
                 out[start + i] = {"task_id": task.id, "test_index": view.test_index, "identity": view.is_identity,
                                   "grid": grid, "confidence": conf, "loss": float(pred.loss[i]),
-                                  "attention_entropy": float(pred.attention_entropy[i]),
-                                  "stop_value": float(pred.stop_value[i])}
+                                  "measures": {k: float(v[i]) for k, v in pred.measures.items()}}
             bar.update(len(ids - done))
             done |= ids
     return out
@@ -108,11 +118,12 @@ def vote(tasks: list[Task], outcomes: list[dict[str, Any]], ep: EvaluateParams) 
     ranked = voting.ranked(truths)
     top1_pixel = {(r.task_id, r.test_index): pixel_accuracy(r.candidates[0].grid, truths[(r.task_id, r.test_index)])
                   if r.candidates else 0.0 for r in ranked}
-    mean = lambda k: float(np.mean([o[k] for o in outcomes])) if outcomes else math.nan  # noqa: E731
+    measures = {k: float(np.mean([o["measures"][k] for o in outcomes])) for k in outcomes[0]["measures"]} \
+        if outcomes else {}
     metrics = {**pass_at_k(ranked, ep.pass_ks), "exact_match_identity": task_mean(identity),
-               "pixel_accuracy": task_mean(top1_pixel), "attention_entropy": mean("attention_entropy"),
-               "stop_value": mean("stop_value"), "loss": mean("loss"), "tasks": len({t.id for t in tasks}),
-               "test_inputs": len(truths), "views": len(outcomes)}
+               "pixel_accuracy": task_mean(top1_pixel), **measures,
+               "loss": float(np.mean([o["loss"] for o in outcomes])) if outcomes else math.nan,
+               "tasks": len({t.id for t in tasks}), "test_inputs": len(truths), "views": len(outcomes)}
     rows = [{"task_id": r.task_id, "test_index": r.test_index,
              "winner_votes": r.candidates[0].votes if r.candidates else 0,
              "winner_confidence": round(r.candidates[0].confidence, 6) if r.candidates else 0.0,

@@ -1,4 +1,12 @@
-"""The RLAN model, one module per part; `pipeline.model.io` saves and loads it."""
+"""The model families, one folder each, and the parts they share.
+
+    pipeline/model/family.py   the interface the training loop and the evaluator call, and the registry
+    pipeline/model/rlan/       RLAN: context encoder, DSC, MSRE, HyperLoRA, recursive solver
+    pipeline/model/trm/        TRM: the tiny recursive network, puzzle embeddings, deep supervision
+    pipeline/model/stablemax.py, ema.py, io.py   shared: probabilities, the averaged weights, model files
+
+The canvas both families read and write is `pipeline.canvas` (TRM's tokens: PAD 0, EOS 1, colour c as c + 2).
+"""
 
 from pipeline.model.rlan import RLAN, Output, TaskContext
 

@@ -1,5 +1,6 @@
-"""Saving and loading a trained model: EMA weights, the model section of params and metadata,
-in a file that loads with `torch.load(weights_only=True)`."""
+"""Saving and loading a trained model of any family: its family's name, the configuration that
+rebuilds it (`model.config()`), the EMA weights and metadata, in a file that loads with
+`torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
+
+from torch import nn
 
 from pipeline.io import write_bytes
-from pipeline.model.rlan import RLAN
-from pipeline.params import ModelParams
+from pipeline.model import family as families
 
-FORMAT = 1
+FORMAT = 2  # 2: the family and its configuration
 
 
 class ModelFileError(RuntimeError):
@@ -46,20 +47,21 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", hint: 
     return obj
 
 
-def save_model(path: str | Path, model: RLAN, meta: dict[str, Any]) -> None:
-    obj = {"format": FORMAT, "model_params": model.cfg.model_dump(), "state_dict": model.state_dict(), "meta": meta}
+def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    obj = {"format": FORMAT, "family": model.FAMILY, "model_params": model.config(), "state_dict": model.state_dict(),
+           "meta": meta}
     buffer = BytesIO()  # serialized first: its size is checked against the room left (pipeline.io.write_bytes)
     torch.save(obj, buffer)
     write_bytes(path, buffer.getbuffer())
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RLAN, dict[str, Any]]:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     obj = safe_load(path, map_location)
     if obj["format"] != FORMAT:
         raise ModelFileError(f"{path}: model format {obj['format']}, this code reads {FORMAT}")
     try:
-        model = RLAN(ModelParams.model_validate(obj["model_params"]))
+        model = families.get(obj["family"]).build(obj["model_params"])
         model.load_state_dict(obj["state_dict"])
-    except (RuntimeError, ValidationError, KeyError, TypeError) as err:
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:  # ValueError: pydantic's too
         raise ModelFileError(f"{path}: weights do not fit the recorded model ({err})") from None
     return model.to(map_location), obj["meta"]

@@ -100,8 +100,9 @@ class Identity:
 
 
 def identity(params: Params, data: list[Path], extra: bytes = b"") -> Identity:
-    """The identity of a training on the files in `data` (the cache) and `extra` (the held-out slice)."""
-    keep = {k: params.model_dump()[k] for k in ("data", "augment", "model", "train")}
+    """The identity of a training on the files in `data` (the cache) and `extra` (the held-out slice):
+    the data, augment, model, trm and train params (less the neutral keys) and the training code."""
+    keep = {k: params.model_dump()[k] for k in ("data", "augment", "model", "trm", "train")}
     for k in NEUTRAL_TRAIN_KEYS:
         keep["train"].pop(k)
     for k in NEUTRAL_DATA_KEYS:

@@ -6,7 +6,9 @@ one (mid-epoch checkpoints, pipeline.train.checkpoint). The first line of a trai
 resumes (from where), restores a finished training, or starts from scratch and why. The host never
 waits for the device inside a step but once per optimizer step (is the step finite? is a checkpoint
 due?): measurements stay on the device until the end of the epoch, and the next micro-batches are
-prepared on a background thread (pinned on CUDA) while the current one computes.
+prepared on a background thread (pinned on CUDA) while the current one computes. Whatever the model
+family (`model.family`), the loop drives it through pipeline.model.family's `Training`: nothing below
+depends on which family trains.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import logging
 import math
 import signal
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,30 +34,17 @@ from tqdm import tqdm
 from pipeline import distributed, gap, monitor
 from pipeline.arc import Task
 from pipeline.io import write_json, write_text
-from pipeline.loader import AugmentedCache, batch_from_pairs
-from pipeline.model import RLAN
+from pipeline.loader import AugmentedCache
+from pipeline.model import family as families
 from pipeline.model.io import ModelFileError, save_model
 from pipeline.params import Params, TrainParams
-from pipeline.runtime import autocast, resolve_device, seed_everything, to_device, use_cpu_threads
+from pipeline.runtime import autocast, resolve_device, seed_everything, use_cpu_threads
 from pipeline.tracking import Terminated, Tracker, health_tags
 from pipeline.train import checkpoint, preflight, schedule
-from pipeline.train.batches import Prefetcher, TrainBatch, prepare
-from pipeline.train.losses import Objective, evaluation_measures
+from pipeline.train.batches import Prefetcher
 from pipeline.train.sampler import MicroBatch, Sampler
 
 log = logging.getLogger(__name__)
-
-# Logged every epoch, to MLflow and metrics/train/epochs.tsv, under exactly these names.
-EPOCH_METRICS = (
-    "loss_total", "loss_task", "loss_loo", "loss_equiv", "loss_entropy", "loss_kl", "loss_sparsity",
-    "train_exact_match", "train_pixel_accuracy",
-    "lora_magnitude_gru_reset", "lora_magnitude_gru_update", "lora_magnitude_gru_candidate",
-    "lora_magnitude_output_head", "lora_diversity", "loo_accuracy", "loo_exact_match", "loo_skipped_ratio",
-    "equiv_delta_norm",
-    "attention_entropy_train", "attention_entropy_eval", "stop_value_train", "stop_value_eval",
-    "temperature", "learning_rate", "nonfinite_steps", "heldout_exact_match", "heldout_pixel_accuracy", "heldout_loss",
-)
-
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a NaN or Inf loss."""
@@ -116,42 +104,14 @@ class Meter:
             self.n[k] = state["n"][i].to(device)
 
 
-def build_optimizer(model: RLAN, tp: TrainParams) -> torch.optim.AdamW:
-    """AdamW; HyperLoRA learns at hyperlora_lr_multiplier x the rate; no decay on biases and norms."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = defaultdict(list)
-    for name, p in model.named_parameters():
-        groups[(name.startswith("hyperlora."), p.dim() >= 2)].append(p)
-    return torch.optim.AdamW(
-        [{"params": ps, "lr_mult": tp.hyperlora_lr_multiplier if hyper else 1.0,
-          "weight_decay": tp.weight_decay if decay else 0.0} for (hyper, decay), ps in sorted(groups.items())],
-        lr=tp.learning_rate, betas=(tp.beta1, tp.beta2))
-
-
 def heldout_examples(tasks: list[Task], n_tasks: int, seed: int):
-    """Test pairs of `n_tasks` evaluation tasks (a seeded choice), each with all its demonstrations."""
+    """Test pairs of `n_tasks` evaluation tasks (a seeded choice), each as (task id, all its
+    demonstrations, test input, test output)."""
     pool = sorted((t for t in tasks if t.split == "eval"), key=lambda t: t.id)
     if n_tasks == 0 or not pool:
         return []
     pick = np.random.default_rng([seed, 1]).permutation(len(pool))[: n_tasks]
-    return [(list(t.demos), q_in, q_out) for i in sorted(pick) for t in [pool[i]] for q_in, q_out in t.tests]
-
-
-@torch.no_grad()
-def measure_heldout(model: RLAN, examples, temperature: float, batch_size: int, device, precision) -> dict[str, float]:
-    if not examples:
-        return {}
-    model.eval()
-    acc: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for i in range(0, len(examples), batch_size):
-        batch = to_device(batch_from_pairs(examples[i : i + batch_size]), device)
-        with autocast(device, precision):
-            m = evaluation_measures(model, batch, temperature)
-        for k in ("loss", "exact", "attention_entropy", "stop_value", "pixel"):
-            acc[k].append(m[k].float().cpu())
-    mean = {k: float(torch.cat(v).mean()) for k, v in acc.items()}
-    return {"heldout_exact_match": mean["exact"], "heldout_loss": mean["loss"],
-            "heldout_pixel_accuracy": mean["pixel"], "attention_entropy_eval": mean["attention_entropy"],
-            "stop_value_eval": mean["stop_value"]}
+    return [(t.id, list(t.demos), q_in, q_out) for i in sorted(pick) for t in [pool[i]] for q_in, q_out in t.tests]
 
 
 def epoch_checks(row: dict[str, Any], params: Params, first: dict[str, Any]) -> list[monitor.Check]:
@@ -159,8 +119,8 @@ def epoch_checks(row: dict[str, Any], params: Params, first: dict[str, Any]) -> 
     return monitor.lora_checks(row, params.monitoring, first) + gap.training_checks(row, params.monitoring)
 
 
-def write_series(history: list[dict[str, Any]], plots_dir: Path) -> None:
-    cols = ["epoch", *EPOCH_METRICS]
+def write_series(history: list[dict[str, Any]], plots_dir: Path, metrics: tuple[str, ...]) -> None:
+    cols = ["epoch", *metrics]
     buf = io.StringIO()
     w = csv.writer(buf, delimiter="\t", lineterminator="\n")
     w.writerow(cols)
@@ -170,10 +130,10 @@ def write_series(history: list[dict[str, Any]], plots_dir: Path) -> None:
     write_text(plots_dir / "epochs.tsv", buf.getvalue())
 
 
-def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+def final_metrics(history: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any]:
     """The last value of every metric (eval-side ones from the last epoch that measured them)."""
     out: dict[str, Any] = {"epochs": len(history)}
-    for name in EPOCH_METRICS:
+    for name in metrics:
         vals = [r[name] for r in history if r.get(name) is not None]
         out[name] = vals[-1] if vals else None
     return out
@@ -186,14 +146,14 @@ def micro_seed(seed: int, epoch: int, step: int, micro: int) -> int:
 
 
 def schedule_of(sampler: Sampler, world: distributed.World, tp: TrainParams, first_epoch: int, first_step: int,
-                steps_per_epoch: int) -> Iterator[tuple[MicroBatch, bool]]:
-    """This rank's micro-batches in training order from (epoch, step), each with whether meta-learning
-    is on (epochs from 1, steps from 0)."""
+                steps_per_epoch: int) -> Iterator[tuple[MicroBatch, int]]:
+    """This rank's micro-batches in training order from (epoch, step), each with its epoch (epochs
+    from 1, steps from 0)."""
     for epoch in range(first_epoch, tp.epochs + 1):
         order = sampler.order(epoch - 1)
         for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
             for mb in sampler.micro_batches(order, epoch - 1, step, world.rank):
-                yield mb, schedule.meta_learning_active(tp, epoch)
+                yield mb, epoch
 
 
 @dataclass
@@ -233,7 +193,7 @@ def stop_note(where: Callable[[], str]) -> Iterator[None]:
 def training_identity(params: Params, heldout: list, cache: Path) -> checkpoint.Identity:
     """What this training is (pipeline.train.checkpoint): its params, code, cache and held-out slice
     (`heldout_examples`)."""
-    held = b"".join(bytes(g.shape) + g.tobytes() for ctx, q_in, q_out in heldout
+    held = b"".join(bytes(g.shape) + g.tobytes() for _, ctx, q_in, q_out in heldout
                     for g in [q_in, q_out, *(x for pair in ctx for x in pair)])
     return checkpoint.identity(params, [cache], held)
 
@@ -263,13 +223,15 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
            world: distributed.World, ident: checkpoint.Identity | None, folder: Path | None) -> dict[str, Any] | None:
     tp = params.train
     device = world.device
-    sampler = Sampler(len(cache), tp.seed, tp.batch_size, tp.grad_accumulation_steps, world.size)
-    model = RLAN(params.model).to(device)
-    model.checkpoint_activations(tp.activation_checkpointing)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema_decay), use_buffers=True)
-    opt = build_optimizer(model, tp)
-    per_step = tp.batch_size * tp.grad_accumulation_steps
-    steps_per_epoch = tp.steps_per_epoch or max(1, len(cache) // per_step)
+    # -- the model family's side (pipeline.model.family): model, objective, optimizer, batches, measures
+    run = families.get(params.model.family).training(params, cache, device)
+    model, metrics = run.model, run.metrics
+    sampler = Sampler(run.items, tp.seed, run.micro_batch, tp.grad_accumulation_steps, world.size)
+    # the averaged weights are the parameters'; buffers (TRM's puzzle embeddings) follow the trained model
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(run.ema_decay), use_buffers=False)
+    opt = run.optimizer()
+    per_step = run.micro_batch * tp.grad_accumulation_steps
+    steps_per_epoch = tp.steps_per_epoch or max(1, run.items // per_step)
     total_steps = steps_per_epoch * tp.epochs
 
     # -- resume from this training's checkpoint, read by rank 0 and shared; the first line says so
@@ -294,23 +256,24 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
         log.info("%s", first_line(state, at, tp, steps_per_epoch,
                                   lambda: checkpoint.why_fresh(paths.checkpoints, ident)))
         if not restored:
-            log.info("training on %d x %s: %d parameters, %d samples, %d steps per epoch of %d samples, %d epochs, "
-                     "%d CPU threads", world.size, device.type, sum(p.numel() for p in model.parameters()),
-                     len(cache), steps_per_epoch, per_step, tp.epochs, torch.get_num_threads())
-    objective = Objective(model, tp)
+            log.info("training %s on %d x %s: %d parameters, %d items (cache samples or pairs), %d steps per epoch "
+                     "of %d, %d epochs, %d CPU threads", params.model.family, world.size, device.type,
+                     sum(p.numel() for p in model.parameters()), run.items, steps_per_epoch, per_step, tp.epochs,
+                     torch.get_num_threads())
+    objective = run.objective
 
     # -- pre-flight: project the remaining run on this machine; refuse what it cannot finish
     if not restored:
         remaining = (total_steps - at.epoch * steps_per_epoch - at.step) * per_step
         error = None
         if world.is_main:
-            error = preflight_check(objective, cache, sampler, tp, params.model.use_hyperlora, device, remaining,
-                                    world.size)
+            error = preflight_check(run, sampler, tp, device, remaining, world.size)
         error = distributed.broadcast_from_main(world, error)
         if error is not None:
             raise preflight.PreflightError(error)
     loss_fn = torch.compile(objective) if tp.compile else objective
-    net = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else loss_fn
+    net = (DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+           if world.size > 1 else loss_fn)  # every rank updates the buffers alike (TRM's puzzle embeddings)
     if world.is_main:  # the MLflow run is found by the fingerprint (pipeline.tracking), never stored
         tracker.start(fp, resume=state is not None, finished=restored)
         if history and not tracker.continued:  # a new run for epochs trained before: their history
@@ -336,10 +299,8 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
                   f"{folder / checkpoint.LAST}" if saved else "no checkpoint of it yet: the next run starts afresh")
         return f"{now.describe(tp.epochs, steps_per_epoch)}; {resume}"
 
-    slots = cache.max_context() if tp.compile else None  # compiled: a static number of context slots
-
-    def load(item: tuple[MicroBatch, bool]) -> TrainBatch:  # runs on the prefetch thread
-        tb = prepare(cache, item[0], tp, item[1], params.model.use_hyperlora, slots)
+    def load(item: tuple[MicroBatch, int]) -> families.Batch:  # runs on the prefetch thread
+        tb = run.prepare(*item)
         return tb.pin() if device.type == "cuda" else tb
 
     batches = Prefetcher(load, schedule_of(sampler, world, tp, at.epoch + 1, at.step, steps_per_epoch))
@@ -355,10 +316,8 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
             for step in range(at.step if epoch == at.epoch + 1 else 0, steps_per_epoch):
                 # -- schedules
                 progress = ((epoch - 1) * steps_per_epoch + step) / max(total_steps - 1, 1)
-                tau = schedule.temperature(tp, progress)
-                lr = schedule.learning_rate(tp, progress)
-                for g in opt.param_groups:
-                    g["lr"] = lr * g["lr_mult"]
+                tau = schedule.temperature(tp, progress)  # RLAN's DSC temperature
+                lr = run.set_learning_rate(opt, (epoch - 1) * steps_per_epoch + step, total_steps)
 
                 # -- forward and backward over this rank's micro-batches; gradients meet on the last one
                 bad = torch.zeros((), device=device)
@@ -377,7 +336,7 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
 
                 # -- clip; a non-finite loss on any rank, or a non-finite gradient, skips the step; rank 0's
                 #    clock asks for a mid-epoch checkpoint in the same all-reduce
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tp.gradient_clip)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.gradient_clip)
                 due = world.is_main and step + 1 < steps_per_epoch and \
                     time.monotonic() - last_save >= 60 * tp.checkpoint_minutes
                 flags = distributed.sum_tensor(world, torch.stack([bad, torch.tensor(float(due), device=device)]))
@@ -413,17 +372,17 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
             means = meter.global_means(world)
             elapsed = time.perf_counter() - t0
             if world.is_main:
-                row: dict[str, Any] = {"epoch": epoch, **{k: None for k in EPOCH_METRICS}, **means,
+                row: dict[str, Any] = {"epoch": epoch, **{k: None for k in metrics}, **means,
                                        "temperature": tau, "learning_rate": lr, "nonfinite_steps": bad_steps}
                 if epoch % tp.eval_every == 0 or epoch == tp.epochs:
-                    row.update(measure_heldout(ema.module, heldout, tau, tp.batch_size, device, tp.precision))
-                row = {k: row.get(k) for k in ["epoch", *EPOCH_METRICS]}
+                    row.update(run.measure_heldout(ema.module, heldout, tau, device, tp.precision))
+                row = {k: row.get(k) for k in ["epoch", *metrics]}
                 history.append(row)
                 steps_done = epoch * steps_per_epoch - done_before
                 rate = (steps_per_epoch - (at.step if epoch == at.epoch + 1 else 0)) * per_step / elapsed
                 eta = (time.perf_counter() - t_run) / steps_done * (total_steps - epoch * steps_per_epoch)
                 log_epoch(row, params, tracker, rate, eta, history[0])
-                write_series(history, paths.plots)
+                write_series(history, paths.plots, metrics)
             meter, bad_steps, now = Meter(), 0, Position(epoch, 0)
             if world.is_main and (epoch % tp.save_every == 0 or epoch == tp.epochs
                                   or time.monotonic() - last_save >= 60 * tp.checkpoint_minutes):
@@ -433,32 +392,32 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
     if not world.is_main:
         return None
     # -- the EMA weights are the trained model (also rebuilt here from a finished run's checkpoint)
-    final = final_metrics(history)
-    write_series(history, paths.plots)
+    final = final_metrics(history, metrics)
+    write_series(history, paths.plots, metrics)
     save_model(paths.model, ema.module, {"temperature": schedule.temperature(tp, 1.0), "epochs": tp.epochs,
                                          "fingerprint": fp})
     write_json(paths.metrics, final)
     return final
 
 
-def preflight_check(objective: Objective, cache: AugmentedCache, sampler: Sampler, tp: TrainParams,
-                    use_hyperlora: bool, device: torch.device, samples: int, world_size: int) -> str | None:
-    """Project the run from measured steps (meta-learning on: the heaviest step) and log it; the
-    reason to refuse it, or None. Runs forward and backward only: the weights do not change."""
-    model = objective.model
+def preflight_check(run: families.Training, sampler: Sampler, tp: TrainParams, device: torch.device, samples: int,
+                    world_size: int) -> str | None:
+    """Project the run from measured steps (the family's heaviest step) and log it; the reason to
+    refuse it, or None. Runs forward and backward only: the weights do not change."""
+    model = run.model
     first = sampler.micro_batches(sampler.order(0), 0, 0, 0)[0]
 
     def step(n: int) -> None:
         mb = MicroBatch(first.index, first.ids[:n], first.key)
-        tb = prepare(cache, mb, tp, True, use_hyperlora).to(device)
+        tb = run.prepare(mb, None).to(device)
         with autocast(device, tp.precision):
-            loss, _ = objective(tb, tp.temperature_start)
+            loss, _ = run.objective(tb, tp.temperature_start)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
     model.train()
     try:
-        projection = preflight.project(step, tp.batch_size, samples, device, per_process=1.0 / world_size,
+        projection = preflight.project(step, run.micro_batch, samples, device, per_process=1.0 / world_size,
                                        max_cpu_hours=tp.max_cpu_hours)
     finally:
         model.zero_grad(set_to_none=True)  # also after a step that ran out of memory half way

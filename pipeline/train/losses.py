@@ -36,8 +36,8 @@ import torch
 
 from pipeline.canvas import COLOR_OFFSET, PAD
 from pipeline.model import RLAN, Output
-from pipeline.model.context import PairLayout, Support, pooled_without
-from pipeline.model.dsc import attention_entropy
+from pipeline.model.rlan.context import PairLayout, Support, pooled_without
+from pipeline.model.rlan.dsc import attention_entropy
 from pipeline.model.stablemax import log_stablemax
 from pipeline.params import TrainParams
 

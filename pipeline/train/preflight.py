@@ -2,7 +2,8 @@
 cannot finish.
 
 Before the first epoch, the training objective runs forward and backward (no optimizer step, so the
-run is unchanged) on micro-batches of 2 and 4 samples with meta-learning on (the heaviest step):
+run is unchanged) on micro-batches of 2 and 4 samples, the family's heaviest step (RLAN: with
+meta-learning on; TRM: a segment, always the same work):
 peak memory grows linearly with the micro-batch, so two sizes give the projected peak of a full
 micro-batch (a cautious one: two small batches can hold more pairs than the average). When that
 fits, and on CUDA in any case (an out-of-memory error is caught there), one full micro-batch is

@@ -25,3 +25,13 @@ def meta_learning_active(tp: TrainParams, epoch: int) -> bool:
     """LOO and equivariance losses run after the first `meta_learning_start_epoch` epochs (epochs are
     numbered from 1: with 3, from epoch 4 on)."""
     return epoch > tp.meta_learning_start_epoch
+
+
+def warmup_cosine(base: float, step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """TRM's schedule: optimizer step `step` (0-based) of `total`: linear warm-up to `base` over the first
+    `warmup` steps (the first at base / warmup), then cosine decay to min_ratio x base (1.0: constant)."""
+    s = step + 1
+    if s < warmup:
+        return base * s / warmup
+    p = min(max((s - warmup) / max(1, total - warmup), 0.0), 1.0)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))

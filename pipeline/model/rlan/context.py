@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.canvas import CANVAS, NUM_TOKENS
-from pipeline.model.layers import CrossAttention2d, run
+from pipeline.model.rlan.layers import CrossAttention2d, run
 from pipeline.params import ModelParams
 from pipeline.runtime import without_autocast
 

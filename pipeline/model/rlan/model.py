@@ -12,17 +12,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.canvas import COLOR_OFFSET, PAD
-from pipeline.model.context import ContextEncoder, ContextInjector, PairLayout, Support
-from pipeline.model.dsc import DSC, Clues
-from pipeline.model.hyperlora import LoRA, HyperLoRA
-from pipeline.model.layers import ChannelNorm, GridEmbedding, run
-from pipeline.model.msre import MSRE
-from pipeline.model.solver import RecursiveSolver
+from pipeline.model.rlan.context import ContextEncoder, ContextInjector, PairLayout, Support
+from pipeline.model.rlan.dsc import DSC, Clues
+from pipeline.model.rlan.hyperlora import LoRA, HyperLoRA
+from pipeline.model.rlan.layers import ChannelNorm, GridEmbedding, run
+from pipeline.model.rlan.msre import MSRE
+from pipeline.model.rlan.solver import RecursiveSolver
 from pipeline.model.stablemax import log_stablemax
 from pipeline.params import ModelParams
 
@@ -63,6 +64,8 @@ def query_grid(query_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RLAN(nn.Module):
+    FAMILY = "rlan"
+
     def __init__(self, cfg: ModelParams):
         super().__init__()
         H = cfg.hidden_dim
@@ -76,6 +79,14 @@ class RLAN(nn.Module):
         self.hyperlora = HyperLoRA(cfg, RecursiveSolver.lora_dims(cfg)) if cfg.use_hyperlora else None
         self.solver = RecursiveSolver(cfg)
         self.recompute = False
+
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this model (pipeline.model.io): the model section of params."""
+        return self.cfg.model_dump()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RLAN:
+        return cls(ModelParams.model_validate(config))
 
     def checkpoint_activations(self, on: bool) -> None:
         """train.activation_checkpointing: keep none of the activations of the pair encoder, the query

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.canvas import NUM_TOKENS
-from pipeline.model.hyperlora import LoRA
-from pipeline.model.layers import CrossAttention2d, run
+from pipeline.model.rlan.hyperlora import LoRA
+from pipeline.model.rlan.layers import CrossAttention2d, run
 from pipeline.params import ModelParams
 
 
