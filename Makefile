@@ -22,9 +22,9 @@ $(STAMP): requirements.txt requirements.lock
 	@touch $@
 
 ## run: with CUDA the whole pipeline (dvc repro); without, stable vs fixed at the cpu scale
-## (pipeline/launch.py decides and says so first); SCALE=tiny|cpu|full runs that scale instead
+## (pipeline/experiments/launch.py decides and says so first); SCALE=tiny|cpu|full runs that scale instead
 run: setup
-	@python -m pipeline.launch $(if $(SCALE),--scale $(SCALE))
+	@python -m pipeline.experiments.launch $(if $(SCALE),--scale $(SCALE))
 
 ## test: the whole test suite (what CI runs), then its duration
 test: setup

@@ -25,9 +25,9 @@ def evaluation_tasks(n_tasks: int) -> list:
 def time_evaluation(device: torch.device, tasks: list, model_overrides: dict | None = None) -> dict:
     """Wall time of the evaluation protocol on `tasks` with a model of random weights (the time
     does not depend on them), after a one-task warm-up."""
-    from pipeline.model.rlan.family import model_predictor
     from pipeline.evaluation.runner import evaluate_side
     from pipeline.model import RLAN
+    from pipeline.model.rlan.family import model_predictor
     from pipeline.params import load_params
 
     params = load_params(REPO / "params.yaml").override(model_overrides or {})

@@ -1,5 +1,5 @@
 """A small CPU study: the stable and the fixed configuration (or any named experiments) at the cpu
-scale of `pipeline.experiments.SCALES`, through the real workflow in a clone of HEAD (the named
+scale of `pipeline.experiments.runner.SCALES`, through the real workflow in a clone of HEAD (the named
 experiments, each at one or more seeds, then the compare report: mean and spread over the seeds).
 Prints the compare report with the gap table and the time.
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO
-from pipeline.experiments import DEFAULT, SCALES, child_env
+from pipeline.experiments.runner import DEFAULT, SCALES, child_env
 
 
 def main() -> None:

@@ -48,11 +48,10 @@ def bench_cache(cache: Path) -> list[Row]:
 
 
 def bench_checkpoint_and_model(cache: Path) -> list[Row]:
-    from pipeline import mlflow_model
     from pipeline.model import RLAN
     from pipeline.model.io import save_model
     from pipeline.params import load_params
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, mlflow_model
     from pipeline.train import checkpoint
 
     params = load_params(REPO / "params.yaml")

@@ -138,9 +138,9 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
     the micro-batches prepared beforehand; also the seconds to prepare one micro-batch on one thread
     (the loop's prefetch thread) and, on CUDA, the peak memory of the steps (AdamW's state included)."""
     from pipeline.model import RLAN
+    from pipeline.model.rlan.family import build_optimizer
     from pipeline.runtime import autocast
     from pipeline.train.batches import prepare
-    from pipeline.model.rlan.family import build_optimizer
     from pipeline.train.losses import Objective
 
     torch.manual_seed(0)

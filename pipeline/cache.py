@@ -41,7 +41,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.arc import Task, task_key
-from pipeline.augment import NUM_DIHEDRAL, dihedral_index, dihedral_shape, inverse_grid, parse_name, random_cmaps
+from pipeline.augment import (
+    NUM_DIHEDRAL,
+    dihedral_index,
+    dihedral_shape,
+    inverse_grid,
+    parse_name,
+    random_cmaps,
+)
 from pipeline.canvas import CANVAS, ranges
 from pipeline.integrity import IntegrityError, describe_all, read_manifest, verify
 from pipeline.io import atomic_path, ensure_room, reserve, write_json

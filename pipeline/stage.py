@@ -22,12 +22,12 @@ from typing import Any
 
 import yaml
 
-from pipeline import runlock
+from pipeline.experiments import runlock
 from pipeline.integrity import IntegrityError
 from pipeline.io import OutputError, remove_stale_temporaries
 from pipeline.params import Params, ParamsError, load_params
 from pipeline.tracking import TrackingError
-from pipeline.tracking_client import TrackingLost
+from pipeline.tracking.client import TrackingLost
 
 log = logging.getLogger("stage")
 FAILURES = (ParamsError, OutputError, IntegrityError, TrackingError, TrackingLost, runlock.WorkspaceError)
@@ -57,7 +57,7 @@ def fail(message: str, code: int = 1) -> None:
 
 def stage_params(path: str | Path) -> Params:
     """The stage's params: read defensively and validated (ParamsError), and, when DVC runs the stage,
-    this workspace checked to be this experiment's (pipeline.runlock, WorkspaceError)."""
+    this workspace checked to be this experiment's (pipeline.experiments.runlock, WorkspaceError)."""
     loaded = load_params(path)
     runlock.check_stage(path)
     return loaded

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import arc, distributed, lineage, tracking
+from pipeline import arc, distributed, tracking
 from pipeline.cache import CacheReader
 from pipeline.evaluation import submission
 from pipeline.evaluation.runner import SideResult, evaluate_side
@@ -22,8 +22,8 @@ from pipeline.model.io import ModelFileError, load_model
 from pipeline.params import differences
 from pipeline.runtime import use_cpu_threads
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
-from pipeline.tracking import Tracker
-from pipeline.tracking_client import unless_required
+from pipeline.tracking import Tracker, lineage
+from pipeline.tracking.client import unless_required
 
 log = logging.getLogger("evaluate")
 SIDES = {"eval": "eval", "train": "train"}  # side -> split whose test pairs it measures

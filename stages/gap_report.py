@@ -13,7 +13,7 @@ from pipeline.params import flatten
 from pipeline.report import plot_curves, read_series, task_picture
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker
-from pipeline.tracking_client import unless_required
+from pipeline.tracking.client import unless_required
 
 log = logging.getLogger("gap_report")
 

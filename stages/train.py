@@ -12,12 +12,13 @@ import logging
 import shlex
 from pathlib import Path
 
-from pipeline import arc, committed, distributed, lineage, mlflow_model, runlock, tracking
+from pipeline import arc, distributed, tracking
+from pipeline.experiments import committed, runlock
 from pipeline.integrity import IntegrityError
 from pipeline.model.io import ModelFileError
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
-from pipeline.tracking import Tracker
-from pipeline.tracking_client import TrackingLost, unless_required
+from pipeline.tracking import Tracker, lineage, mlflow_model
+from pipeline.tracking.client import TrackingLost, unless_required
 from pipeline.train.loop import TrainPaths, train
 from pipeline.train.preflight import PreflightError, with_cpu_run
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import runlock
-from pipeline.committed import changes_from_head, describe_changes, restore_hint
+from pipeline.experiments import runlock
+from pipeline.experiments.committed import (
+    changes_from_head,
+    describe_changes,
+    restore_hint,
+)
 from pipeline.io import write_json, write_text
 from pipeline.params import ParamsError, load_params
 from pipeline.rules import ACCEPT_KEY, check_rules, render_report, summary

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from pipeline.arc import Task
-from pipeline.experiments import SCALES
+from pipeline.experiments.runner import SCALES
 from pipeline.params import Params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def write_params(repo: Path, **overrides: Any) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-# The tiny scale of pipeline.experiments.SCALES (the e2e tests' scale), as section__key overrides.
+# The tiny scale of pipeline.experiments.runner.SCALES (the e2e tests' scale), as section__key overrides.
 TINY = {k.replace(".", "__"): v for k, v in SCALES["tiny"].overrides.items()}
 TINY_MODEL = {k: v for k, v in TINY.items() if k.startswith("model__")}
 

@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.augment import dihedral
-from pipeline.canvas import EOS, PAD, decode_canvas, grid_to_canvas, place_grids, ranges, segments
+from pipeline.canvas import (
+    EOS,
+    PAD,
+    decode_canvas,
+    grid_to_canvas,
+    place_grids,
+    ranges,
+    segments,
+)
 
 
 @st.composite

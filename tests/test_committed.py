@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from pipeline import committed
+from pipeline.experiments import committed
 from pipeline.train import preflight
 from stages.train import refusal
 from tests.helpers import REPO, run

@@ -6,9 +6,19 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipeline.compare import (ONE_SEED, Group, Outputs, Spread, closest, mean_series, render, rows, table,
-                              verdict)
-from pipeline.experiments import SCALES
+from pipeline.experiments.compare import (
+    ONE_SEED,
+    Group,
+    Outputs,
+    Spread,
+    closest,
+    mean_series,
+    render,
+    rows,
+    table,
+    verdict,
+)
+from pipeline.experiments.runner import SCALES
 from pipeline.monitor import STATUS_CODE
 
 MEASURES = ("exact_match_gap", "exact_match_relative_gap", "attention_entropy_ratio", "stop_value_gap", "loss_ratio")

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from pipeline import io
+from pipeline.arc import read_raw
 from pipeline.io import OutputError, atomic_path, ensure_room, write_json
 from pipeline.model import RLAN
 from pipeline.model.io import save_model
 from pipeline.params import load_params
-from pipeline.arc import read_raw
 from pipeline.tracking import Tracker
 from pipeline.train import checkpoint, loop
 from tests.helpers import tiny_workspace, train_cmd

@@ -15,7 +15,16 @@ import pytest
 import torch
 
 from pipeline.model.io import load_model
-from tests.helpers import REPO, TINY_MODEL, TINY_TRAIN, checkpoint_of, tiny_workspace, tool_env, train_cmd, write_params
+from tests.helpers import (
+    REPO,
+    TINY_MODEL,
+    TINY_TRAIN,
+    checkpoint_of,
+    tiny_workspace,
+    tool_env,
+    train_cmd,
+    write_params,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -3,7 +3,6 @@ and no votes carried between evaluations."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

@@ -12,18 +12,52 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import launch
 from pipeline.arc import read_raw
-from pipeline.experiments import (ABLATIONS, EXPERIMENTS, FIXED, GROUPS, NAME_RE, SCALES, ExperimentError, child_env,
-                                  expected_changes, finished, group_of, infer_scale, is_baseline, label_of, main, mismatches, name_of,
-                                  one_scale, overrides, parse_sets, plan, progress, resolve, stalled, restore_params, seeds_of, set_args)
+from pipeline.experiments import launch
+from pipeline.experiments.runner import (
+    ABLATIONS,
+    EXPERIMENTS,
+    FIXED,
+    GROUPS,
+    NAME_RE,
+    SCALES,
+    ExperimentError,
+    child_env,
+    expected_changes,
+    finished,
+    group_of,
+    infer_scale,
+    is_baseline,
+    label_of,
+    main,
+    mismatches,
+    name_of,
+    one_scale,
+    overrides,
+    parse_sets,
+    plan,
+    progress,
+    resolve,
+    restore_params,
+    seeds_of,
+    set_args,
+    stalled,
+)
 from pipeline.model import RLAN
 from pipeline.model.io import load_model
 from pipeline.params import SEED_KEYS, flatten
 from pipeline.rules import check_rules
 from pipeline.tracking import Tracker
 from pipeline.train import loop, schedule
-from tests.helpers import REPO, TINY, example_batch, params_with, raw_params, run, tiny_workspace
+from tests.helpers import (
+    REPO,
+    TINY,
+    example_batch,
+    params_with,
+    raw_params,
+    run,
+    tiny_workspace,
+)
 
 
 def test_ablations_are_fixed_one_fix_at_a_time():
@@ -192,9 +226,12 @@ def test_fast_ema_and_evaluation_every_epoch_reach_training(tmp_path):
 
 @pytest.mark.parametrize("scale", sorted(SCALES))
 def test_names_carry_scale_and_seed_and_are_valid_dvc_names_and_mlflow_aliases(scale, tmp_path):
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+    from mlflow.utils.validation import (
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+    )
 
-    from pipeline.mlflow_model import alias_for
+    from pipeline.tracking.mlflow_model import alias_for
 
     run(["git", "init", "-q"], tmp_path)
     for base in [*EXPERIMENTS, label_of({"model.hyperlora_init_scale": 0.05, "train.lr": 1e-5})]:
@@ -306,7 +343,7 @@ def test_overrides_command_restores_heads_params_and_prints_the_assignment(tmp_p
 
 
 def test_experiment_refs_hide_dvcs_own_refs(tmp_path, monkeypatch):
-    from pipeline.lineage import experiment_refs
+    from pipeline.tracking.lineage import experiment_refs
 
     _git_repo(tmp_path, "a: 1\n")
     head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()

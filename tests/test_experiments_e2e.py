@@ -13,10 +13,18 @@ import sys
 import pytest
 import yaml
 
-from pipeline.experiments import FIXED, SCALES, expected_changes, experiment_revs
+from pipeline.experiments.runner import FIXED, SCALES, expected_changes, experiment_revs
 from pipeline.params import SEED_KEYS, flatten
-from tests.helpers import (REPO, checkpoint_in_progress, commit_all, copy_repo, interrupt_when, run, tool_env,
-                           write_params)
+from tests.helpers import (
+    REPO,
+    checkpoint_in_progress,
+    commit_all,
+    copy_repo,
+    interrupt_when,
+    run,
+    tool_env,
+    write_params,
+)
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]

@@ -13,7 +13,15 @@ import pytest
 from pipeline.model import RLAN
 from pipeline.params import ParamsError
 from pipeline.rules import check_rules
-from tests.helpers import REPO, TINY_MODEL, checkpoint_of, params_with, tiny_workspace, tool_env, train_cmd
+from tests.helpers import (
+    REPO,
+    TINY_MODEL,
+    checkpoint_of,
+    params_with,
+    tiny_workspace,
+    tool_env,
+    train_cmd,
+)
 from tests.test_tracking import make_read_only, make_writable
 
 UNREACHABLE = "http://127.0.0.1:9"

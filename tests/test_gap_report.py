@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline.arc import Task
-from pipeline.compare import distance
+from pipeline.experiments.compare import distance
 from pipeline.gap import gap_checks, gap_metrics
 from pipeline.report import CURVES, curve_figure, plot_curves, task_picture
 from stages.gap_report import pick_pictures

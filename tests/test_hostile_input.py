@@ -11,8 +11,14 @@ import time
 
 import pytest
 
-from pipeline import committed
-from pipeline.params import MAX_PARAMS_BYTES, ParamsError, load_params, parse_params, parse_yaml
+from pipeline.experiments import committed
+from pipeline.params import (
+    MAX_PARAMS_BYTES,
+    ParamsError,
+    load_params,
+    parse_params,
+    parse_yaml,
+)
 from pipeline.rules import check_rules
 from tests.helpers import REPO, raw_params, set_key, tool_env
 
@@ -129,7 +135,7 @@ def test_not_utf8_is_named_in_one_line(tmp_path):
 
 
 def test_the_runner_and_the_restore_hint_read_params_with_the_same_loader():
-    """The runner compares the workspace's params.yaml with HEAD's (pipeline.committed) before it restores it."""
+    """The runner compares the workspace's params.yaml with HEAD's (pipeline.experiments.committed) before it restores it."""
     good = (REPO / "params.yaml").read_text()
     bomb = committed.differences(good, BOMB_PARAMS)
     assert len(bomb) == 1 and "aliases are not allowed" in bomb[0]

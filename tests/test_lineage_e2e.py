@@ -16,9 +16,16 @@ import torch
 import yaml
 
 from pipeline.loader import AugmentedCache
-from pipeline.mlflow_model import pack_views
 from pipeline.tracking import using_tracking_uri
-from tests.helpers import TINY_MODEL, TINY_TRAIN, commit_all, copy_repo, run, write_params
+from pipeline.tracking.mlflow_model import pack_views
+from tests.helpers import (
+    TINY_MODEL,
+    TINY_TRAIN,
+    commit_all,
+    copy_repo,
+    run,
+    write_params,
+)
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]
@@ -66,7 +73,7 @@ def test_repro_logs_the_model_its_data_and_a_registered_version(repo):
     version = client(repo).get_model_version_by_alias("rlan", "workspace")
     assert version.run_id == r.info.run_id and version.tags["model_md5"] == r.data.tags["model_md5"]
 
-    out = run([sys.executable, "-m", "pipeline.lineage", "workspace"], repo).stdout
+    out = run([sys.executable, "-m", "pipeline.tracking.lineage", "workspace"], repo).stdout
     assert f"run {r.info.run_id} workspace FINISHED" in out and "<- made this experiment's model" in out
     assert f"models:/rlan@workspace: version {version.version} (run {r.info.run_id}" in out
 
@@ -100,7 +107,7 @@ def test_queued_experiment_logs_registers_and_is_found_both_ways(repo):
     out = run([sys.executable, "-m", "pipeline.experiments", "runs", "no-gumbel"], repo).stdout  # DVC -> MLflow
     assert f"run {r.info.run_id} no-gumbel FINISHED" in out and "<- made this experiment's model" in out
     assert "refs/exps/" in out and "models:/rlan@no-gumbel: version 2" in out
-    back = run([sys.executable, "-m", "pipeline.lineage", "--run", r.info.run_id], repo).stdout  # MLflow -> DVC
+    back = run([sys.executable, "-m", "pipeline.tracking.lineage", "--run", r.info.run_id], repo).stdout  # MLflow -> DVC
     assert "DVC experiment: no-gumbel" in back and "dvc exp apply no-gumbel && dvc checkout data/cache" in back
     assert "registered rlan version 2, aliases no-gumbel" in back
 

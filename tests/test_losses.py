@@ -24,11 +24,16 @@ import torch
 from pipeline.augment import IDENTITY_CMAP, augment_grid
 from pipeline.loader import batch_from_pairs
 from pipeline.model import RLAN
-from pipeline.model.rlan.dsc import attention_entropy
 from pipeline.model.rlan.context import Support
+from pipeline.model.rlan.dsc import attention_entropy
 from pipeline.model.rlan.hyperlora import LoRA
 from pipeline.train.batches import holdouts, pack
-from pipeline.train.losses import equivariance, solve_examples, stablemax_cross_entropy, training_losses
+from pipeline.train.losses import (
+    equivariance,
+    solve_examples,
+    stablemax_cross_entropy,
+    training_losses,
+)
 from tests.helpers import TINY_MODEL, params_with
 
 # deterministic in train mode: no dropout, no Gumbel noise (so a second pass gives the same numbers)

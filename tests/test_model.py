@@ -23,12 +23,12 @@ import torch
 from pipeline.canvas import NUM_TOKENS, PAD
 from pipeline.loader import batch_from_pairs, crop_canvas
 from pipeline.model import RLAN
+from pipeline.model.io import ModelFileError, load_model, save_model
 from pipeline.model.rlan.context import PairEmbedding
 from pipeline.model.rlan.dsc import DSC, attention_entropy, gumbel_noise
-from pipeline.model.io import ModelFileError, load_model, save_model
 from pipeline.model.rlan.layers import CrossAttention2d
-from pipeline.model.rlan.msre import fourier, frequencies, relative_coords
 from pipeline.model.rlan.model import query_grid
+from pipeline.model.rlan.msre import fourier, frequencies, relative_coords
 from pipeline.train.losses import stablemax_cross_entropy, token_accuracy
 from tests.helpers import TINY_MODEL, example_batch, params_with
 

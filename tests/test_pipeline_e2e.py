@@ -12,8 +12,16 @@ import pytest
 import yaml
 from dvc.api import DVCFileSystem
 
-from pipeline.experiments import experiment_revs
-from tests.helpers import TINY, checkpoint_in_progress, commit_all, copy_repo, interrupt_when, run, write_params
+from pipeline.experiments.runner import experiment_revs
+from tests.helpers import (
+    TINY,
+    checkpoint_in_progress,
+    commit_all,
+    copy_repo,
+    interrupt_when,
+    run,
+    write_params,
+)
 
 pytestmark = pytest.mark.e2e
 DVC = [sys.executable, "-m", "dvc"]

@@ -20,7 +20,15 @@ from pipeline.model import RLAN
 from pipeline.model.io import ModelFileError, save_model
 from pipeline.params import load_params
 from pipeline.train import checkpoint
-from tests.helpers import TINY, TINY_MODEL, commit_all, copy_repo, run, tiny_workspace, write_params
+from tests.helpers import (
+    TINY,
+    TINY_MODEL,
+    commit_all,
+    copy_repo,
+    run,
+    tiny_workspace,
+    write_params,
+)
 from tests.test_faults import one_error_line, other_stages, stage
 
 DVC = [sys.executable, "-m", "dvc"]

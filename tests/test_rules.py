@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.experiments import FIXED
+from pipeline.experiments.runner import FIXED
 from pipeline.params import Params
 from pipeline.rules import RULES, acceptable, check_rules, render_report, summary
 from tests.helpers import REPO, params_with, run, tool_env, write_params

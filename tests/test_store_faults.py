@@ -18,7 +18,7 @@ import pytest
 
 from pipeline import tracking
 from pipeline.params import load_params
-from pipeline.tracking_client import BoundedClient, TrackingLost, buffer_dir, connect
+from pipeline.tracking.client import BoundedClient, TrackingLost, buffer_dir, connect
 from tests.helpers import REPO, params_with, tiny_workspace, tool_env, train_cmd
 from tests.test_faults import one_error_line, stage
 from tests.test_tracking import make_read_only, make_writable

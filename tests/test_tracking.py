@@ -16,15 +16,30 @@ import torch
 import yaml
 
 import pipeline.train.loop as loop
-from pipeline import lineage, mlflow_model, tracking
+from pipeline import tracking
 from pipeline.arc import read_raw
 from pipeline.integrity import file_md5
 from pipeline.loader import AugmentedCache
 from pipeline.model import RLAN
 from pipeline.model.io import load_model, save_model
 from pipeline.params import load_params
-from pipeline.tracking import Tracker, TrackingError, check_store, tracking_uri, using_tracking_uri
-from tests.helpers import REPO, checkpoint_of, params_with, tiny_workspace, tool_env, train_cmd
+from pipeline.tracking import (
+    Tracker,
+    TrackingError,
+    check_store,
+    lineage,
+    mlflow_model,
+    tracking_uri,
+    using_tracking_uri,
+)
+from tests.helpers import (
+    REPO,
+    checkpoint_of,
+    params_with,
+    tiny_workspace,
+    tool_env,
+    train_cmd,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import pipeline.train.loop as loop
-from pipeline.train import losses
 from pipeline.arc import read_raw
 from pipeline.loader import batch_from_pairs, crop_canvas
 from pipeline.model import RLAN
@@ -21,10 +20,17 @@ from pipeline.model.io import ModelFileError, load_model
 from pipeline.model.rlan import family as rlan_family
 from pipeline.params import load_params
 from pipeline.tracking import Tracker, tracking_uri
-from pipeline.train import preflight, schedule
+from pipeline.train import losses, preflight, schedule
 from pipeline.train.batches import pack
 from pipeline.train.losses import evaluation_measures, training_losses
-from tests.helpers import REPO, checkpoint_of, params_with, tiny_workspace, tool_env, train_cmd
+from tests.helpers import (
+    REPO,
+    checkpoint_of,
+    params_with,
+    tiny_workspace,
+    tool_env,
+    train_cmd,
+)
 
 RECOLOURINGS = [{1: 2, 3: 4}, {1: 3, 3: 1}, {5: 7}, {1: 5, 5: 1}]
 

@@ -4,8 +4,8 @@ model to MLflow, and `compare` shows it beside stable."""
 
 from __future__ import annotations
 
-import json
 import io
+import json
 import sqlite3
 import sys
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.experiments import SCALES, experiment_revs
+from pipeline.experiments.runner import SCALES, experiment_revs
 from pipeline.loader import AugmentedCache
 from pipeline.params import flatten
 from pipeline.tracking import using_tracking_uri

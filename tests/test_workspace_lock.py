@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pipeline import runlock
+from pipeline.experiments import runlock
 from tests.helpers import REPO, TINY, commit_all, copy_repo, run, tool_env, write_params
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -74,7 +74,7 @@ def test_outside_dvc_nothing_is_checked(workspace, monkeypatch):
 
 def _holder(workspace, command):
     """A process holding the runner's lock on `workspace`, as a run of experiments does."""
-    code = (f"import time; from pipeline import runlock\nwith runlock.hold({str(workspace)!r}, {command!r}):\n"
+    code = (f"import time; from pipeline.experiments import runlock\nwith runlock.hold({str(workspace)!r}, {command!r}):\n"
             "    print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=tool_env(), stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

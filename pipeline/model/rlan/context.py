@@ -21,7 +21,6 @@ from pipeline.model.rlan.layers import CrossAttention2d, run
 from pipeline.params import ModelParams
 from pipeline.runtime import without_autocast
 
-
 PAIR_CHUNK = 256  # pairs encoded in one call (bounds the encoder's working memory)
 
 

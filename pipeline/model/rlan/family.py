@@ -20,7 +20,11 @@ from pipeline.params import EvaluateParams, Params, TrainParams
 from pipeline.runtime import autocast, to_device
 from pipeline.train import schedule
 from pipeline.train.batches import TrainBatch, prepare
-from pipeline.train.losses import Objective, evaluation_measures, stablemax_cross_entropy
+from pipeline.train.losses import (
+    Objective,
+    evaluation_measures,
+    stablemax_cross_entropy,
+)
 
 # Logged every epoch, to MLflow and metrics/train/epochs.tsv, under exactly these names.
 METRICS = (
@@ -131,7 +135,7 @@ class RLANFamily(Family):
     def mlflow_model(self, model: nn.Module, meta: dict[str, Any], cache: Any
                      ) -> tuple[nn.Module, np.ndarray, tuple[int, ...]]:
         from pipeline.canvas import CANVAS
-        from pipeline.mlflow_model import RLANPredictor, example_views
+        from pipeline.tracking.mlflow_model import RLANPredictor, example_views
 
         return RLANPredictor(model, meta["temperature"]), example_views(cache), (-1, -1, CANVAS, CANVAS)
 

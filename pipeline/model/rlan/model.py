@@ -18,9 +18,14 @@ import torch
 from torch import nn
 
 from pipeline.canvas import COLOR_OFFSET, PAD
-from pipeline.model.rlan.context import ContextEncoder, ContextInjector, PairLayout, Support
+from pipeline.model.rlan.context import (
+    ContextEncoder,
+    ContextInjector,
+    PairLayout,
+    Support,
+)
 from pipeline.model.rlan.dsc import DSC, Clues
-from pipeline.model.rlan.hyperlora import LoRA, HyperLoRA
+from pipeline.model.rlan.hyperlora import HyperLoRA, LoRA
 from pipeline.model.rlan.layers import ChannelNorm, GridEmbedding, run
 from pipeline.model.rlan.msre import MSRE
 from pipeline.model.rlan.solver import RecursiveSolver

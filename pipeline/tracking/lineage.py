@@ -13,11 +13,11 @@ table. The source (type `dvc`) is JSON: the repository, the path, the DVC hash, 
 the DVC experiment and its baseline, and `checkout`, the commands that bring the data back
 (`dvc exp apply fixed && dvc checkout data/cache`).
 
-**Experiment to runs.** `python -m pipeline.lineage [NAME ...]` prints, for each DVC experiment
+**Experiment to runs.** `python -m pipeline.tracking.lineage [NAME ...]` prints, for each DVC experiment
 (all of them by default, `workspace` for the plain `dvc repro` workspace): the MD5 of its
 models/model.pt from its dvc.lock, its MLflow runs (the run named after it, and any run tagged with
 that model's MD5: the one that made the model) and the registered model version its alias points
-at. `python -m pipeline.lineage --run RUN_ID` goes the other way: the run's DVC experiment, commit,
+at. `python -m pipeline.tracking.lineage --run RUN_ID` goes the other way: the run's DVC experiment, commit,
 data and registered versions.
 """
 
@@ -167,7 +167,7 @@ def experiment_lineage(name: str, params: Params) -> ExperimentLineage:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.mlflow_model import alias_for
+    from pipeline.tracking.mlflow_model import alias_for
 
     ref, md5 = model_md5_of(name)
     found = ExperimentLineage(name, ref, md5)
@@ -188,7 +188,7 @@ def experiment_lineage(name: str, params: Params) -> ExperimentLineage:
 def format_lineage(found: ExperimentLineage, params: Params) -> str:
     import datetime
 
-    from pipeline.mlflow_model import alias_for
+    from pipeline.tracking.mlflow_model import alias_for
 
     where = found.dvc_ref or "not a DVC experiment here"
     lines = [f"{found.name}: {where}, {MODEL_OUT} md5 {found.model_md5 or '-'}"]

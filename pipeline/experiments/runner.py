@@ -17,7 +17,7 @@ compare report and `diff` show as mean and spread over the seeds.
     python -m pipeline.experiments compare stable fixed [--scale cpu] | ablations   # metrics/compare/<names>/
     python -m pipeline.experiments diff stable fixed [--scale cpu]   # every metric: mean ± sd, real or within noise
     python -m pipeline.experiments overrides fixed [--scale cpu] [--seed K]   # the -S arguments, for dvc exp run
-    python -m pipeline.experiments runs [NAME ...] [--run RUN_ID]   # MLflow runs and model versions (pipeline.lineage)
+    python -m pipeline.experiments runs [NAME ...] [--run RUN_ID]   # MLflow runs and model versions (pipeline.tracking.lineage)
 
 then `dvc metrics diff stable_cpu fixed_cpu`, `dvc params diff stable_cpu fixed_cpu`, `dvc plots diff ...`.
 """
@@ -41,9 +41,14 @@ from typing import Any
 
 import yaml
 
-from pipeline import runlock
-from pipeline.committed import committed_text, differences, set_args, yaml_value
-from pipeline.compare import CompareError, Group, compare, metrics_table
+from pipeline.experiments import runlock
+from pipeline.experiments.committed import (
+    committed_text,
+    differences,
+    set_args,
+    yaml_value,
+)
+from pipeline.experiments.compare import CompareError, Group, compare, metrics_table
 from pipeline.params import SEED_KEYS, ParamsError, did_you_mean, flatten, parse_yaml
 from pipeline.stage import INTERRUPTED, fail, run_foreground, setup_logging
 
@@ -601,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
         c.add_argument("--scale", choices=sorted(SCALES), default=None, help="the scale (default: the one they ran at)")
         if cmd == "compare":
             c.add_argument("--out", default=None, help="report directory (default: metrics/compare/<names>)")
-    sub.add_parser("runs", help="each experiment's MLflow runs and registered model version (python -m pipeline.lineage)",
+    sub.add_parser("runs", help="each experiment's MLflow runs and registered model version (python -m pipeline.tracking.lineage)",
                    add_help=False)
     o = sub.add_parser("overrides", help="the -S arguments of an experiment, for dvc exp run (restores HEAD's "
                                          "params.yaml first, when the workspace's differs)")
@@ -610,14 +615,14 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--seed", type=int, default=None, help=f"one seed for {', '.join(SEED_KEYS)}")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["runs"]:  # the lineage command, with its own arguments (names, --run RUN_ID)
-        from pipeline import lineage
+        from pipeline.tracking import lineage
 
         lineage.main(argv[1:])
         return
     args = ap.parse_args(argv)
     cwd = Path(os.getcwd())
     try:
-        if args.cmd == "run":  # one run of experiments at a time in a workspace (pipeline.runlock)
+        if args.cmd == "run":  # one run of experiments at a time in a workspace (pipeline.experiments.runlock)
             with runlock.hold(cwd, " ".join(["python -m pipeline.experiments", *argv])):
                 names = args.names or ([] if args.sets else DEFAULT)
                 labels = run(names, cwd, args.scale, args.queue, args.jobs, args.seeds, args.seed, args.sets,

@@ -17,10 +17,10 @@ table of every metric of two groups. Outputs are read from each experiment's DVC
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
-import functools
 import statistics
 import subprocess
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from pipeline.committed import changed_values, yaml_value
+from pipeline.experiments.committed import changed_values, yaml_value
 from pipeline.io import atomic_path
 from pipeline.monitor import STATUS_CODE
 from pipeline.params import SEED_KEYS, flatten

@@ -14,7 +14,7 @@ KILLED when the next run of the experiment starts; SIGTERM and SIGINT end a run 
 training continues the run that made its checkpoint, whichever DVC experiment (or `dvc repro`) runs
 it, so one training is one run.
 
-Every call to the store goes through `pipeline.tracking_client` (`connect`): bounded by
+Every call to the store goes through `pipeline.tracking.client` (`connect`): bounded by
 `tracking.timeout_s` per request and `tracking.retry_s` in all; logging calls made while the store is
 lost are kept in `<repo root>/.dvc/tmp/mlflow-buffer/` and sent when it is back.
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.params import Params, TrackingParams
-from pipeline.tracking_client import BoundedClient, connect, reason
+from pipeline.tracking.client import BoundedClient, connect, reason
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def tracking_uri(p: TrackingParams) -> str:
 
 
 def buffer_root() -> Path:
-    """Where logging calls wait while a store is lost (pipeline.tracking_client), one folder per store."""
+    """Where logging calls wait while a store is lost (pipeline.tracking.client), one folder per store."""
     return repo_root() / ".dvc" / "tmp" / "mlflow-buffer"
 
 

@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.experiments import DEFAULT, SCALES, child_env, name_of, report_dir
+from pipeline.experiments.runner import DEFAULT, SCALES, child_env, name_of, report_dir
 from pipeline.stage import INTERRUPTED, run_foreground
+
 
 def shown(cmd: list[str]) -> str:
     """A command (`python -m` module and arguments) as a user would type it."""
