@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
 NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
            errno.EFBIG: "the file size limit (ulimit -f) is reached"}
 NO_PERMISSION = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted (an immutable file or "

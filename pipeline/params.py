@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from yaml.constructor import ConstructorError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from yaml.constructor import ConstructorError
 
 # Defaults of the model code itself (not of params.yaml): the validation rules compare the
 # configured values with these, as the seed's report does ("the code's HyperLoRAConfig uses
