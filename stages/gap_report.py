@@ -93,7 +93,9 @@ def main() -> None:
     tracker = Tracker(params, enabled=tracked)
     with unless_required(params.tracking):  # a store lost for good: one line, or a warning
         if tracker.attach_to_model(file_md5(args.model)):  # the training run that made this model
-            tracker.log_metrics({f"gap.{k}": v for k, v in flatten(metrics).items()}, step=0)
+            # the training view's values end the series the training logged every epoch: only their status
+            tracker.log_metrics({f"gap.{k}": v for k, v in flatten(metrics).items()
+                                 if not k.startswith("training.") or k.endswith("status")}, step=0)
             tracker.set_tags({"gap.overall_status": monitor.overall([c for cs in groups.values() for c in cs])})
             tracker.log_artifact(args.metrics, "gap_report")
             for f in sorted(Path(args.report).iterdir()):

@@ -91,8 +91,6 @@ def main() -> None:
         return
     try:
         runlock.check_stage(args.params)  # still this experiment's params: the model is registered under its name
-        tracker.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, (int, float))},
-                            step=final["epochs"])
         for f in (args.params, args.metrics, Path(args.plots) / "epochs.tsv"):
             tracker.log_artifact(f)
         mlflow_model.publish(tracker, args.model, args.cache)

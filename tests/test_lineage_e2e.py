@@ -113,6 +113,7 @@ def test_queued_experiment_logs_registers_and_is_found_both_ways(repo):
 
 
 def test_a_restored_training_in_another_experiment_carries_the_evaluation(repo):
+    versions = {v.version for v in client(repo).search_model_versions("name = 'rlan'")}
     out = run(DVC + ["exp", "run", "-n", "restored", "-f", "-s", "train"], repo)  # evaluate does not rerun
     assert "this training has finished" in out.stderr and "Running stage 'evaluate'" not in out.stdout
     [w], [r] = runs_named(repo, "workspace"), runs_named(repo, "restored")
@@ -122,6 +123,12 @@ def test_a_restored_training_in_another_experiment_carries_the_evaluation(repo):
         k: v for k, v in w.data.metrics.items() if k.startswith(("eval.", "gap."))}
     assert r.data.tags["gap.overall_status"] == w.data.tags["gap.overall_status"]
     assert {a.path for a in client(repo).list_artifacts(r.info.run_id)} >= {"evaluation", "gap_report"}
+    # the same model, byte for byte: no new registry version, the experiment's alias names the existing one
+    assert {v.version for v in client(repo).search_model_versions("name = 'rlan'")} == versions
+    assert client(repo).get_model_version_by_alias("rlan", "restored").tags["model_md5"] == r.data.tags["model_md5"]
+    # no metric twice: the gaps of the training view are one series each (per epoch, under gap_report's name)
+    assert not [k for k in r.data.metrics if k.startswith(("final_", "gap_"))]
+    assert "gap.training.exact_match_gap" in r.data.metrics and "gap.evaluation.exact_match_gap" in r.data.metrics
 
 
 def _stored_copy(repo, name: str):

@@ -116,6 +116,8 @@ def test_artifacts_land_beside_the_main_repository_database(tmp_path, monkeypatc
     assert run.info.artifact_uri.startswith(str(repo.resolve() / "mlruns"))
     assert (repo / "mlruns").is_dir() and list((repo / "mlruns").rglob("params.yaml"))
     assert not list(temp_copy.rglob("params.yaml"))
+    default = mlflow.MlflowClient(tracker.uri).get_experiment("0")  # MLflow's own, made with the database
+    assert default.artifact_location == str(repo.resolve() / "mlruns" / "Default")
 
 
 # --- killed runs ---------------------------------------------------------------------------------

@@ -261,6 +261,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _default_beside_store(uri: str) -> None:
+    """MLflow makes its `Default` experiment when it creates a database, with artifacts under the
+    working directory of that process: for a queued experiment, DVC's temporary copy, deleted with it.
+    A sqlite store's `Default` keeps its artifacts beside the database, as every experiment here."""
+    db = _sqlite_path(uri)
+    if db is None or not db.exists():
+        return
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0 AND artifact_location <> ?",
+                    (artifact_location(uri, "Default"),) * 2)
+
+
 def prepare_store(uri: str, experiment: str, client: Any = None) -> str:
     """Create the database and the experiment (artifacts at `artifact_location`) once, under the
     store lock; returns the experiment id."""
@@ -269,6 +281,7 @@ def prepare_store(uri: str, experiment: str, client: Any = None) -> str:
     with store_lock(uri):
         client = client or mlflow.MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
+        _default_beside_store(uri)
         if found is None:
             return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
     if _EXP_TMP in found.artifact_location:
@@ -496,14 +509,15 @@ class Tracker:
         for i in range(0, len(items), 1000):
             self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
-    def log_history(self, history: list[dict[str, Any]], checks: Callable[[dict[str, Any]], list[Any]]) -> None:
+    def log_history(self, history: list[dict[str, Any]], checks: Callable[[dict[str, Any]], list[Any]],
+                    series: Callable[[dict[str, Any]], dict[str, float]]) -> None:
         """Per-epoch rows of a training done before this run (restored or resumed into a new run),
-        with the gap values and health tags its epochs logged (each check's last problem, as live)."""
+        with the derived values (`series`) and health tags (`checks`: each check's last problem) its
+        epochs logged live."""
         steps, tags = [], {}
         for row in history:
             found = checks(row)
-            steps.append((row["epoch"], {**{k: v for k, v in row.items() if k != "epoch"},
-                                         **{f"gap_{c.name}": c.value for c in found if c.name not in row}}))
+            steps.append((row["epoch"], {**{k: v for k, v in row.items() if k != "epoch"}, **series(row)}))
             tags.update(health_tags(row["epoch"], found))
         self._log_steps(steps)
         self.set_tags(tags)

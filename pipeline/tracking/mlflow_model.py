@@ -107,7 +107,8 @@ def _quiet(logger: str):
 def publish(tracker: Any, model_path: str | Path, cache: str | Path) -> Any:
     """Log `model_path` into the tracker's training run as an MLflow PyTorch model, register it
     and point the DVC experiment's alias at it; returns the ModelVersion (None without a run).
-    A run that already registered this very model (a restored training) only moves the alias."""
+    A model already registered byte for byte (by this run, or by another run of the same training)
+    gets no new version: the alias moves to the existing one."""
     from pipeline.model import family as families
     from pipeline.model.io import load_model
     from pipeline.tracking import run_name, store_lock, using_tracking_uri
@@ -119,9 +120,9 @@ def publish(tracker: Any, model_path: str | Path, cache: str | Path) -> Any:
     md5 = file_md5(model_path)
     tracker.set_tags({"model_md5": md5})
     client, name, alias = tracker.client, tracker.params.tracking.registered_model, alias_for(run_name())
-    done = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{tracker.run_id}'")
-            if v.tags.get("model_md5") == md5]
-    if done:
+    same = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("model_md5") == md5]
+    done = sorted(same, key=lambda v: (v.run_id != tracker.run_id, int(v.version)))  # this run's own first
+    if done:  # this very model is registered already (a restored training, or the same one again)
         found = done[0]
     else:
         t0 = time.perf_counter()

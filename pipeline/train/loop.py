@@ -119,6 +119,17 @@ def epoch_checks(row: dict[str, Any], params: Params, first: dict[str, Any]) -> 
     return monitor.lora_checks(row, params.monitoring, first) + gap.training_checks(row, params.monitoring)
 
 
+def epoch_series(row: dict[str, Any], params: Params, first: dict[str, Any]) -> dict[str, float]:
+    """The derived values an epoch logs beside its measures: each gap of the training view under the
+    name gap_report gives its final value (`gap.training.<measure>`), and the LoRA magnitudes' growth
+    since the first epoch (`lora_growth`, what the collapse and explosion checks grade)."""
+    out = {f"gap.training.{c.name}": c.value for c in gap.training_checks(row, params.monitoring)}
+    growth = monitor.lora_growth(row, first)
+    if growth is not None:
+        out["lora_growth"] = growth
+    return out
+
+
 def write_series(history: list[dict[str, Any]], plots_dir: Path, metrics: tuple[str, ...]) -> None:
     cols = ["epoch", *metrics]
     buf = io.StringIO()
@@ -277,7 +288,8 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
     if world.is_main:  # the MLflow run is found by the fingerprint (pipeline.tracking), never stored
         tracker.start(fp, resume=state is not None, finished=restored)
         if history and not tracker.continued:  # a new run for epochs trained before: their history
-            tracker.log_history(history, lambda row: epoch_checks(row, params, history[0]))
+            tracker.log_history(history, lambda row: epoch_checks(row, params, history[0]),
+                                lambda row: epoch_series(row, params, history[0]))
 
     # -- checkpoints: every save_every epochs, the last, and the first step after checkpoint_minutes
     last_save = time.monotonic()
@@ -437,7 +449,7 @@ def log_epoch(row: dict[str, Any], params: Params, tracker: Tracker, samples_per
         if c.status != "ok":
             log.warning("epoch %d: %s %s: %s", epoch, c.name, c.status, c.message)
     tracker.log_metrics({**{k: v for k, v in row.items() if k != "epoch"},
-                         **{f"gap_{c.name}": c.value for c in checks if c.name not in row},
+                         **epoch_series(row, params, first),
                          "samples_per_second": samples_per_second}, step=epoch)
     tracker.set_tags(health_tags(epoch, checks))
     held = row["heldout_exact_match"]
