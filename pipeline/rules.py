@@ -1,13 +1,14 @@
-"""Cross-key validation rules for params.yaml, taken from the two seed documents.
+"""Cross-key validation rules for params.yaml, taken from the project's two design sources.
 
 The schema (`pipeline.params`) checks each value alone; a rule checks how values fit together:
-the stable configuration's validation report (seed 000) and the train/eval-gap analysis with
-its fixed configuration (seed 004). Each rule has an id, a severity and a message; `check_rules`
-returns the violations and `render_report` the readable report of the `validate_params` stage.
+the stable configuration's validation report (docs/sources.md#validated-configuration) and the
+train/eval-gap analysis with its fixed configuration (docs/sources.md#gap-analysis-and-its-fixes).
+Each rule has an id, a severity and a message; `check_rules` returns the violations and
+`render_report` the readable report of the `validate_params` stage.
 
-An error rule listed in `validation.accept_broken_rules` is broken on purpose (e.g. to re-run a failure
-mode of the seeds): its violation is "accepted", a recorded warning counted on its own, never a
-silent pass. Two rules check the list itself: every id names an error rule, and each is broken.
+An error rule listed in `validation.accept_broken_rules` is broken on purpose (e.g. to re-run a
+failure mode that the design sources describe): its violation is "accepted", a recorded warning
+counted on its own, never a silent pass. Two rules check the list itself: every id names an error rule, and each is broken.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _ema_lag(p: Params) -> str | None:
         horizon > between,
         f"EMA with decay {p.train.ema_decay} averages over ~{horizon:.0f} optimizer steps, more than "
         f"the ~{between} steps between two evaluations: the evaluated EMA weights lag the trained ones "
-        "(seed 004 §6; the fixed configuration uses 0.99)",
+        "(docs/sources.md#ema-lag; the fixed configuration uses 0.99)",
     )
 
 
@@ -123,7 +124,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "hyperlora-init-scale-negligible", "error", ("model.hyperlora_init_scale",),
         "HyperLoRA's first deltas are large enough to give a meta-learning signal (init scale > 0.01)",
-        "seed 000, issue #1",
+        "docs/sources.md#hyperlora",
         lambda p: _when(
             p.model.use_hyperlora and p.model.hyperlora_init_scale <= 0.01,
             f"model.hyperlora_init_scale={p.model.hyperlora_init_scale}: at 0.01 the adaptation effect was "
@@ -134,7 +135,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "hyperlora-init-scale-default", "warning", ("model.hyperlora_init_scale",),
         "HyperLoRA init scale agrees with the model's default",
-        "seed 000, issue #1",
+        "docs/sources.md#hyperlora",
         lambda p: _when(
             p.model.use_hyperlora and p.model.hyperlora_init_scale != HYPERLORA_CODE_DEFAULTS["init_scale"],
             f"model.hyperlora_init_scale={p.model.hyperlora_init_scale} differs from the model's default "
@@ -145,7 +146,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "hyperlora-scaling-default", "warning", ("model.hyperlora_scaling",),
         "HyperLoRA scaling agrees with the model's default, or LoRA magnitudes are watched",
-        "seed 000 §3",
+        "docs/sources.md#hyperlora",
         lambda p: _when(
             p.model.use_hyperlora and p.model.hyperlora_scaling != HYPERLORA_CODE_DEFAULTS["scaling"],
             f"model.hyperlora_scaling={p.model.hyperlora_scaling} is {p.model.hyperlora_scaling / HYPERLORA_CODE_DEFAULTS['scaling']:g}x "
@@ -156,7 +157,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "train-last-step", "error", ("train.use_best_step_selection",),
         "training takes the last solver step (best-step selection only at inference)",
-        "seed 000 §1",
+        "docs/sources.md#last-step-in-training",
         lambda p: _when(
             p.train.use_best_step_selection,
             "train.use_best_step_selection must be false: entropy-based selection adds noise to the "
@@ -167,7 +168,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "loo-min-pairs", "error", ("train.loo_training.min_pairs_for_loo",),
         "leave-one-out needs at least 2 pairs (one held out, one left as context)",
-        "seed 000 §4",
+        "docs/sources.md#leave-one-out",
         lambda p: _when(
             p.train.loo_training.enabled and p.train.loo_training.min_pairs_for_loo < 2,
             f"train.loo_training.min_pairs_for_loo={p.train.loo_training.min_pairs_for_loo}: holding one "
@@ -178,7 +179,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "loo-every-pair", "warning", ("train.loo_training.max_holdouts",),
         "leave-one-out holds every context pair out in turn, as the validated code",
-        "the validated code's leave-one-out",
+        "docs/sources.md#leave-one-out",
         lambda p: _when(
             p.train.loo_training.enabled and p.train.loo_training.max_holdouts is not None,
             f"train.loo_training.max_holdouts={p.train.loo_training.max_holdouts}: at most that many pairs per sample "
@@ -190,7 +191,7 @@ RULES: tuple[Rule, ...] = (
         "equivariance-needs-hyperlora", "error",
         ("train.equivariance_training.enabled", "model.use_hyperlora"),
         "the equivariance loss compares HyperLoRA deltas, so HyperLoRA must be on",
-        "seed 000 §5",
+        "docs/sources.md#equivariance",
         lambda p: _when(
             p.train.equivariance_training.enabled and not p.model.use_hyperlora,
             "train.equivariance_training.enabled is true but model.use_hyperlora is false: there are no "
@@ -202,7 +203,7 @@ RULES: tuple[Rule, ...] = (
         "color-permutation-inverse-aug", "error",
         ("augment.color_permutation_prob", "evaluate.use_inverse_aug"),
         "a model trained on recoloured versions is evaluated with inverse augmentation",
-        "seed 000 §6",
+        "docs/sources.md#augmentation-and-inverse-augmentation",
         lambda p: _when(
             p.augment.color_permutation_prob > 0 and not p.evaluate.use_inverse_aug,
             f"augment.color_permutation_prob={p.augment.color_permutation_prob} requires "
@@ -213,7 +214,7 @@ RULES: tuple[Rule, ...] = (
         "eval-views-inverse-aug", "error",
         ("evaluate.num_augmented_views", "evaluate.num_color_perms", "evaluate.use_inverse_aug"),
         "augmented evaluation views are mapped back before comparison",
-        "seed 004 §4",
+        "docs/sources.md#inverse-augmentation-and-voting",
         lambda p: _when(
             (p.evaluate.num_augmented_views > 1 or p.evaluate.num_color_perms > 1)
             and not p.evaluate.use_inverse_aug,
@@ -224,7 +225,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "eval-dihedral-group", "warning", ("evaluate.num_augmented_views",),
         "8 augmented views means the whole dihedral group; fewer take the first k transforms",
-        "seed 000 §7",
+        "docs/sources.md#evaluation-views",
         lambda p: _when(
             1 < p.evaluate.num_augmented_views < 8,
             f"evaluate.num_augmented_views={p.evaluate.num_augmented_views} uses dihedral ids "
@@ -234,7 +235,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "eval-dihedral-trained", "warning", ("evaluate.num_augmented_views", "augment.dihedral"),
         "dihedral evaluation views are views the model was trained on",
-        "seed 004 §4",
+        "docs/sources.md#inverse-augmentation-and-voting",
         lambda p: _when(
             p.evaluate.num_augmented_views > 1 and not p.augment.dihedral,
             "evaluation uses dihedral views but augment.dihedral is false: the model never saw them",
@@ -243,7 +244,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "eval-voting-views", "warning", ("evaluate.use_voting",),
         "voting has more than one view to pool",
-        "seed 004 §5",
+        "docs/sources.md#inverse-augmentation-and-voting",
         lambda p: _when(
             p.evaluate.use_voting and p.evaluate.num_augmented_views * p.evaluate.num_color_perms == 1,
             "evaluate.use_voting with a single view pools nothing",
@@ -252,7 +253,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "eval-trm-style", "warning", ("evaluate.use_trm_style_eval",),
         "views and voting apply only with TRM-style evaluation",
-        "seed 000 §7",
+        "docs/sources.md#evaluation-views",
         lambda p: _when(
             not p.evaluate.use_trm_style_eval
             and p.evaluate.num_augmented_views * p.evaluate.num_color_perms > 1,
@@ -264,7 +265,7 @@ RULES: tuple[Rule, ...] = (
         "fixed-constant-temperature", "error",
         ("model.use_gumbel_softmax", "train.temperature_start", "train.temperature_end"),
         "without Gumbel noise the temperature is constant (train like eval)",
-        "seed 004 §8",
+        "docs/sources.md#the-fixed-configuration",
         lambda p: _when(
             not p.model.use_gumbel_softmax and p.train.temperature_start != p.train.temperature_end,
             f"model.use_gumbel_softmax is false but the temperature decays {p.train.temperature_start} -> "
@@ -275,7 +276,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "gumbel-entropy-raw", "warning", ("model.use_gumbel_softmax", "train.entropy_on_raw_logits"),
         "with Gumbel noise the attention entropy is measured on the raw softmax",
-        "seed 004 §7 fix 2",
+        "docs/sources.md#entropy-after-the-noise",
         lambda p: _when(
             p.model.use_gumbel_softmax and not p.train.entropy_on_raw_logits,
             "train.entropy_on_raw_logits is false with Gumbel noise on: the entropy term measures the noise "
@@ -286,7 +287,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "kl-needs-gumbel", "warning", ("train.lambda_kl_consistency", "model.use_gumbel_softmax"),
         "the noisy-versus-clean KL term has noise to act on",
-        "seed 004 §7 fix 1C",
+        "docs/sources.md#kl-consistency",
         lambda p: _when(
             p.train.lambda_kl_consistency > 0 and not p.model.use_gumbel_softmax,
             f"train.lambda_kl_consistency={p.train.lambda_kl_consistency} has no effect without Gumbel noise "
@@ -297,7 +298,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "temperature-decays", "warning", ("train.temperature_start", "train.temperature_end"),
         "the temperature does not grow during training",
-        "seed 004 §2",
+        "docs/sources.md#temperature-decay",
         lambda p: _when(
             p.train.temperature_end > p.train.temperature_start,
             f"train.temperature_end={p.train.temperature_end} > temperature_start={p.train.temperature_start}",
@@ -307,14 +308,14 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "ema-lag", "warning", ("train.ema_decay", "train.eval_every"),
         "the EMA weights that are evaluated are not far behind the trained weights",
-        "seed 004 §6",
+        "docs/sources.md#ema-lag",
         _ema_lag,
         families=RLAN_ONLY,
     ),
     Rule(
         "meta-learning-starts", "warning", ("train.meta_learning_start_epoch", "train.epochs"),
         "LOO and equivariance losses start before training ends",
-        "seed 000 §4",
+        "docs/sources.md#leave-one-out",
         lambda p: _when(
             (p.train.loo_training.enabled or p.train.equivariance_training.enabled)
             and p.train.meta_learning_start_epoch >= p.train.epochs,
@@ -327,7 +328,7 @@ RULES: tuple[Rule, ...] = (
         "distributed-accumulation", "error",
         ("train.grad_accumulation_steps", "train.nproc_per_node", "train.nnodes"),
         "the micro-batches of an optimizer step divide evenly over the processes",
-        "issue: distributed training",
+        "docs/distributed.md#batch-rule",
         lambda p: _when(
             p.train.grad_accumulation_steps % (p.train.nnodes * p.train.nproc_per_node) != 0,
             f"train.grad_accumulation_steps={p.train.grad_accumulation_steps} is not a multiple of the "
@@ -375,7 +376,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "trm-cache-views", "warning", ("evaluate.views", "model.family"),
         "TRM is evaluated on the cached versions, the only ones with a trained puzzle embedding",
-        "TRM's evaluation (evaluators/arc.py of the public code)",
+        "docs/sources.md#trm (TRM's own evaluation votes over the cached versions)",
         lambda p: _when(
             p.evaluate.views != "cache",
             "evaluate.views=fresh with model.family=trm: a fresh view has no puzzle embedding of its own, so TRM "
@@ -387,19 +388,19 @@ RULES: tuple[Rule, ...] = (
         "monitoring-threshold-order", "error",
         ("monitoring.*_warning", "monitoring.*_critical"),
         "each warning threshold is at most its critical threshold",
-        "seed 004 §7 fix 5",
+        "docs/sources.md#gap-monitoring",
         _threshold_order,
     ),
     Rule(
         "accepted-rules-known", "error", (ACCEPT_KEY,),
         "every rule accepted as broken is an error rule of this list",
-        "issue: ablations and failure modes",
+        "docs/configuration.md#breaking-a-rule-on-purpose",
         _unknown_accepted,
     ),
     Rule(
         "accepted-rules-broken", "warning", (ACCEPT_KEY,),
         "every rule accepted as broken is broken by this configuration",
-        "issue: ablations and failure modes",
+        "docs/configuration.md#breaking-a-rule-on-purpose",
         _accepted_not_broken,
     ),
 )
