@@ -100,8 +100,9 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "full": Scale({}, "params.yaml as committed: 400K samples, 200 epochs of the 12.2M-parameter model, on a "
-                      "GPU: about 16 H100-hours at 40% of the bf16 peak, projected from its FLOPs"),
+    "full": Scale({}, "params.yaml as committed: 400K samples, 200 epochs of the 15.4M-parameter model (every "
+                      "context pair held out for leave-one-out), on a GPU: about 25 H100-hours at 40% of the bf16 "
+                      "peak, projected from its FLOPs"),
     "cpu": Scale({
         "model.hidden_dim": 32, "model.num_solver_steps": 3, "model.max_clues": 3, "model.spatial_downsample": 4,
         "model.dsc_num_heads": 2, "model.solver_context_heads": 2,
