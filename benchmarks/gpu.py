@@ -389,7 +389,7 @@ def build_cache(ctx: Context) -> dict:
 
 
 def summarize(res: dict[str, dict], mode: Mode, cache_samples: int | None, meta_start: int) -> dict:
-    """The figures the README reports, from the parts' results: MFU, compile speed-up, projected
+    """The figures docs/benchmarks.md reports, from the parts' results: MFU, compile speed-up, projected
     hours of the stable run (200 epochs over the cache, meta-learning after `meta_start`), and the
     targets, each with its value and whether it is met (None where it was not measured)."""
     peak = res.get("peak", {}).get("tflops")

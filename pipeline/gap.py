@@ -1,6 +1,6 @@
 """The train/eval gap, graded by the monitor, in two views:
 
-- `training`: what seed 004 measured. Train mode on training batches (with Gumbel noise when it
+- `training`: what the gap analysis measured (docs/sources.md). Train mode on training batches (with Gumbel noise when it
   is on) against eval mode (the EMA model) on the held-out evaluation tasks, from the last epoch of
   training: train vs held-out exact match, attention entropy and stop value in each mode, task loss
   vs held-out loss. This is where a train/eval *mode* mismatch shows.

@@ -2,7 +2,7 @@
 
 Each section of params.yaml loads into a frozen pydantic model that rejects unknown keys, wrong
 types and out-of-range values. `load_params` turns pydantic's errors into one `ParamsError` whose
-lines name the dotted key, what was wrong and what is allowed. Cross-key checks (the seed's
+lines name the dotted key, what was wrong and what is allowed. Cross-key checks (the validated configuration's
 validation rules) live in `pipeline.rules`, not here: this module only knows single values.
 
 The file is read defensively (`read_yaml`, every reader of a params file uses it): at most
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from yaml.constructor import ConstructorError
 
 # Defaults of the model code itself (not of params.yaml): the validation rules compare the
-# configured values with these, as the seed's report does ("the code's HyperLoRAConfig uses
+# configured values with these, as the validation report does (docs/sources.md) ("the code's HyperLoRAConfig uses
 # scaling 0.1"; "RLANConfig default hyperlora_init_scale 0.1").
 HYPERLORA_CODE_DEFAULTS = {"init_scale": 0.1, "scaling": 0.1}
 MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few KB; a larger file is refused before it is parsed

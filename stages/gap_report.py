@@ -25,7 +25,7 @@ def pick_pictures(candidates: dict, n: int) -> list[tuple[str, int]]:
 
 
 VIEWS = {
-    "training": "Training (seed 004's measurement): train mode on training batches vs eval mode (EMA) on the "
+    "training": "Training (the gap analysis's measurement): train mode on training batches vs eval mode (EMA) on the "
                 "held-out evaluation tasks, last epoch.",
     "evaluation": "Evaluation stage: the training tasks' test pairs vs the evaluation tasks, both in eval mode "
                   "with the same protocol (voting over augmented views).",

@@ -1,4 +1,4 @@
-"""Stage `validate_params`: params.yaml against the schema and the seed's rules, before any compute."""
+"""Stage `validate_params`: params.yaml against the schema and the validation rules (docs/configuration.md), before any compute."""
 
 from __future__ import annotations
 

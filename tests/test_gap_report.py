@@ -20,7 +20,7 @@ def _side(pass1, ent, stop, loss):
     return {"pass@1": pass1, "attention_entropy": ent, "stop_value": stop, "loss": loss}
 
 
-# seed 004's numbers: 20.7% train vs 0.2% eval exact match, entropy 0.02 vs 3.82, stop 0.574 vs 0.342
+# the gap analysis's numbers (docs/sources.md): 20.7% train vs 0.2% eval exact match, entropy 0.02 vs 3.82, stop 0.574 vs 0.342
 SEED_TRAINING = {"train_exact_match": 0.207, "heldout_exact_match": 0.002, "attention_entropy_train": 0.02,
                  "attention_entropy_eval": 3.82, "stop_value_train": 0.574, "stop_value_eval": 0.342,
                  "loss_task": 0.5, "heldout_loss": 0.6}

@@ -9,7 +9,7 @@ What each test is meant to catch:
 - test_summary_*: MFU, compile speed-up, projected hours of the stable run and the targets computed
   from the parts' results (known answers); a failed part gives "not measured", never a number.
 - test_learning_curve_draws_every_series: the figure of the short training leaves out a series the
-  README reports (task loss, exact match, pixel accuracy, LoRA magnitudes, LOO accuracy).
+  docs report (task loss, exact match, pixel accuracy, LoRA magnitudes, LOO accuracy).
 - test_device_command_*: the README's device command differs from the one the code builds, or
   exceeds the device tool's 2,000 characters.
 - test_smoke_in_clean_venv (slow): the carried wheels and tasks do not suffice in a venv holding only

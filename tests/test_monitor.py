@@ -19,7 +19,7 @@ def test_grade(value, expected):
 
 
 def test_the_seeds_gap_is_critical():
-    # seed 004: 20.7% train against 0.2% eval exact match; entropy 0.02 vs 3.82; stop 0.574 vs 0.342
+    # the gap analysis (docs/sources.md): 20.7% train against 0.2% eval exact match; entropy 0.02 vs 3.82; stop 0.574 vs 0.342
     checks = {c.name: c for c in gap_checks(Side(0.207, 0.02, 0.574, 0.5), Side(0.002, 3.82, 0.342, 2.0), M)}
     assert checks["exact_match_gap"].status == "critical" and checks["exact_match_gap"].value == pytest.approx(0.205)
     assert checks["exact_match_relative_gap"].value == pytest.approx(0.205 / 0.207)

@@ -1,4 +1,4 @@
-"""The seed's validation rules and the validate_params stage."""
+"""The validation rules (docs/configuration.md) and the validate_params stage."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_rule_ids_unique_and_keys_exist():
 def test_stable_configuration_has_no_errors_and_the_known_warnings():
     p = params_with()
     assert ids(p, "error") == set()
-    # the seed flags hyperlora_scaling 1.0 (10x the code default); seed 004 flags post-noise entropy
+    # the validation report flags hyperlora_scaling 1.0 (10x the code default); the gap analysis flags post-noise entropy
     assert ids(p, "warning") == {"hyperlora-scaling-default", "gumbel-entropy-raw"}
 
 

@@ -2,7 +2,7 @@
 
 With CUDA, the whole pipeline (`dvc repro`). Without, the stable-versus-fixed workflow at the cpu
 scale (`pipeline.experiments`: both experiments side by side in the DVC queue, each with half the
-cores, then the compare report), which shows the seed's train/eval mode gap in minutes, where the full
+cores, then the compare report), which shows the train/eval mode gap of the gap analysis (docs/sources.md) in minutes, where the full
 pipeline would train for months.
 `--scale NAME` runs the workflow at that scale on any machine (`make run SCALE=tiny`).
 """

@@ -1,8 +1,8 @@
-"""Named DVC experiments: the stable configuration, the fixed one, one ablation per fix, the seed's
+"""Named DVC experiments: the stable configuration, the fixed one, one ablation per fix, the gap analysis's
 failure mode, and the scales they run at, each declared once here as overrides of params.yaml; and
 the runner that runs them, or any override of the user's, at a scale, with seed repeats.
 
-`params.yaml` is the stable configuration. The fixed configuration applies seed 004 section 8's fixes
+`params.yaml` is the stable configuration. The fixed configuration applies the gap analysis's fixes (docs/sources.md)
 (plus the faster EMA of the public fixed config); the baseline already evaluates with inverse
 augmentation and voting over the 8 dihedral views. Each ablation applies one fix alone to stable.
 
@@ -62,7 +62,7 @@ FIXED: dict[str, Any] = {
     "train.entropy_on_raw_logits": True,  # entropy of the raw softmax, not of the noise
     "train.lambda_kl_consistency": 0.1,
     "train.eval_every": 1,  # gap visible every epoch
-    "train.ema_decay": 0.99,  # the EMA follows the weights closely (seed 004 section 6)
+    "train.ema_decay": 0.99,  # the EMA follows the weights closely (docs/sources.md#ema-lag)
 }
 # One experiment per fix, applied alone to stable; together (less `validation.*`) they are FIXED.
 ABLATIONS: dict[str, dict[str, Any]] = {

@@ -130,7 +130,7 @@ def publish(tracker: Any, model_path: str | Path, cache: str | Path) -> Any:
         logged, example, shape = families.of(model).mlflow_model(model, meta, cache)
         with using_tracking_uri(tracker.uri), tempfile.TemporaryDirectory() as tmp, \
                 mlflow.start_run(run_id=tracker.run_id), _quiet("mlflow.pytorch"):
-            # pickle, not MLflow's default torch.export (14 s for the tiny model): the README's MLflow
+            # pickle, not MLflow's default torch.export (14 s for the tiny model): docs/mlflow.md
             # section says why (MLflow warns that pickled models run code when loaded: trust the store)
             code = shutil.copytree(PACKAGE, Path(tmp) / PACKAGE.name,
                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
