@@ -98,7 +98,7 @@ def _evaluate(ws, out, n, port):
     _with_procs(ws, n, port)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "stages.evaluate", "--params", str(ws["params"]), "--model", str(ws["model"]),
-           "--raw", str(ws["raw"]), "--metrics", str(out / "eval.json"), "--tasks-table", str(out / "tasks.csv"),
+           "--raw", str(ws["raw"]), "--cache", str(ws["cache"]), "--metrics", str(out / "eval.json"), "--tasks-table", str(out / "tasks.csv"),
            "--submission", str(out / "submission.json"), "--candidates", str(out / "candidates.json")]
     return _stage(cmd)
 

@@ -1,29 +1,25 @@
 """The named experiments end to end, with the real dvc commands at the tiny scale: seed repeats made by
-hand in the workspace, the runner from a dirty workspace with a queue of mixed scales, seeds and a
-sweep, and `make run` on a fresh clone with no git identity."""
+hand in the workspace, a pre-flight refusal that keeps the user's override, and the runner interrupted
+and resumed. (The queue of mixed scales: tests/test_queue_e2e.py; `make run`: tests/test_make_run_e2e.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sqlite3
-import subprocess
 import sys
 
 import pytest
 import yaml
 
 from pipeline.experiments.runner import FIXED, SCALES, expected_changes, experiment_revs
-from pipeline.params import SEED_KEYS, flatten
+from pipeline.params import flatten
 from tests.helpers import (
-    REPO,
     checkpoint_in_progress,
     commit_all,
     copy_repo,
     interrupt_when,
     run,
-    tool_env,
-    write_params,
 )
 
 pytestmark = pytest.mark.e2e
@@ -93,48 +89,6 @@ def test_a_cpu_refusal_keeps_the_users_override_and_says_how_to_restore_params(r
     run(["git", "checkout", "--", "params.yaml"], repo)
 
 
-def test_runner_from_a_dirty_workspace_with_a_queue_of_mixed_scales_seeds_and_a_sweep(repo):
-    # the user's own experiment, queued: a cut-down stand-in for the cpu scale's stable (names carry the scale)
-    mine = ["-S", "data.max_tasks=3", "-S", "augment.samples_per_task=4", "-S", "train.epochs=1",
-            "-S", "train.steps_per_epoch=1", "-S", "train.batch_size=2", "-S", "train.heldout_tasks=2",
-            "-S", "evaluate.max_tasks=1", "-S", "evaluate.num_color_perms=1"]
-    cpu = run(EXPERIMENTS + ["overrides", "stable", "--scale", "cpu"], repo).stdout.split()
-    run(DVC + ["exp", "run", "--queue", "-n", "stable_cpu", *cpu, *mine], repo)
-    write_params(repo, train__learning_rate=0.001)  # an edit left in the workspace
-    lock = (repo / "dvc.lock").read_text()
-
-    out = run(EXPERIMENTS + ["run", "--scale", "tiny", "--seeds", "2", "--queue", "-j", "2",
-                             "-S", "model.hyperlora_init_scale=0.05,0.1"], repo, timeout=3600)
-    log = out.stderr
-    assert "train.learning_rate: committed 0.0005, now 0.001" in log  # restored, and kept in .dvc/tmp
-    assert "-S model.hyperlora_init_scale=0.1 is the committed value (HEAD) already" in log and "not run twice" in log
-    assert "dvc queue logs -f NAME" in log and "stable_tiny_s43: epoch 3/3: loss" in log  # progress while queued
-    revs = experiment_revs(repo)
-    mine_tiny = "hyperlora_init_scale=0.05_tiny"
-    assert {"stable_cpu", "stable_tiny", "stable_tiny_s43", mine_tiny, f"{mine_tiny}_s43"} <= set(revs)
-    assert "hyperlora_init_scale=0.1_tiny" not in revs
-    base = committed(repo)
-    assert changed(repo, "HEAD", "stable_tiny_s43") == expected_changes({**TINY, **{k: 43 for k in SEED_KEYS}}, base)
-    assert changed(repo, "stable_tiny", mine_tiny) == {"model.hyperlora_init_scale": 0.05}
-
-    # yours against stable, compared at once, in a directory of its own; the workspace as before
-    report = (repo / "metrics" / "compare" / f"stable_tiny-vs-{mine_tiny}" / "compare.md").read_text()
-    assert "Scale: tiny." in report and f"Seeds: stable_tiny 42, 43; {mine_tiny} 42, 43." in report
-    assert f"| {mine_tiny} | {mine_tiny} (" in report and "| model.hyperlora_init_scale=0.05 |" in report
-    assert report.strip() in out.stdout
-    assert (repo / "params.yaml").read_text() == run(["git", "show", "HEAD:params.yaml"], repo).stdout
-    assert (repo / "dvc.lock").read_text() == lock and "the workspace is as before" in log
-
-    # scales are never mixed silently
-    refused = run(EXPERIMENTS + ["compare", "stable_tiny", "stable_cpu"], repo, check=False)
-    assert refused.returncode != 0 and "different scales (stable_tiny: tiny, stable_cpu: cpu)" in refused.stderr
-    which = run(EXPERIMENTS + ["compare", "stable", mine_tiny.removesuffix("_tiny")], repo, check=False)
-    assert which.returncode != 0 and "stable ran at the scales cpu, tiny: choose one with --scale" in which.stderr
-    table = run(EXPERIMENTS + ["diff", "--scale", "tiny", "stable", mine_tiny.removesuffix("_tiny")], repo).stdout
-    assert f"stable_tiny (2 seed(s)) vs {mine_tiny} (2 seed(s)), scale tiny" in table and " ± " in table
-    assert "EXEC_" not in run(EXPERIMENTS + ["runs"], repo).stdout
-
-
 def assert_stable_versus_fixed(repo) -> None:
     """The result itself: stable is HEAD plus the tiny scale, fixed is stable plus its overrides, the two
     measured differently, and the workspace back on HEAD's params.yaml."""
@@ -177,41 +131,3 @@ def test_interrupted_runner_resumes_its_training(repo):
         return sorted(r for rs in runs.values() for r in rs if r[0] == "stable_tiny")
 
     assert stable(runs_by_fingerprint(repo)) == sorted([*stable(before), ("stable_tiny", "FINISHED")])  # one more
-
-
-def test_make_run_on_a_fresh_clone_without_git_identity(repo, tmp_path):
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
-    (clone / ".venv").symlink_to(REPO / ".venv")  # set up already: `-o` below keeps make from reinstalling
-    write_params(clone, train__learning_rate=0.001, model__use_gumbel_softmax=False)  # leftovers
-    env = {k: v for k, v in tool_env().items()  # no git identity; not a make inside `make test` either
-           if not k.startswith(("GIT_AUTHOR_", "GIT_COMMITTER_")) and k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-    env.update(HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1")  # no git identity anywhere
-    proc = subprocess.run(["make", "-o", ".venv/.installed", "run", "SCALE=tiny"], cwd=clone, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("make run: SCALE=tiny: the stable-versus-fixed workflow at the tiny scale")
-    assert "train.learning_rate: committed 0.0005, now 0.001" in proc.stderr
-    assert "queue after" in proc.stderr and "fixed_tiny: epoch 1/3" in proc.stderr  # progress while the queue runs
-    assert_stable_versus_fixed(clone)
-    report = (clone / "metrics" / "compare" / "stable_tiny-vs-fixed_tiny" / "compare.md").read_text()
-    assert "Scale: tiny." in report and "| training: attention_entropy_ratio |" in report
-    assert (clone / "metrics" / "compare" / "stable_tiny-vs-fixed_tiny" / "attention_entropy.png").exists()
-    rev = experiment_revs(clone)["stable_tiny"]
-    assert run(["git", "log", "-1", "--format=%an", rev], clone).stdout.strip() == "rlan-pipeline"
-    with sqlite3.connect(clone / "mlflow.db") as db:
-        runs = dict(db.execute("select name, status from runs"))
-    assert {n: runs.get(n) for n in ("stable_tiny", "fixed_tiny")} == {"stable_tiny": "FINISHED",
-                                                                       "fixed_tiny": "FINISHED"}
-
-    # `make run` again trains nothing: both trainings are restored from their finished checkpoints
-    checkpoints = {p: p.stat().st_mtime_ns for p in (clone / "checkpoints").glob("*/last.pt")}
-    runs = runs_by_fingerprint(clone)
-    assert len(checkpoints) == 2 and sorted(r for rs in runs.values() for r in rs) == [
-        ("fixed_tiny", "FINISHED"), ("stable_tiny", "FINISHED")]
-    again = subprocess.run(["make", "-o", ".venv/.installed", "run", "SCALE=tiny"], cwd=clone, env=env,
-                           capture_output=True, text=True, timeout=1200)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert {p: p.stat().st_mtime_ns for p in (clone / "checkpoints").glob("*/last.pt")} == checkpoints
-    assert runs_by_fingerprint(clone) == runs  # each training's finished run, continued
-    assert_stable_versus_fixed(clone)

@@ -44,7 +44,7 @@ def other_stages(ws, out):
     """evaluate and gap_report on (missing) outputs: a store check must stop them before they read anything."""
     common = ["--params", str(ws["params"]), "--raw", str(ws["raw"]), "--model", str(out / "model.pt")]
     return [
-        [sys.executable, "-m", "stages.evaluate", *common, "--metrics", str(out / "eval.json"),
+        [sys.executable, "-m", "stages.evaluate", *common, "--cache", str(ws["cache"]), "--metrics", str(out / "eval.json"),
          "--tasks-table", str(out / "t.csv"), "--submission", str(out / "s.json"), "--candidates", str(out / "c.json")],
         [sys.executable, "-m", "stages.gap_report", *common, "--eval-metrics", str(out / "eval.json"),
          "--candidates", str(out / "c.json"), "--train-metrics", str(out / "train.json"),

@@ -188,7 +188,7 @@ def test_attention_entropy_bounds():
 def test_model_file_round_trip(tmp_path):
     m = tiny().eval()
     save_model(tmp_path / "model.pt", m, {"temperature": 0.5, "mlflow_run_id": None})
-    assert torch.load(tmp_path / "model.pt", weights_only=True)["format"] == 1
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["format"] == 2
     back, meta = load_model(tmp_path / "model.pt")
     b = example_batch(2)
     assert meta["temperature"] == 0.5

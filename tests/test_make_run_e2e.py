@@ -1,0 +1,62 @@
+"""`make run` on a fresh clone with no git identity, twice: the second trains nothing."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+
+import pytest
+
+from pipeline.experiments.runner import experiment_revs
+from tests.helpers import REPO, commit_all, copy_repo, run, tool_env, write_params
+from tests.test_experiments_e2e import (
+    assert_stable_versus_fixed,
+    runs_by_fingerprint,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("exp"))
+    commit_all(repo, "baseline")
+    return repo
+
+
+def test_make_run_on_a_fresh_clone_without_git_identity(repo, tmp_path):
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    (clone / ".venv").symlink_to(REPO / ".venv")  # set up already: `-o` below keeps make from reinstalling
+    write_params(clone, train__learning_rate=0.001, model__use_gumbel_softmax=False)  # leftovers
+    env = {k: v for k, v in tool_env().items()  # no git identity; not a make inside `make test` either
+           if not k.startswith(("GIT_AUTHOR_", "GIT_COMMITTER_")) and k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    env.update(HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1")  # no git identity anywhere
+    proc = subprocess.run(["make", "-o", ".venv/.installed", "run", "SCALE=tiny"], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("make run: SCALE=tiny: the stable-versus-fixed workflow at the tiny scale")
+    assert "train.learning_rate: committed 0.0005, now 0.001" in proc.stderr
+    assert "queue after" in proc.stderr and "fixed_tiny: epoch 1/3" in proc.stderr  # progress while the queue runs
+    assert_stable_versus_fixed(clone)
+    report = (clone / "metrics" / "compare" / "stable_tiny-vs-fixed_tiny" / "compare.md").read_text()
+    assert "Scale: tiny." in report and "| training: attention_entropy_ratio |" in report
+    assert (clone / "metrics" / "compare" / "stable_tiny-vs-fixed_tiny" / "attention_entropy.png").exists()
+    rev = experiment_revs(clone)["stable_tiny"]
+    assert run(["git", "log", "-1", "--format=%an", rev], clone).stdout.strip() == "rlan-pipeline"
+    with sqlite3.connect(clone / "mlflow.db") as db:
+        runs = dict(db.execute("select name, status from runs"))
+    assert {n: runs.get(n) for n in ("stable_tiny", "fixed_tiny")} == {"stable_tiny": "FINISHED",
+                                                                       "fixed_tiny": "FINISHED"}
+
+    # `make run` again trains nothing: both trainings are restored from their finished checkpoints
+    checkpoints = {p: p.stat().st_mtime_ns for p in (clone / "checkpoints").glob("*/last.pt")}
+    runs = runs_by_fingerprint(clone)
+    assert len(checkpoints) == 2 and sorted(r for rs in runs.values() for r in rs) == [
+        ("fixed_tiny", "FINISHED"), ("stable_tiny", "FINISHED")]
+    again = subprocess.run(["make", "-o", ".venv/.installed", "run", "SCALE=tiny"], cwd=clone, env=env,
+                           capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {p: p.stat().st_mtime_ns for p in (clone / "checkpoints").glob("*/last.pt")} == checkpoints
+    assert runs_by_fingerprint(clone) == runs  # each training's finished run, continued
+    assert_stable_versus_fixed(clone)

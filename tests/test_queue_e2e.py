@@ -1,0 +1,69 @@
+"""The experiments runner from a dirty workspace with a queue of mixed scales, seeds and a sweep (the
+real dvc commands, tiny scale)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.experiments.runner import expected_changes, experiment_revs
+from pipeline.params import SEED_KEYS
+from tests.helpers import commit_all, copy_repo, run, write_params
+from tests.test_experiments_e2e import (
+    DVC,
+    EXPERIMENTS,
+    TINY,
+    changed,
+    committed,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("exp"))
+    commit_all(repo, "baseline")
+    return repo
+
+
+def test_runner_from_a_dirty_workspace_with_a_queue_of_mixed_scales_seeds_and_a_sweep(repo):
+    # the user's own experiment, queued: a cut-down stand-in for the cpu scale's stable (names carry the scale)
+    mine = ["-S", "data.max_tasks=3", "-S", "augment.samples_per_task=4", "-S", "train.epochs=1",
+            "-S", "train.steps_per_epoch=1", "-S", "train.batch_size=2", "-S", "train.heldout_tasks=2",
+            "-S", "evaluate.max_tasks=1", "-S", "evaluate.num_color_perms=1"]
+    cpu = run(EXPERIMENTS + ["overrides", "stable", "--scale", "cpu"], repo).stdout.split()
+    run(DVC + ["exp", "run", "--queue", "-n", "stable_cpu", *cpu, *mine], repo)
+    write_params(repo, train__learning_rate=0.001)  # an edit left in the workspace
+    lock = (repo / "dvc.lock").read_text() if (repo / "dvc.lock").exists() else None  # none on a fresh clone
+
+    out = run(EXPERIMENTS + ["run", "--scale", "tiny", "--seeds", "2", "--queue", "-j", "2",
+                             "-S", "model.hyperlora_init_scale=0.05,0.1"], repo, timeout=3600)
+    log = out.stderr
+    assert "train.learning_rate: committed 0.0005, now 0.001" in log  # restored, and kept in .dvc/tmp
+    assert "-S model.hyperlora_init_scale=0.1 is the committed value (HEAD) already" in log and "not run twice" in log
+    assert "dvc queue logs -f NAME" in log and "stable_tiny_s43: epoch 3/3: loss" in log  # progress while queued
+    revs = experiment_revs(repo)
+    mine_tiny = "hyperlora_init_scale=0.05_tiny"
+    assert {"stable_cpu", "stable_tiny", "stable_tiny_s43", mine_tiny, f"{mine_tiny}_s43"} <= set(revs)
+    assert "hyperlora_init_scale=0.1_tiny" not in revs
+    base = committed(repo)
+    assert changed(repo, "HEAD", "stable_tiny_s43") == expected_changes({**TINY, **{k: 43 for k in SEED_KEYS}}, base)
+    assert changed(repo, "stable_tiny", mine_tiny) == {"model.hyperlora_init_scale": 0.05}
+
+    # yours against stable, compared at once, in a directory of its own; the workspace as before
+    report = (repo / "metrics" / "compare" / f"stable_tiny-vs-{mine_tiny}" / "compare.md").read_text()
+    assert "Scale: tiny." in report and f"Seeds: stable_tiny 42, 43; {mine_tiny} 42, 43." in report
+    assert f"| {mine_tiny} | {mine_tiny} (" in report and "| model.hyperlora_init_scale=0.05 |" in report
+    assert report.strip() in out.stdout
+    assert (repo / "params.yaml").read_text() == run(["git", "show", "HEAD:params.yaml"], repo).stdout
+    after = (repo / "dvc.lock").read_text() if (repo / "dvc.lock").exists() else None
+    assert after == lock and "the workspace is as before" in log
+
+    # scales are never mixed silently
+    refused = run(EXPERIMENTS + ["compare", "stable_tiny", "stable_cpu"], repo, check=False)
+    assert refused.returncode != 0 and "different scales (stable_tiny: tiny, stable_cpu: cpu)" in refused.stderr
+    which = run(EXPERIMENTS + ["compare", "stable", mine_tiny.removesuffix("_tiny")], repo, check=False)
+    assert which.returncode != 0 and "stable ran at the scales cpu, tiny: choose one with --scale" in which.stderr
+    table = run(EXPERIMENTS + ["diff", "--scale", "tiny", "stable", mine_tiny.removesuffix("_tiny")], repo).stdout
+    assert f"stable_tiny (2 seed(s)) vs {mine_tiny} (2 seed(s)), scale tiny" in table and " ± " in table
+    assert "EXEC_" not in run(EXPERIMENTS + ["runs"], repo).stdout
