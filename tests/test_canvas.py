@@ -36,6 +36,7 @@ def test_known_canvas():
     assert (c != PAD).sum() == 6 + 3 + 2
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(placed_grids())
 def test_decode_round_trip(case):

@@ -84,6 +84,7 @@ def ws(tmp_path_factory):
     return tiny_workspace(tmp_path_factory.mktemp("disk"), tracking__required=False, tracking__timeout_s=2)
 
 
+@pytest.mark.slow
 def test_metrics_folder_not_writable(ws, tmp_path):
     """prepare with its metrics folder read-only (chattr +i as root, chmod otherwise)."""
     source = tmp_path / "tasks.json"
@@ -103,6 +104,7 @@ def test_metrics_folder_not_writable(ws, tmp_path):
     assert list(metrics.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_full_disk_in_evaluate(ws, tmp_path):
     save_model(tmp_path / "model.pt", RLAN(load_params(ws["params"]).model), {"temperature": 0.5, "epochs": 1})
     out = tmp_path / "out"

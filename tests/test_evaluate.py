@@ -48,6 +48,7 @@ def arc_tasks() -> list[Task]:
     return select([t for t in tasks if t.split == "eval"], 12)
 
 
+@pytest.mark.slow
 def test_oracle_in_every_view_gets_pass_at_1(arc_tasks):
     res = evaluate_side(arc_tasks, scripted(oracle), EP)
     assert res.metrics["pass@1"] == 1.0 and res.metrics["exact_match_identity"] == 1.0
@@ -83,6 +84,7 @@ def test_right_only_in_identity_view_same_wrong_answer_elsewhere(arc_tasks):
     assert res.metrics["pass@1"] == 0.0 and res.metrics["exact_match_identity"] == 1.0
 
 
+@pytest.mark.slow
 def test_right_only_in_identity_view_wins_on_confidence_ties(arc_tasks):
     ident = _identity_rows(arc_tasks)
 

@@ -196,6 +196,7 @@ def test_temperature_schedule(name, constant):
     assert (taus == {0.5}) == constant
 
 
+@pytest.mark.slow
 def test_fast_ema_and_evaluation_every_epoch_reach_training(tmp_path):
     ws = tiny_workspace(tmp_path / "ws")
     tasks = read_raw(ws["raw"] / "pairs.parquet")

@@ -57,6 +57,7 @@ def ws(tmp_path_factory):
     return tiny_workspace(tmp_path_factory.mktemp("faults"), train__epochs=1, tracking__timeout_s=3)
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_stops_every_logging_stage_in_seconds(ws, tmp_path):
     for cmd in [train_cmd(ws, tmp_path), *other_stages(ws, tmp_path)]:
         t0 = time.perf_counter()
@@ -67,6 +68,7 @@ def test_unreachable_tracking_server_stops_every_logging_stage_in_seconds(ws, tm
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.slow
 def test_read_only_store_stops_training_naming_the_file(ws, tmp_path):
     """(evaluate and gap_report run the same check, tested above with an unreachable server)"""
     from pipeline.tracking import prepare_store
@@ -93,6 +95,7 @@ def test_training_without_mlflow_when_it_is_not_required(tmp_path):
     assert (tmp_path / "out" / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_stops_training_in_one_line(ws, tmp_path):
     folder = checkpoint_of(ws, tmp_path / "ckpt")
     folder.mkdir(parents=True)
@@ -102,6 +105,7 @@ def test_corrupt_checkpoint_stops_training_in_one_line(ws, tmp_path):
     assert "weights_only" not in line
 
 
+@pytest.mark.slow
 def test_damaged_cache_stops_training_in_one_line(ws, tmp_path):
     import shutil
 
@@ -115,6 +119,7 @@ def test_damaged_cache_stops_training_in_one_line(ws, tmp_path):
     assert f"{cells}: its content differs" in line and "dvc repro -f -s augment" in line
 
 
+@pytest.mark.slow
 def test_non_utf8_input_file_is_bad_input(tmp_path):
     (tmp_path / "tasks.json").write_bytes(b'{"train": {"t1": "\xe9t\xe9"}}')  # Latin-1, not UTF-8
     params = tmp_path / "params.yaml"
@@ -139,6 +144,7 @@ def test_hidden_dim_not_a_multiple_of_8_is_a_schema_error():
         params_with(**{**TINY_MODEL, "model__hidden_dim": 20})
 
 
+@pytest.mark.slow
 def test_rules_accept_exactly_the_head_counts_the_model_builds_with():
     """For every small hidden size, head count and context switch: the model builds iff the rules pass
     (the DSC scores with one head whatever dsc_num_heads, as the public module)."""

@@ -92,6 +92,7 @@ def test_several_runs_are_colours_with_one_legend_and_each_series_its_own_panel(
     assert all(ax.get_legend() is None for ax in fig.axes)  # no legend inside a panel
 
 
+@pytest.mark.slow
 def test_plot_curves_writes_one_png_per_measured_figure(tmp_path):
     df = _series(2, loss_task=[2.0, 1.0], heldout_loss=[2.5, 1.5], stop_value_train=[0.5, 0.4],
                  heldout_pixel_accuracy=[0.5, 0.6])
@@ -101,6 +102,7 @@ def test_plot_curves_writes_one_png_per_measured_figure(tmp_path):
     assert all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name, _ in written)
 
 
+@pytest.mark.slow
 def test_task_picture_and_selection(tmp_path):
     g = np.arange(6, dtype=np.uint8).reshape(2, 3)
     task = Task("abc", "eval", ((g, g.T), (g, g)), ((g, g.T),))

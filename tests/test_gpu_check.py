@@ -104,6 +104,7 @@ def test_summary_stable_micro_batch_needing_checkpointing_fails_its_target():
     assert fig["targets"]["stable_micro_batch_fits_without_checkpointing"]["ok"] is False
 
 
+@pytest.mark.slow
 def test_learning_curve_draws_every_series(tmp_path):
     rows = [{"epoch": e, **{c: 0.1 * e for c in SERIES}, "heldout_exact_match": None} for e in range(1, 6)]
     for r in rows[:3]:

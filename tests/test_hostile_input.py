@@ -162,6 +162,7 @@ def test_every_stage_refuses_a_repeated_key_and_a_file_not_utf8_in_one_line(tmp_
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["v.json", "v.md"]  # validate_params' report
 
 
+@pytest.mark.slow
 def test_validate_params_refuses_an_alias_bomb_in_seconds(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(BOMB_PARAMS)
@@ -184,6 +185,7 @@ def _prepare(tmp_path, source, **params):
                   "--metrics", str(tmp_path / "prepare.json"), "--input", str(source)], memory_gb=1.0)
 
 
+@pytest.mark.slow
 def test_prepare_refuses_input_over_the_configured_size(tmp_path):
     task = '{"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [[1]], "output": [[2]]}]}'
     source = tmp_path / "tasks.json"
@@ -195,6 +197,7 @@ def test_prepare_refuses_input_over_the_configured_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_prepare_refuses_deeply_nested_json_in_one_line(tmp_path):
     source = tmp_path / "tasks.json"
     source.write_text('{"train": ' + "[" * 200_000 + "]" * 200_000 + "}")

@@ -130,6 +130,7 @@ def _reference_terms(model: RLAN, examples, dihedrals, tp, temperature: float) -
 DIHEDRALS = [[1, 2, 5, 7], [3, 6, 4, 1]]
 
 
+@pytest.mark.slow
 def test_encode_once_matches_the_definitions():
     """Every logged term, the total and every gradient equal the objective computed from its definition
     sample by sample (tiny model; every pair held out; the equivariance weight raised so that its
@@ -157,6 +158,7 @@ def _close(g: torch.Tensor, h: torch.Tensor) -> bool:
     return float((g - h).norm()) <= 1e-3 * float(h.norm()) + 1e-6
 
 
+@pytest.mark.slow
 def test_equivariance_gradient_reaches_hyperlora_only():
     """The penalty's gradient equals the reference's: it trains HyperLoRA, never the context encoder
     (the transformed contexts are encoded without gradient and the original is the fixed target)."""
@@ -175,6 +177,7 @@ def test_equivariance_gradient_reaches_hyperlora_only():
     assert all(x is None for x in torch.autograd.grad(penalty, encoder, allow_unused=True))
 
 
+@pytest.mark.slow
 def test_a_loo_example_does_not_see_its_held_out_output():
     model, tp = _model()
     model.eval()
@@ -308,6 +311,7 @@ def test_compiled_objective_matches_eager_without_recompiling_every_step():
     assert graphs[-1] == graphs[1] <= 2, graphs
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_changes_memory_not_numbers():
     """Recomputed activations give the same loss and gradients, dropout and Gumbel noise included."""
     model, tp = _model(model__dropout=0.1, model__use_gumbel_softmax=True, train__temperature_start=1.0)
@@ -323,6 +327,7 @@ def test_activation_checkpointing_changes_memory_not_numbers():
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(ga, gb))
 
 
+@pytest.mark.slow
 def test_best_step_selection_in_training_trains_the_selected_step():
     """train.use_best_step_selection (an error rule unless accepted) makes the task loss read the step
     of lowest entropy per sample instead of the last one."""
@@ -358,6 +363,7 @@ def _saved_bytes(model: RLAN, tb, tp) -> int:
     return total[0]
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_keeps_fewer_activations():
     """train.activation_checkpointing recomputes the pair encoder, the query path and every solver
     step: far fewer bytes are kept for the backward pass."""
@@ -442,6 +448,7 @@ def test_loo_pooled_vectors_stay_float32_under_bf16_autocast():
     assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context_gradient", [True, False])
 def test_loo_context_gradient_switch(context_gradient):
     """With context_gradient, the LOO examples' loss trains the context encoder; without, it does not

@@ -101,6 +101,7 @@ def test_task_conditioned_clues_depend_on_the_context():
     assert torch.equal(static.dsc.clue_queries(p1), static.dsc.clue_queries(p2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [0.03, 0.1, 0.3])
 def test_first_lora_gain_follows_init_scale(scale):
     """hyperlora_init_scale is the first deltas' root-mean-square gain ||A B^T||_F / sqrt(n_out); the

@@ -114,6 +114,7 @@ def test_a_stale_temporary_cache_is_removed_by_the_next_stage(repo):
     live.unlink()
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_model_trained_with_another_model_section(tmp_path):
     ws = tiny_workspace(tmp_path / "ws", tracking__timeout_s=2, tracking__required=False)
     other = load_params(ws["params"]).override({"model.hidden_dim": 24, "model.max_clues": 3})

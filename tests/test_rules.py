@@ -128,6 +128,7 @@ def _stage(tmp_path, **overrides) -> tuple[subprocess.CompletedProcess, dict]:
     return subprocess.run(cmd, cwd=REPO, env=tool_env(), capture_output=True, text=True), out
 
 
+@pytest.mark.slow
 def test_stage_passes_stable_and_writes_outputs(tmp_path):
     proc, out = _stage(tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -141,6 +142,7 @@ def test_stage_passes_stable_and_writes_outputs(tmp_path):
     assert out["stamp"].exists() and "passed" in report and "| n/a (trm only) |" in report
 
 
+@pytest.mark.slow
 def test_stage_fails_on_rule_error_naming_the_key(tmp_path):
     proc, out = _stage(tmp_path, model__hyperlora_init_scale=0.01)
     assert proc.returncode != 0
@@ -149,6 +151,7 @@ def test_stage_fails_on_rule_error_naming_the_key(tmp_path):
     assert json.loads(out["metrics"].read_text())["errors"] == 1
 
 
+@pytest.mark.slow
 def test_stage_fails_on_schema_error_naming_the_key(tmp_path):
     proc, out = _stage(tmp_path, model__hyperlora_rank=-3)
     assert proc.returncode != 0
@@ -193,6 +196,7 @@ def test_accepting_a_rule_that_holds_is_a_warning():
     assert v.severity == "warning" and "fixed-constant-temperature" in v.message
 
 
+@pytest.mark.slow
 def test_stage_records_accepted_errors(tmp_path):
     proc, out = _stage(tmp_path, **NO_GUMBEL, validation__accept_broken_rules=["fixed-constant-temperature"])
     assert proc.returncode == 0, proc.stderr
@@ -202,6 +206,7 @@ def test_stage_records_accepted_errors(tmp_path):
     assert out["stamp"].exists() and "ACCEPTED" in out["report"].read_text()
 
 
+@pytest.mark.slow
 def test_training_run_is_tagged_with_the_accepted_rules(tmp_path):
     from pipeline.tracking import Tracker
 
@@ -214,6 +219,7 @@ def test_training_run_is_tagged_with_the_accepted_rules(tmp_path):
     assert tags["validation.accepted_rules"] == "fixed-constant-temperature"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value, fragment", [("model.hyperlora_rank", 0, ">= 1"),
                                                   ("model.hyperlora_init_scale", 0.01, "breaks 1 rule")])
 def test_stage_error_names_the_override_left_in_params_yaml(tmp_path, key, value, fragment):
@@ -236,6 +242,7 @@ def test_stage_error_names_the_override_left_in_params_yaml(tmp_path, key, value
         assert "hyperlora-init-scale-negligible" in proc.stderr and "validation.accept_broken_rules" in proc.stderr
 
 
+@pytest.mark.slow
 def test_stage_says_when_the_run_is_heads_params(tmp_path):
     write_params(tmp_path)
     for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "baseline"]):

@@ -33,6 +33,7 @@ def no_outside_store(monkeypatch):
 # --- bounded calls ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_call_gives_up_after_retry_s_and_logging_calls_are_kept(tmp_path):
     from mlflow.entities import Metric
 
@@ -54,6 +55,7 @@ def test_every_call_gives_up_after_retry_s_and_logging_calls_are_kept(tmp_path):
         client.log_artifact("r1", str(REPO / "params.yaml"))
 
 
+@pytest.mark.slow
 def test_kept_calls_of_a_process_that_ended_are_sent_into_their_run(tmp_path):
     from mlflow.entities import Metric
 
@@ -86,6 +88,7 @@ def ws(tmp_path_factory):
     return tiny_workspace(tmp_path_factory.mktemp("store"), train__epochs=1, tracking__timeout_s=2)
 
 
+@pytest.mark.slow
 def test_unwritable_artifact_folder_stops_training_before_compute(ws, tmp_path):
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -102,6 +105,7 @@ def test_unwritable_artifact_folder_stops_training_before_compute(ws, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_database_locked_longer_than_timeout_s_stops_training_before_compute(ws, tmp_path):
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"

@@ -84,6 +84,7 @@ def test_unreachable_server_fails_within_the_timeout(caplog):
     assert "running without MLflow" in caplog.text
 
 
+@pytest.mark.slow
 def test_read_only_store_is_named(tmp_path):
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -99,6 +100,7 @@ def test_read_only_store_is_named(tmp_path):
     assert check_store(params_with(tracking__tracking_uri=uri).tracking)
 
 
+@pytest.mark.slow
 def test_artifacts_land_beside_the_main_repository_database(tmp_path, monkeypatch):
     """A queued experiment runs in <repo>/.dvc/tmp/exps/...: its runs and artifacts go to the repository."""
     repo = tmp_path / "repo"
@@ -247,6 +249,7 @@ def test_alias_follows_mlflow_rules():
     assert mlflow_model.alias_for("latest") == "exp-latest" and mlflow_model.alias_for("v2") == "exp-v2"
 
 
+@pytest.mark.slow
 def test_model_is_logged_registered_and_predicts_like_the_model_file(tmp_path, monkeypatch):
     ws = tiny_workspace(tmp_path)
     params = load_params(ws["params"])
@@ -278,6 +281,7 @@ def test_model_is_logged_registered_and_predicts_like_the_model_file(tmp_path, m
 # --- the data as MLflow datasets -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_run_logs_the_cache_and_the_tasks_with_their_dvc_hashes(tmp_path, monkeypatch):
     ws = tiny_workspace(tmp_path)
     (ws["raw"] / "manifest.json").write_text(json.dumps(

@@ -154,6 +154,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         loop.train(params, read_raw(ws["raw"] / "pairs.parquet"), _paths(ws), Tracker(params, enabled=False))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     ws = tiny_workspace(tmp_path)
     folder = checkpoint_of(ws, tmp_path / "ckpt")
@@ -262,6 +263,7 @@ def test_epochs_are_numbered_from_one_everywhere(tmp_path, caplog):
         tracker.run_id, "loss_loo")] == [2, 3]
 
 
+@pytest.mark.slow
 def test_preflight_refuses_a_run_that_does_not_fit_in_memory(tmp_path, monkeypatch):
     ws = tiny_workspace(tmp_path)
     params = load_params(ws["params"])
@@ -282,6 +284,7 @@ def test_train_stage_refuses_a_cpu_run_longer_than_the_limit(tmp_path):
     assert not (tmp_path / "out" / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_projection_from_measured_steps():
     sizes = []
 

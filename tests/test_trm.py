@@ -38,6 +38,7 @@ def examples(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return b["query_in"].long().flatten(1), b["query_out"].long().flatten(1)
 
 
+@pytest.mark.slow
 def test_shapes_and_every_parameter_learns():
     m = tiny().train()
     x, y = examples(3)
@@ -52,6 +53,7 @@ def test_shapes_and_every_parameter_learns():
     assert ids.tolist() == [1, 2, 3] and rows.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_init_as_trm():
     t = trunc_normal_(torch.empty(200_000), 0.5)
     assert abs(float(t.std()) - 0.5) < 0.01 and float(t.abs().max()) <= 2 * 0.5 / TRUNCATED_STD + 1e-6
@@ -62,6 +64,7 @@ def test_init_as_trm():
     assert float(m.puzzle.weight.abs().sum()) == 0.0
 
 
+@pytest.mark.slow
 def test_gradient_only_through_the_last_cycle():
     m = tiny(trm__h_cycles=3, trm__l_cycles=2, trm__num_layers=2).train()
     with_grad = []
@@ -88,6 +91,7 @@ def run_segments(m: TRM, n: int, batch: int = 3) -> list:
     return out
 
 
+@pytest.mark.slow
 def test_a_sample_halts_when_its_q_head_says_so_and_at_halt_max_steps():
     m = tiny(trm__halt_max_steps=4, trm__halt_exploration_prob=0.0).train()
     with torch.no_grad():
@@ -101,6 +105,7 @@ def test_a_sample_halts_when_its_q_head_says_so_and_at_halt_max_steps():
     assert all(c.halted.all() and (c.steps == 1).all() for c, _ in run_segments(m, 3))
 
 
+@pytest.mark.slow
 def test_exploration_makes_a_sample_run_at_least_two_segments():
     m = tiny(trm__halt_max_steps=4, trm__halt_exploration_prob=1.0).train()
     with torch.no_grad():
@@ -111,6 +116,7 @@ def test_exploration_makes_a_sample_run_at_least_two_segments():
     assert (second[0].steps == 2).all()
 
 
+@pytest.mark.slow
 def test_in_evaluation_every_sample_runs_every_segment():
     m = tiny(trm__halt_max_steps=3).eval()
     with torch.no_grad():
@@ -179,6 +185,7 @@ def test_warmup_then_cosine_schedule():
     assert {warmup_cosine(1.0, s, 2, 10, 1.0) for s in range(1, 10)} == {1.0}  # TRM's ARC setting: constant
 
 
+@pytest.mark.slow
 def test_model_file_round_trip(tmp_path):
     m = tiny().eval()
     with torch.no_grad():

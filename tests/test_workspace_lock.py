@@ -81,6 +81,7 @@ def _holder(workspace, command):
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_run_of_experiments_is_refused_in_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text("changed: by hand\n")
     first = _holder(tmp_path, "python -m pipeline.experiments run --scale tiny stable fixed")
