@@ -294,7 +294,8 @@ def short_training(ctx: Context) -> dict:
     chosen = ctx.tasks("eval", mode.final_tasks)
     ema, meta = load_model(paths.model, ctx.device)
     trained = RLAN(params.model)
-    trained.load_state_dict(safe_load(paths.checkpoints / LAST)["model"])
+    [last] = paths.checkpoints.glob(f"*/{LAST}")  # the store holds this one training's folder
+    trained.load_state_dict(safe_load(last)["model"])
     evaluation = {label: evaluate_model(m, meta["temperature"], params, chosen, ctx.device, f"evaluate {label}")
                   for label, m in (("ema", ema), ("trained", trained))}
     return {"epochs": mode.log_points, "steps_per_epoch": steps, "samples_per_step": per_step,
