@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 
 SCALE  ?=
 
-.PHONY: setup run test test-fast bench bench-gpu gpu-carry clean-venv
+.PHONY: setup run test test-all test-fast bench bench-gpu gpu-carry clean-venv
 
 setup: $(STAMP)
 
@@ -26,12 +26,17 @@ $(STAMP): requirements.txt requirements.lock
 run: setup
 	@python -m pipeline.experiments.launch $(if $(SCALE),--scale $(SCALE))
 
-## test: the whole test suite (what CI runs) in 4 workers, each module in one, then its duration. The
-## end-to-end tests mostly wait on DVC and subprocesses: on 2 cores, 4 workers finish soonest.
+## test: what CI runs: every test but the longest end-to-end scenarios (marker `long`), in 4 workers
+## that take whole modules (the end-to-end tests mostly wait on DVC and subprocesses), then its duration
 TEST_WORKERS ?= 4
 test: setup
-	@start=$$(date +%s); python -m pytest -q -n $(TEST_WORKERS) --dist loadfile; status=$$?; took=$$(( $$(date +%s) - start )); \
-	echo "make test: $$(( took / 60 )) min $$(( took % 60 )) s"; exit $$status
+	@start=$$(date +%s); python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not long"; status=$$?; \
+	took=$$(( $$(date +%s) - start )); echo "make test: $$(( took / 60 )) min $$(( took % 60 )) s"; exit $$status
+
+## test-all: every test, the long end-to-end scenarios included
+test-all: setup
+	@start=$$(date +%s); python -m pytest -q -n $(TEST_WORKERS) --dist loadfile; status=$$?; \
+	took=$$(( $$(date +%s) - start )); echo "make test-all: $$(( took / 60 )) min $$(( took % 60 )) s"; exit $$status
 
 ## test-fast: the unit tests only: no end-to-end runs of DVC, no long trainings
 test-fast: setup

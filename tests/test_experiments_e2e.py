@@ -51,6 +51,7 @@ def mlflow_tags(repo, run_name: str) -> dict:
                                "where r.name = ?", (run_name,)))
 
 
+@pytest.mark.long
 def test_seed_repeats_by_hand_each_run_exactly_the_baseline_plus_their_overrides(repo):
     """Three `dvc exp run`s in the workspace, in order, each with the `overrides` it names: the third must
     not inherit the second's fixed configuration (DVC leaves each run's params in the workspace)."""

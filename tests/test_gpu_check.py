@@ -142,6 +142,7 @@ def device_venv(request) -> Path:
     return venv / "bin/python"
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_smoke_in_clean_venv(tmp_path, request):
     python = device_venv(request)

@@ -88,6 +88,7 @@ def test_training_again_changes_no_output_and_reruns_nothing_downstream(repo):
     assert len(client(repo).search_model_versions("name = 'rlan'")) == 1  # no second version of the same model
 
 
+@pytest.mark.long
 def test_queued_experiment_logs_registers_and_is_found_both_ways(repo):
     run(DVC + ["exp", "run", "--temp", "-n", "no-gumbel", *NO_GUMBEL], repo)  # runs in .dvc/tmp/exps/...
     [r] = runs_named(repo, "no-gumbel")

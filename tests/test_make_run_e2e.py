@@ -24,6 +24,7 @@ def repo(tmp_path_factory):
     return repo
 
 
+@pytest.mark.long
 def test_make_run_on_a_fresh_clone_without_git_identity(repo, tmp_path):
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)

@@ -102,6 +102,7 @@ def test_exp_run_reruns_only_what_the_key_touches(repo):
     assert "small" in shown
 
 
+@pytest.mark.long
 def test_interrupted_exp_run_resumes_to_the_bytes_of_an_uninterrupted_one(repo):
     override = ["-S", "train.learning_rate=0.002"]
     code, out = interrupt_when(DVC + ["exp", "run", "-n", "resumed", *override], repo,

@@ -26,6 +26,7 @@ def repo(tmp_path_factory):
     return repo
 
 
+@pytest.mark.long
 def test_runner_from_a_dirty_workspace_with_a_queue_of_mixed_scales_seeds_and_a_sweep(repo):
     # the user's own experiment, queued: a cut-down stand-in for the cpu scale's stable (names carry the scale)
     mine = ["-S", "data.max_tasks=3", "-S", "augment.samples_per_task=4", "-S", "train.epochs=1",

@@ -129,6 +129,7 @@ def _seeds(repo) -> tuple[dict[str, str], dict[str, str]]:
     return finished, aliases
 
 
+@pytest.mark.long
 @pytest.mark.e2e
 def test_two_experiments_started_at_once_never_cross(repo):
     """The second `dvc exp run` writes its params.yaml while the first one's stages run (DVC does that
