@@ -236,8 +236,8 @@ def loop_rate(speed: dict | None, batch: int) -> float | None:
 
 def evaluate_model(model, temperature: float, params, tasks: list, device: torch.device, desc: str) -> dict:
     """The evaluation stage's protocol (every view, voting) on `tasks`: its metrics and wall time."""
-    from pipeline.evaluation.predictor import model_predictor
     from pipeline.evaluation.runner import evaluate_side
+    from pipeline.model.rlan.family import model_predictor
 
     predict = model_predictor(model.to(device), temperature, params.evaluate.use_best_step_selection, device,
                               params.train.precision)
