@@ -8,20 +8,14 @@ import subprocess
 import pytest
 
 from pipeline.experiments.runner import experiment_revs
-from tests.helpers import REPO, commit_all, copy_repo, run, tool_env, write_params
+from tests.helpers import REPO, run, tool_env, write_params
+from tests.test_experiments_e2e import repo  # noqa: F401 (the fixture: a fresh copy of the repository, per module)
 from tests.test_experiments_e2e import (
     assert_stable_versus_fixed,
     runs_by_fingerprint,
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = copy_repo(tmp_path_factory.mktemp("exp"))
-    commit_all(repo, "baseline")
-    return repo
 
 
 @pytest.mark.long

@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.experiments.runner import expected_changes, experiment_revs
 from pipeline.params import SEED_KEYS
-from tests.helpers import commit_all, copy_repo, run, write_params
+from tests.helpers import run, write_params
+from tests.test_experiments_e2e import repo  # noqa: F401 (the fixture: a fresh copy of the repository, per module)
 from tests.test_experiments_e2e import (
     DVC,
     EXPERIMENTS,
@@ -17,13 +18,6 @@ from tests.test_experiments_e2e import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = copy_repo(tmp_path_factory.mktemp("exp"))
-    commit_all(repo, "baseline")
-    return repo
 
 
 @pytest.mark.long
