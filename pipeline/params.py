@@ -138,13 +138,22 @@ class LooParams(_Section):
     min_pairs_for_loo: int = Field(ge=1, le=10)
     max_holdouts: int | None = Field(ge=1, le=10)  # held-out pairs per sample and step; None = every pair
     context_gradient: bool  # the LOO examples' context (encoded pairs) receives their gradient
+    # public: the held-out pass's DSC at its default temperature 1.0 (the validated code accepts the
+    # step's temperature and does not pass it on); training: at the training step's temperature
+    temperature: Literal["public", "training"]
 
 
 class EquivarianceParams(_Section):
     enabled: bool
     loss_weight: float = Field(ge=0.0, le=100.0)
     num_augmentations: int = Field(ge=1, le=7)
+    # magnitude_and_direction: 0.3 (|dW| - |dW'|)^2 + 0.7 (1 - cos(dW, dW')), the validated code;
+    # magnitude: (|dW| - |dW'|)^2 alone, the older form. Both with gradient through both deltas.
     compare: Literal["magnitude", "magnitude_and_direction"]
+    # reencoded: the turned demonstration grids are encoded again (a real signal); rotated_features:
+    # the already-encoded support features are turned, as the validated code does (mean pooling
+    # makes that context the original's: a term near 0)
+    context: Literal["reencoded", "rotated_features"]
 
 
 class TrainParams(_Section):
@@ -185,6 +194,7 @@ class TrainParams(_Section):
     compile: bool
     max_cpu_hours: float = Field(gt=0.0)
     cpu_threads: int = Field(ge=1, le=1024)
+    flush_denormals: bool
     nproc_per_node: int = Field(ge=1, le=1024)
     nnodes: int = Field(ge=1, le=100_000)
     rdzv_endpoint: str = Field(min_length=1, pattern=r"^[^:\s]+:\d{1,5}$")

@@ -27,11 +27,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def use_cpu_threads(n: int) -> None:
-    """torch's intra-op threads on the CPU. A CPU computation's bytes depend on how many threads
-    split its sums, so the count is a param (`train.cpu_threads`), not whatever the machine offers."""
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+def use_cpu(threads: int, flush_denormals: bool = True) -> None:
+    """How torch computes on the CPU, for every stage and benchmark that computes there.
+
+    - `threads`: intra-op threads. A CPU computation's bytes depend on how many threads split its
+      sums, so the count is a param (`train.cpu_threads`), not whatever the machine offers.
+    - `flush_denormals` (`train.flush_denormals`): float32 values below 2^-126 are read and written as 0.
+      x86 CPUs compute with such subnormal numbers through microcode, 10-100x slower per operation;
+      training's backward pass produces many of them (docs/training.md#denormal-numbers), and one
+      step ran 14x slower with them kept. GPUs flush them in hardware in the kernels that matter:
+      the setting changes nothing there.
+    """
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if not torch.set_flush_denormal(flush_denormals) and flush_denormals:
+        log.warning("this CPU cannot flush denormal numbers (no SSE3): training may run much slower")
 
 
 def autocast(device: torch.device, precision: str):

@@ -20,7 +20,7 @@ from pipeline.io import write_json, write_text
 from pipeline.model import family as families
 from pipeline.model.io import ModelFileError, load_model
 from pipeline.params import differences
-from pipeline.runtime import use_cpu_threads
+from pipeline.runtime import use_cpu
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker, lineage
 from pipeline.tracking.client import unless_required
@@ -60,7 +60,7 @@ def main() -> None:
         return
     distributed.relaunch_under_torchrun(params.train, "stages.evaluate")
     world = distributed.init(params.train, ep.device)
-    use_cpu_threads(params.train.cpu_threads)  # the same bytes whatever the machine's cores
+    use_cpu(params.train.cpu_threads, params.train.flush_denormals)  # the same bytes whatever the machine's cores
     if not world.is_main:
         setup_logging(logging.WARNING)
 

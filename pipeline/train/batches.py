@@ -40,6 +40,7 @@ class TrainBatch:
     equiv_in: torch.Tensor  # (M, 30, 30) transformed context pairs, every augmentation packed
     equiv_out: torch.Tensor  # (M, 30, 30)
     equiv_group: torch.Tensor  # (M,) int64 a * B + b: augmentation a of sample b
+    equiv_turn: torch.Tensor  # (A * B,) int64 the dihedral id (1..7) of augmentation a of sample b, row a * B + b
     n_slots: int  # D, the most context pairs of a sample
     n_equiv: int  # A, equivariance augmentations (0 when off)
     loo_on: bool  # leave-one-out measured for this batch
@@ -79,7 +80,7 @@ def pack(batch: dict[str, torch.Tensor]) -> TrainBatch:
     none = torch.zeros(0, dtype=torch.int64)
     eligible = torch.zeros(len(batch["query_in"]), dtype=torch.bool)
     return TrainBatch(batch["query_in"], batch["query_out"], pair_in, pair_out, torch.from_numpy(sample),
-                      torch.from_numpy(slot), none, eligible, empty, empty, none,
+                      torch.from_numpy(slot), none, eligible, empty, empty, none, none,
                       n_slots=int(batch["demo_mask"].shape[1]), n_equiv=0, loo_on=False)
 
 
@@ -118,7 +119,9 @@ def prepare(cache: AugmentedCache, mb: MicroBatch, tp: TrainParams, meta: bool, 
             turned = pack(cache.batch(mb.ids, np.random.default_rng(mb.key), dihedral=turns[:, a]))
             parts.append((turned.pair_in, turned.pair_out, a * B + turned.pair_sample))
         e_in, e_out, group = (torch.cat(x) for x in zip(*parts))
-        tb = dataclasses.replace(tb, equiv_in=e_in, equiv_out=e_out, equiv_group=group, n_equiv=eq.num_augmentations)
+        tb = dataclasses.replace(tb, equiv_in=e_in, equiv_out=e_out, equiv_group=group,
+                                 equiv_turn=torch.from_numpy(turns.T.reshape(-1).astype(np.int64)),
+                                 n_equiv=eq.num_augmentations)
     return tb
 
 

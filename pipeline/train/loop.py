@@ -38,7 +38,7 @@ from pipeline.loader import AugmentedCache
 from pipeline.model import family as families
 from pipeline.model.io import ModelFileError, save_model
 from pipeline.params import Params, TrainParams
-from pipeline.runtime import autocast, resolve_device, seed_everything, use_cpu_threads
+from pipeline.runtime import autocast, resolve_device, seed_everything, use_cpu
 from pipeline.tracking import Terminated, Tracker, health_tags
 from pipeline.train import checkpoint, preflight, schedule
 from pipeline.train.batches import Prefetcher
@@ -220,7 +220,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
     synchronises gradients only on its last micro-batch (`no_sync`).
     """
     world = world or distributed.single(resolve_device(params.train.device))
-    use_cpu_threads(params.train.cpu_threads)
+    use_cpu(params.train.cpu_threads, params.train.flush_denormals)
     seed_everything(params.train.seed)
     cache = AugmentedCache(paths.cache)
     heldout = heldout_examples(tasks, params.train.heldout_tasks, params.train.seed)

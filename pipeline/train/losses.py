@@ -30,19 +30,28 @@ on the device (no host synchronisation); a term that is not computed is not logg
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+from pipeline.augment import dihedral_index
 
 from pipeline.canvas import COLOR_OFFSET, PAD
 from pipeline.model import RLAN, Output
 from pipeline.model.rlan.context import PairLayout, Support, pooled_without
 from pipeline.model.rlan.dsc import attention_entropy
+from pipeline.model.rlan.hyperlora import LoRA
 from pipeline.model.stablemax import log_stablemax
-from pipeline.params import TrainParams
+from pipeline.params import EquivarianceParams, TrainParams
 
 if TYPE_CHECKING:
     from pipeline.train.batches import TrainBatch
+
+# The DSC's default temperature, at which the validated code runs the leave-one-out pass
+# (`train.loo_training.temperature: public`)
+PUBLIC_LOO_TEMPERATURE = 1.0
 
 
 def stablemax_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -89,47 +98,82 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().mean()
 
 
-def equivariance(model: RLAN, tb: TrainBatch, pooled: torch.Tensor, compare: str
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penalty, mean ||delta_W' - delta_W||_F) between the LoRA deltas of each sample's transformed
-    contexts and of its own context (`pooled` (B, H), the target)."""
-    B, A = tb.size, tb.n_equiv
-    with torch.no_grad():
-        _, pair_pooled = model.context.encode_pairs(tb.equiv_in, tb.equiv_out)
-        target = model.hyperlora(pooled.detach(), dropout=False)
-        target = target.rows(torch.arange(B, device=pooled.device).repeat(A))  # row a * B + b is sample b
-    ones = torch.ones_like(tb.equiv_group, dtype=pair_pooled.dtype)
-    count = pair_pooled.new_zeros(A * B).index_add(0, tb.equiv_group, ones).clamp_min(1.0)
-    turned = pair_pooled.new_zeros(A * B, pair_pooled.shape[1]).index_add(0, tb.equiv_group, pair_pooled) / count[:, None]
-    lora = model.hyperlora(turned, dropout=False)
-    norm, norm0 = lora.magnitudes(), target.magnitudes()
-    inner = lora.inner(target)
+def equivariance_penalty(original: LoRA, turned: LoRA, compare: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penalty, mean ||dW' - dW||_F) of the deltas `turned` against `original`, row by row (the same
+    rows: a sample's transformed context against its own). Per LoRA target, with n = |dW|, n' = |dW'|
+    (Frobenius norms of the scaled deltas) and cos their cosine, the validated code's term
+    0.3 (n' - n)^2 + 0.7 (1 - cos) (`magnitude_and_direction`; cos = <dW, dW'> / ((n + 1e-8)(n' + 1e-8)),
+    its unit vectors' epsilon) or the older (n' - n)^2 (`magnitude`); summed over the targets, averaged
+    over the rows (the samples and the augmentations). Gradient flows into both sides."""
+    norm0, norm = original.magnitudes(), turned.magnitudes()
+    inner = turned.inner(original)
     terms, gaps = [], []
-    for t in norm:
+    for t in norm0:
         term = (norm[t] - norm0[t]) ** 2
         if compare == "magnitude_and_direction":
-            term = 0.3 * term + 0.7 * (1 - inner[t] / (norm[t] * norm0[t]).clamp_min(1e-12))
+            term = 0.3 * term + 0.7 * (1 - inner[t] / ((norm[t] + 1e-8) * (norm0[t] + 1e-8)))
         terms.append(term)
-        gaps.append((norm[t].detach() ** 2 + norm0[t] ** 2 - 2 * inner[t].detach()).clamp_min(0).sqrt())
+        n, n0, i = norm[t].detach(), norm0[t].detach(), inner[t].detach()
+        gaps.append((n**2 + n0**2 - 2 * i).clamp_min(0).sqrt())
     return torch.stack(terms).sum(0).mean(), torch.stack(gaps).mean()
 
 
+def turned_contexts(model: RLAN, tb: TrainBatch, tokens: torch.Tensor, how: str) -> torch.Tensor:
+    """(A * B, H) float32 pooled contexts of the transformed tasks, row a * B + b for augmentation a of
+    sample b. `reencoded`: the turned demonstration grids (`tb.equiv_in/out`) encoded anew, with
+    gradient. `rotated_features`: the validated code's construction: each pair's encoded S x S token
+    map (`tokens` (N, S*S, H)) turned by the augmentation's dihedral transform, then pooled; the mean
+    over the cells does not see the turn, so these are the original contexts up to rounding."""
+    B, A = tb.size, tb.n_equiv
+    if how == "reencoded":
+        _, pair_pooled = model.context.encode_pairs(tb.equiv_in, tb.equiv_out)
+        group = tb.equiv_group
+    else:
+        S = math.isqrt(tokens.shape[1])
+        perms = torch.from_numpy(np.stack([dihedral_index(S, S, d) for d in range(8)]).astype(np.int64))
+        perms = perms.to(tokens.device)
+        group = torch.cat([a * B + tb.pair_sample for a in range(A)])
+        turn = tb.equiv_turn[group]  # (A * N,) the transform of each copy of each pair
+        index = perms[turn][:, :, None].expand(-1, -1, tokens.shape[2])
+        pair_pooled = tokens.float().repeat(A, 1, 1).gather(1, index).mean(1)
+    count = pair_pooled.new_zeros(A * B).index_add(0, group, torch.ones_like(group, dtype=pair_pooled.dtype))
+    total = pair_pooled.new_zeros(A * B, pair_pooled.shape[1]).index_add(0, group, pair_pooled.float())
+    return total / count.clamp_min(1.0)[:, None]
+
+
+def equivariance(model: RLAN, tb: TrainBatch, pooled: torch.Tensor, tokens: torch.Tensor,
+                 eq: EquivarianceParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The equivariance term of a micro-batch: HyperLoRA's deltas for each sample's transformed
+    contexts against those of its own context (`pooled` (B, H)), both with HyperLoRA's dropout off
+    (like is compared with like) and both with gradient."""
+    B, A = tb.size, tb.n_equiv
+    own = model.hyperlora(pooled, dropout=False).rows(torch.arange(B, device=pooled.device).repeat(A))
+    turned = model.hyperlora(turned_contexts(model, tb, tokens, eq.context), dropout=False)
+    return equivariance_penalty(own, turned, eq.compare)
+
+
 def solve_examples(model: RLAN, tb: TrainBatch, temperature: float, all_steps: bool = False,
-                   context_gradient: bool = True) -> tuple[Output, torch.Tensor]:
+                   context_gradient: bool = True, loo_temperature: float | None = None
+                   ) -> tuple[Output, torch.Tensor, torch.Tensor]:
     """The main queries (rows 0..B-1) and the leave-one-out examples (rows B..B+L-1) in one pass of
-    the solver, every context pair encoded once; (output, targets)."""
+    the solver, every context pair encoded once; (output, targets, the pairs' tokens (N, S*S, H)).
+    The LOO rows' DSC runs at `loo_temperature` (default: `temperature`)."""
     B = tb.size
     tokens, pooled = model.context.encode_pairs(tb.pair_in, tb.pair_out)
     support = model.context.layout(tokens, pooled, PairLayout(tb.pair_sample, tb.pair_slot, B, tb.n_slots))
     if not len(tb.loo_pair):
-        return model.solve(tb.query_in, model.task_context(support), temperature, all_steps), tb.query_out
+        return model.solve(tb.query_in, model.task_context(support), temperature, all_steps), tb.query_out, tokens
     held = tb.loo_pair  # example (b, j): sample b's support without pair j, asked pair j's input
     loo = support.select(tb.pair_sample[held]).without(tb.pair_slot[held], pooled_without(pooled, tb.pair_sample, held))
     if not context_gradient:
         loo = loo.detached()
     context = model.task_context(Support.cat([support, loo]))
+    if loo_temperature is not None and loo_temperature != temperature:  # one temperature per row
+        dev = tb.query_in.device
+        temperature = torch.cat([torch.full((B,), float(temperature), device=dev),
+                                 torch.full((len(held),), float(loo_temperature), device=dev)])
     out = model.solve(torch.cat([tb.query_in, tb.pair_in[held]]), context, temperature, all_steps)
-    return out, torch.cat([tb.query_out, tb.pair_out[held]])
+    return out, torch.cat([tb.query_out, tb.pair_out[held]]), tokens
 
 
 def training_losses(model: RLAN, tb: TrainBatch, temperature: float, tp: TrainParams
@@ -137,8 +181,10 @@ def training_losses(model: RLAN, tb: TrainBatch, temperature: float, tp: TrainPa
     """The total loss of one micro-batch and everything logged about it (0-dim tensors)."""
     B, L = tb.size, len(tb.loo_pair)
     best = tp.use_best_step_selection
-    out, target = solve_examples(model, tb, temperature, all_steps=best,
-                                 context_gradient=tp.loo_training.context_gradient)
+    out, target, tokens = solve_examples(model, tb, temperature, all_steps=best,
+                                         context_gradient=tp.loo_training.context_gradient,
+                                         loo_temperature=PUBLIC_LOO_TEMPERATURE
+                                         if tp.loo_training.temperature == "public" else None)
     context = out.context
     logits = out.step_logits(best)
     ce = stablemax_cross_entropy(logits, target)
@@ -172,7 +218,7 @@ def training_losses(model: RLAN, tb: TrainBatch, temperature: float, tp: TrainPa
         logs.update({f"lora_magnitude_{t}": _mean(v) for t, v in lora.magnitudes().items()})
         logs["lora_diversity"] = lora.diversity()
         if tb.n_equiv:
-            penalty, delta = equivariance(model, tb, context.pooled[:B], tp.equivariance_training.compare)
+            penalty, delta = equivariance(model, tb, context.pooled[:B], tokens, tp.equivariance_training)
             total = total + tp.equivariance_training.loss_weight * penalty
             logs.update(loss_equiv=_mean(penalty), equiv_delta_norm=delta)
     logs["loss_total"] = _mean(total)

@@ -109,9 +109,13 @@ class DSC(nn.Module):
             return self.query_proj(pooled).view(B, self.K, H)
         return self.query_bank.expand(B, -1, -1)
 
-    def forward(self, feats: torch.Tensor, pooled: torch.Tensor, temperature: float, valid: torch.Tensor) -> Clues:
-        """feats (B, H, h, w), pooled (B, H), valid (B, h*w) bool: the query grid's cells."""
+    def forward(self, feats: torch.Tensor, pooled: torch.Tensor, temperature: float | torch.Tensor,
+                valid: torch.Tensor) -> Clues:
+        """feats (B, H, h, w), pooled (B, H), valid (B, h*w) bool: the query grid's cells; `temperature`
+        one for every row or (B,) one per row (the leave-one-out rows' own)."""
         B, H, h, w = feats.shape
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature[:, None].float()
         cells = self.feature_norm(feats.flatten(2).transpose(1, 2))  # (B, N, H)
         keys, values = self.k(cells), self.v(cells)
         queries = self.clue_queries(pooled)
