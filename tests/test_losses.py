@@ -2,7 +2,11 @@
 
 Checked by making each edit and seeing the named test fail:
 - equivariance computed under no_grad (no gradient from the term): test_encode_once_matches_the_definitions,
-  test_equivariance_gradient_reaches_hyperlora_only;
+  test_equivariance_gradient_flows_through_both_sides;
+- either side of the equivariance comparison detached, the 0.3/0.7 weights swapped, the cosine
+  dropped: test_equivariance_penalty_is_the_public_formula;
+- the LOO rows run at the step's temperature under `public` (or at 1.0 under `training`):
+  test_loo_temperature_is_the_public_default;
 - prepare() putting every transformed context in group 0 (a wrong grouping):
   test_prepare_groups_each_transformed_context_with_its_sample;
 - activation checkpointing never applied: test_activation_checkpointing_keeps_fewer_activations;
@@ -24,13 +28,16 @@ import torch
 from pipeline.augment import IDENTITY_CMAP, augment_grid
 from pipeline.loader import batch_from_pairs
 from pipeline.model import RLAN
-from pipeline.model.rlan.context import Support
+from pipeline.model.rlan.context import PairLayout, Support
 from pipeline.model.rlan.dsc import attention_entropy
 from pipeline.model.rlan.hyperlora import LoRA
 from pipeline.train.batches import holdouts, pack
 from pipeline.train.losses import (
+    PUBLIC_LOO_TEMPERATURE,
     equivariance,
+    equivariance_penalty,
     solve_examples,
+    turned_contexts,
     stablemax_cross_entropy,
     training_losses,
 )
@@ -65,7 +72,8 @@ def _train_batch(examples, dihedrals: list[list[int]], limit: int | None):
         parts.append((t.pair_in, t.pair_out, a * len(examples) + t.pair_sample))
     e_in, e_out, group = (torch.cat(x) for x in zip(*parts))
     return dataclasses.replace(tb, loo_pair=torch.from_numpy(held), loo_eligible=torch.from_numpy(eligible),
-                               loo_on=True, equiv_in=e_in, equiv_out=e_out, equiv_group=group, n_equiv=len(dihedrals))
+                               loo_on=True, equiv_in=e_in, equiv_out=e_out, equiv_group=group,
+                               equiv_turn=torch.tensor(dihedrals).reshape(-1), n_equiv=len(dihedrals))
 
 
 def _model(**kw) -> tuple[RLAN, object]:
@@ -91,15 +99,27 @@ def _solve_by_hand(model: RLAN, pairs, query, answer, temperature: float):
     return stablemax_cross_entropy(out.logits[-1], q["query_out"]), out
 
 
-def _norms(lora: LoRA) -> dict[str, torch.Tensor]:
-    """||scaling A B^T||_F of each target from the explicit (B, out, in) deltas."""
-    return {t: (lora.scaling * a @ lora.b[t].transpose(1, 2)).flatten(1).norm(dim=1) for t, a in lora.a.items()}
+def _public_equivariance(own: LoRA, turned: LoRA, compare: str = "magnitude_and_direction") -> torch.Tensor:
+    """(rows,) the validated code's term written out on the explicit deltas: per target, flatten each
+    row's scaled delta, n = its norm, the unit vector delta / (n + 1e-8); 0.3 (n' - n)^2 + 0.7 (1 - cos)
+    (or (n' - n)^2 alone for the older form), summed over the targets."""
+    total = 0
+    for t in own.magnitudes():
+        d0, d1 = own.deltas(t).flatten(1), turned.deltas(t).flatten(1)
+        n0, n1 = torch.linalg.norm(d0, dim=1), torch.linalg.norm(d1, dim=1)
+        term = (n0 - n1) ** 2
+        if compare == "magnitude_and_direction":
+            cos = ((d0 / (n0[:, None] + 1e-8)) * (d1 / (n1[:, None] + 1e-8))).sum(1)
+            term = 0.3 * term + 0.7 * (1 - cos)
+        total = total + term
+    return total
 
 
 def _reference_terms(model: RLAN, examples, dihedrals, tp, temperature: float) -> dict[str, torch.Tensor]:
     """Every term of the objective from its definition, sample by sample, from the grids alone:
-    each leave-one-out example (every pair of every sample with two or more) and each transformed
-    context (the sample's grids turned by augment_grid) built and encoded anew."""
+    each leave-one-out example (every pair of every sample with two or more, at the public
+    temperature 1.0) and each transformed context (the sample's grids turned by augment_grid) built
+    and encoded anew, compared by the public formula with gradient on both sides."""
     task, entropy, sparsity, loo, equiv = [], [], [], [], []
     for pairs, query, answer in examples:
         ce, out = _solve_by_hand(model, pairs, query, answer, temperature)
@@ -108,15 +128,13 @@ def _reference_terms(model: RLAN, examples, dihedrals, tp, temperature: float) -
         entropy.append(attention_entropy(out.clues.attention))
         sparsity.append(tp.ponder_weight * used + tp.min_clue_weight * torch.relu(tp.min_clues - used))
         if len(pairs) >= tp.loo_training.min_pairs_for_loo:
-            loo += [_solve_by_hand(model, pairs[:j] + pairs[j + 1 :], x, y, temperature)[0] for j, (x, y) in enumerate(pairs)]
+            loo += [_solve_by_hand(model, pairs[:j] + pairs[j + 1 :], x, y, 1.0)[0] for j, (x, y) in enumerate(pairs)]
     for turns in dihedrals:  # one augmentation: a dihedral id per sample
         for (pairs, _, _), d in zip(examples, turns):
-            with torch.no_grad():
-                own = model.hyperlora(_support_by_hand(model, pairs).pooled, dropout=False)
-                turned = _support_by_hand(model, [(augment_grid(x, d, IDENTITY_CMAP), augment_grid(y, d, IDENTITY_CMAP))
-                                                  for x, y in pairs]).pooled
-            mine, target = _norms(model.hyperlora(turned, dropout=False)), _norms(own)
-            equiv.append(sum((mine[t] - target[t]) ** 2 for t in mine))
+            own = model.hyperlora(_support_by_hand(model, pairs).pooled, dropout=False)
+            turned = _support_by_hand(model, [(augment_grid(x, d, IDENTITY_CMAP), augment_grid(y, d, IDENTITY_CMAP))
+                                              for x, y in pairs]).pooled
+            equiv.append(_public_equivariance(own, model.hyperlora(turned, dropout=False)))
     w = tp
     terms = {"loss_task": torch.cat(task).mean(), "loss_entropy": torch.cat(entropy).mean(),
              "loss_sparsity": torch.cat(sparsity).mean(), "loss_loo": torch.cat(loo).mean(),
@@ -159,22 +177,31 @@ def _close(g: torch.Tensor, h: torch.Tensor) -> bool:
 
 
 @pytest.mark.slow
-def test_equivariance_gradient_reaches_hyperlora_only():
-    """The penalty's gradient equals the reference's: it trains HyperLoRA, never the context encoder
-    (the transformed contexts are encoded without gradient and the original is the fixed target)."""
+def test_equivariance_gradient_flows_through_both_sides():
+    """The penalty's gradient equals the reference's and trains HyperLoRA and the context encoder
+    through both sides: the original context and the re-encoded turned one."""
     model, tp = _model(model__hyperlora_init_scale=1.0)
     examples = _examples()
     tb = _train_batch(examples, DIHEDRALS, None)
-    own = torch.cat([_support_by_hand(model, pairs).pooled for pairs, _, _ in examples])
-    penalty, _ = equivariance(model, tb, own, "magnitude")
+    tokens, pair_pooled = model.context.encode_pairs(tb.pair_in, tb.pair_out)
+    own = model.context.layout(tokens, pair_pooled, PairLayout(tb.pair_sample, tb.pair_slot, tb.size, tb.n_slots)).pooled
+    penalty, _ = equivariance(model, tb, own, tokens, tp.equivariance_training)
     ref = _reference_terms(model, examples, DIHEDRALS, tp, 0.5)["loss_equiv"]
-    hyper = list(model.hyperlora.parameters())
-    g = torch.autograd.grad(penalty, hyper, allow_unused=True)
-    h = torch.autograd.grad(ref, hyper, allow_unused=True, retain_graph=True)
-    assert any(x is not None and x.abs().sum() > 0 for x in g)
-    assert all(_close(x, y) for x, y in zip(g, h) if y is not None)
-    encoder = [p for n, p in model.named_parameters() if not n.startswith("hyperlora.")]
-    assert all(x is None for x in torch.autograd.grad(penalty, encoder, allow_unused=True))
+    params = list(model.parameters())
+    g = torch.autograd.grad(penalty, params, allow_unused=True, retain_graph=True)
+    h = torch.autograd.grad(ref, params, allow_unused=True)
+    assert all(_close(x if x is not None else torch.zeros(()), y if y is not None else torch.zeros(()))
+               for x, y in zip(g, h))
+    named = dict(zip([n for n, _ in model.named_parameters()], g))
+    assert any(v is not None and v.abs().sum() > 0 for n, v in named.items() if n.startswith("hyperlora."))
+    assert any(v is not None and v.abs().sum() > 0 for n, v in named.items() if n.startswith("context."))
+    # each side alone carries gradient: into the original context's pooled vector and into the turned grids' encoder
+    own_side = torch.autograd.grad(equivariance(model, tb, own, tokens, tp.equivariance_training)[0], own)[0]
+    assert own_side.abs().sum() > 0
+    detached_own = own.detach()
+    turned_only = equivariance(model, tb, detached_own, tokens, tp.equivariance_training)[0]
+    enc = torch.autograd.grad(turned_only, list(model.context.parameters()), allow_unused=True)
+    assert any(x is not None and x.abs().sum() > 0 for x in enc)
 
 
 @pytest.mark.slow
@@ -197,33 +224,18 @@ def test_a_loo_example_does_not_see_its_held_out_output():
             assert others and all(not torch.equal(after[k], before[k]) for k in others)  # its siblings see it
 
 
-class _FakeContext:
-    def __init__(self, pooled):
-        self.pooled = pooled
-
-    def encode_pairs(self, pair_in, pair_out):
-        return None, self.pooled
-
-
-class _FakeHyperLoRA:
-    """Sample b's delta for the one target is the column vector pooled[b] (A = pooled, B = 1, rank 1)."""
-
-    def __call__(self, pooled, dropout=True):
-        n = pooled.shape[0]
-        return LoRA({"t": pooled[:, :, None]}, {"t": torch.ones(n, 1, 1)}, 1.0)
+def _column_lora(vectors: torch.Tensor) -> LoRA:
+    """LoRA whose one target's delta for row b is the column vector vectors[b] (n_out = len, n_in = 1)."""
+    return LoRA({"t": vectors[:, :, None]}, {"t": torch.ones(len(vectors), 1, 1)}, 1.0)
 
 
 @pytest.mark.parametrize("compare", ["magnitude", "magnitude_and_direction"])
 def test_equivariance_penalty_on_a_hand_made_case(compare):
-    """Two samples, two augmentations; turned contexts whose pairs average to known deltas."""
-    pair_pooled = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.5, 0.5]])  # each turned pair
-    group = torch.tensor([0, 0, 1, 2, 3])  # a*B + b: (a0,b0) averages pairs 0 and 1
-    model = type("M", (), {"context": _FakeContext(pair_pooled), "hyperlora": _FakeHyperLoRA()})()
-    tb = type("TB", (), {"size": 2, "n_equiv": 2, "equiv_in": None, "equiv_out": None, "equiv_group": group})()
-    own = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # the samples' own deltas
-    penalty, delta = equivariance(model, tb, own, compare)
-    turned = np.array([[2.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.5, 0.5]])  # (a0,b0) (a0,b1) (a1,b0) (a1,b1)
+    """Known deltas: the penalty and the delta norm by hand in numpy."""
+    turned = np.array([[2.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.5, 0.5]])
     target = np.array([[2.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, 1.0]])
+    penalty, delta = equivariance_penalty(_column_lora(torch.tensor(target, dtype=torch.float32)),
+                                          _column_lora(torch.tensor(turned, dtype=torch.float32)), compare)
     n, n0 = np.linalg.norm(turned, axis=1), np.linalg.norm(target, axis=1)
     expected = (n - n0) ** 2
     if compare == "magnitude_and_direction":
@@ -232,14 +244,87 @@ def test_equivariance_penalty_on_a_hand_made_case(compare):
     assert delta.item() == pytest.approx(np.linalg.norm(turned - target, axis=1).mean(), rel=1e-5)
 
 
+@pytest.mark.parametrize("compare", ["magnitude", "magnitude_and_direction"])
+def test_equivariance_penalty_is_the_public_formula(compare):
+    """HyperLoRA's deltas for random contexts: the penalty and its gradient with respect to BOTH
+    contexts equal the validated code's formula computed on the explicit flattened deltas."""
+    model, _ = _model(model__hyperlora_init_scale=1.0)
+    torch.manual_seed(3)
+    H = model.hyperlora_dim if hasattr(model, "hyperlora_dim") else TINY_MODEL["model__hidden_dim"]
+    c0 = torch.randn(5, H, requires_grad=True)
+    c1 = torch.randn(5, H, requires_grad=True)
+    own, turned = model.hyperlora(c0, dropout=False), model.hyperlora(c1, dropout=False)
+    penalty, _ = equivariance_penalty(own, turned, compare)
+    ref = _public_equivariance(own, turned, compare).mean()
+    assert penalty.item() == pytest.approx(ref.item(), rel=1e-5)
+    g = torch.autograd.grad(penalty, [c0, c1], retain_graph=True)
+    h = torch.autograd.grad(ref, [c0, c1])
+    for x, y in zip(g, h):
+        assert x.abs().sum() > 0 and _close(x, y)  # both sides move, as the formula says
+
+
+def test_turned_contexts_group_the_turned_pairs_by_sample():
+    """Row a * B + b of the re-encoded contexts is the mean of sample b's pairs turned by augmentation a."""
+    pair_pooled = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.5, 0.5]])
+    group = torch.tensor([0, 0, 1, 2, 3])  # a*B + b: (a0,b0) averages pairs 0 and 1
+    context = type("C", (), {"encode_pairs": lambda self, i, o: (None, pair_pooled)})()
+    model = type("M", (), {"context": context})()
+    tb = type("TB", (), {"size": 2, "n_equiv": 2, "equiv_in": None, "equiv_out": None, "equiv_group": group})()
+    got = turned_contexts(model, tb, None, "reencoded")
+    assert torch.allclose(got, torch.tensor([[2.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.5, 0.5]]))
+
+
 def test_equivariance_is_zero_for_an_unturned_context():
     model, tp = _model()
     examples = _examples()
     tb = _train_batch(examples, [[0, 0, 0, 0]], None)
     own = model.support(*(batch_from_pairs(examples)[k] for k in ("demo_in", "demo_out", "demo_mask"))).pooled
     for compare in ("magnitude", "magnitude_and_direction"):
-        penalty, delta = equivariance(model, tb, own, compare)
+        eq = dataclasses.replace(tp.equivariance_training, compare=compare) if dataclasses.is_dataclass(
+            tp.equivariance_training) else tp.equivariance_training.model_copy(update={"compare": compare})
+        penalty, delta = equivariance(model, tb, own, None, eq)
         assert penalty.item() < 1e-6 and delta.item() < 1e-3
+
+
+def test_rotated_features_context_is_the_original_and_reencoding_is_not():
+    """The validated code's construction (encoded features turned, then mean-pooled) gives back the
+    original contexts, so its penalty is 0 up to rounding; the re-encoded turned grids do not."""
+    model, tp = _model(model__hyperlora_init_scale=1.0)
+    tb = _train_batch(_examples(), DIHEDRALS, None)
+    tokens, pair_pooled = model.context.encode_pairs(tb.pair_in, tb.pair_out)
+    own = model.context.layout(tokens, pair_pooled, PairLayout(tb.pair_sample, tb.pair_slot, tb.size, tb.n_slots)).pooled
+    rotated = turned_contexts(model, tb, tokens, "rotated_features")
+    assert torch.allclose(rotated, own.repeat(2, 1), atol=1e-5)
+    eq = tp.equivariance_training
+    small, _ = equivariance(model, tb, own, tokens, eq.model_copy(update={"context": "rotated_features"}))
+    large, _ = equivariance(model, tb, own, tokens, eq.model_copy(update={"context": "reencoded"}))
+    assert small.item() < 1e-8 < 1e-3 < large.item()
+
+
+@pytest.mark.parametrize("how", ["public", "training"])
+def test_loo_temperature_is_the_public_default(how):
+    """`public`: the LOO rows' DSC runs at 1.0 whatever the step's temperature; `training`: at the
+    step's. The main rows always at the step's."""
+    model, tp = _model()
+    model.eval()
+    examples = _examples(seed=3)
+    tb = _train_batch(examples, [[1, 1, 1, 1]], None)
+    B = tb.size
+    loo_t = PUBLIC_LOO_TEMPERATURE if how == "public" else None
+    with torch.no_grad():
+        out, _, _ = solve_examples(model, tb, 0.5, loo_temperature=loo_t)
+        pairs, query, answer = examples[0]
+        main = _solve_by_hand(model, pairs, query, answer, 0.5)[1].logits[-1]
+        first = int(tb.loo_pair[0])
+        pairs = examples[int(tb.pair_sample[first])][0]
+        j = int(tb.pair_slot[first])
+        held = pairs[:j] + pairs[j + 1 :]
+        expected_t = 1.0 if how == "public" else 0.5
+        loo = _solve_by_hand(model, held, pairs[j][0], pairs[j][1], expected_t)[1].logits[-1]
+        other = _solve_by_hand(model, held, pairs[j][0], pairs[j][1], 1.5 - expected_t)[1].logits[-1]
+    assert torch.allclose(out.logits[-1][0], main[0], atol=1e-4)
+    assert torch.allclose(out.logits[-1][B], loo[0], atol=1e-4)
+    assert not torch.allclose(out.logits[-1][B], other[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("raw", [False, True])
@@ -249,7 +334,7 @@ def test_entropy_on_raw_logits_switches_the_map_the_entropy_term_reads(raw):
     torch.manual_seed(1)
     _, logs = training_losses(model, tb, 1.0, tp)
     torch.manual_seed(1)  # the same noise again: the maps of that very pass
-    out, _ = solve_examples(model, tb, 1.0)
+    out, _, _ = solve_examples(model, tb, 1.0)
     noisy, clean = attention_entropy(out.clues.attention).mean(), attention_entropy(out.clues.raw_attention).mean()
     assert not torch.isclose(noisy, clean)
     assert logs["loss_entropy"].item() == pytest.approx((clean if raw else noisy).item(), rel=1e-5)
@@ -344,7 +429,7 @@ def test_best_step_selection_in_training_trains_the_selected_step():
         p = params_with(**{**TINY_MODEL, **QUIET, "model__num_solver_steps": 3,
                            "train__use_best_step_selection": best}).train
         _, logs = training_losses(model, tb, 0.5, p)
-        out, target = solve_examples(model, tb, 0.5, all_steps=True)
+        out, target, _ = solve_examples(model, tb, 0.5, all_steps=True)
         assert torch.equal(out.step_logits(True), out.logits[0])  # the first step is every sample's best
         read = out.logits[0] if best else out.logits[-1]
         assert logs["loss_task"].item() == pytest.approx(stablemax_cross_entropy(read, target).mean().item(), rel=1e-6)
@@ -420,15 +505,15 @@ def test_loo_accuracy_is_pixel_accuracy_over_the_held_out_answers(monkeypatch):
     real = losses.solve_examples
 
     def designed(*args, **kw):  # LOO example 0 answered right except its EOS border, the others all wrong
-        out, target = real(*args, **kw)
+        out, target, tokens = real(*args, **kw)
         pred = torch.where(target >= 2, (target - 2 + 1) % 10 + 2, target)
         pred[B] = torch.where(target[B] == 1, 0, target[B])
         out.logits = [torch.nn.functional.one_hot(pred.long(), 12).permute(0, 3, 1, 2).float()]
-        return out, target
+        return out, target, tokens
 
     monkeypatch.setattr(losses, "solve_examples", designed)
     _, logs = training_losses(model, tb, 0.5, tp)
-    _, target = real(model, tb, 0.5)
+    _, target, _ = real(model, tb, 0.5)
     cells = (target[B:] >= 2).sum((1, 2)).float()
     assert logs["loo_accuracy"].item() == pytest.approx((cells[0] / cells.sum()).item(), rel=1e-6)
     assert logs["loo_exact_match"].item() == 0.0  # example 0's EOS border is wrong: not an exact answer
@@ -455,7 +540,7 @@ def test_loo_context_gradient_switch(context_gradient):
     (their context detached), while the main queries' loss always does."""
     model, _ = _model()
     tb = _train_batch(_examples(), DIHEDRALS, None)
-    out, target = solve_examples(model, tb, 0.5, context_gradient=context_gradient)
+    out, target, _ = solve_examples(model, tb, 0.5, context_gradient=context_gradient)
     ce = stablemax_cross_entropy(out.logits[-1], target)
     encoder = list(model.context.parameters())
     loo = torch.autograd.grad(ce[tb.size:].mean(), encoder, allow_unused=True, retain_graph=True)

@@ -9,20 +9,23 @@ L_task is TRM's stablemax cross-entropy on the last solver step (or the best ste
 Each context pair of a micro-batch is encoded once (`TrainBatch`: packed, no padding slots). The
 leave-one-out examples reuse those encodings: example (b, j) takes sample b's support with pair j's
 tokens masked out and its pooled vector re-pooled over the other pairs, and predicts pair j's output
-from its input, at the step's temperature; they run through the solver in the same pass as the main
+from its input; they run through the solver in the same pass as the main
 queries. L_loo is their mean cross-entropy. With `loo_training.context_gradient: false` their
 context is detached (the encoder learns from the main queries only, as later public code does).
 `loo_accuracy` is the public code's: correct cells over all cells of the held-out answers (pixel
 accuracy, micro-averaged over the examples); `loo_exact_match` the share of answers entirely right.
 
-L_equiv follows the public RLAN module: the transformed contexts are encoded without gradient (a
-forward pass of the context encoder, no solver), HyperLoRA predicts their deltas, and each is
-compared with the original context's deltas, the fixed target (detached): per target layer the
-squared difference of the norms (`compare: magnitude`, the validated code) or 0.3 times that plus
-0.7 (1 - cosine) of the two deltas (`magnitude_and_direction`, the later public fix); summed over
-the target layers, averaged over the transforms and samples. Both sides are computed with
-HyperLoRA's dropout off, so the penalty compares like with like. `equiv_delta_norm` is the mean
-Frobenius norm of the difference of the two deltas.
+L_equiv is the validated code's term: HyperLoRA's deltas for each sample's transformed contexts
+(`num_augmentations` dihedral turns) against those of its own context, per LoRA target
+0.3 (|dW'| - |dW|)^2 + 0.7 (1 - cos(dW', dW)) (`compare: magnitude_and_direction`; `magnitude` keeps
+the older norm-only term), summed over the targets, averaged over the augmentations and samples,
+with gradient through both deltas. The turned contexts are the turned demonstration grids encoded
+anew (`context: reencoded`, the signal the validation report asks for) or, as the validated code
+builds them, the already-encoded support features turned and pooled (`rotated_features`: mean
+pooling does not see the turn, so that term is zero up to rounding). Both sides with HyperLoRA's
+dropout off, so the penalty compares like with like. `equiv_delta_norm` is the mean Frobenius norm of
+the difference of the two deltas. The leave-one-out rows run at the DSC's default temperature 1.0,
+as the validated code runs them (`loo_training.temperature: public`), or at the step's (`training`).
 
 Logged loss terms are unweighted; `loss_total` is the weighted sum. Every logged value stays a tensor
 on the device (no host synchronisation); a term that is not computed is not logged.
