@@ -326,6 +326,15 @@ def test_queue_progress_reads_each_running_experiments_epochs(tmp_path):
     with out.open("a") as f:
         f.write("ss 3.2\n02:31:47 ERROR stage: boom\n")
     assert progress(tmp_path, status, read) == ["stable_tiny: epoch 2/3: loss 3.2", "stable_tiny: ERROR stage: boom"]
+    with out.open("a") as f:  # health checks as they fire, and the first line of a resumed training
+        f.write("02:31:48 WARNING pipeline.train.loop: epoch 2: lora_explosion critical: lora_growth = 15.5\n"
+                "02:31:49 INFO pipeline.train.loop: resuming this training at epoch 3 of 3, from ckpt/last.pt\n"
+                "02:31:50 WARNING gap_report: training attention_entropy_ratio = 3.1: warning (x)\n"
+                "02:31:50 INFO pipeline.tracking: MLflow: run abc\n")
+    assert progress(tmp_path, status, read) == [
+        "stable_tiny: WARNING epoch 2: lora_explosion critical: lora_growth = 15.5",
+        "stable_tiny: resuming this training at epoch 3 of 3, from ckpt/last.pt",
+        "stable_tiny: WARNING training attention_entropy_ratio = 3.1: warning (x)"]
 
 
 def test_overrides_command_restores_heads_params_and_prints_the_assignment(tmp_path, monkeypatch, capsys):

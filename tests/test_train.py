@@ -408,3 +408,21 @@ def test_cpu_threads_are_a_param_so_the_machine_does_not_change_the_bytes(tmp_pa
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     two = params.override({"train.cpu_threads": 2})
     assert checkpoint.fingerprint(two, [ws["cache"]]) != checkpoint.fingerprint(params, [ws["cache"]])
+
+
+def test_run_clock_counts_meta_learning_epochs_at_their_own_cost():
+    """The time to the end: plain epochs at their measured rate, meta-learning epochs at the pre-flight's
+    ratio until one is timed, then at their own; the evaluations still to come at their mean time."""
+    from pipeline.train.loop import RunClock
+
+    tp = params_with(train__epochs=10, train__meta_learning_start_epoch=3, train__eval_every=5).train
+    clock = RunClock(tp, steps_per_epoch=25)
+    clock.meta_ratio = 2.0
+    clock.trained(1, 25, 50.0)
+    clock.trained(2, 25, 50.0)  # 2 s a plain step
+    assert clock.eta(2) == pytest.approx(25 * 2.0 + 7 * 25 * 4.0)  # epoch 3 plain, 4..10 at 2 x 2 s
+    clock.evaluated(10.0)
+    assert clock.eta(2) == pytest.approx(750.0 + 2 * 10.0)  # evaluations after epochs 5 and 10
+    clock.trained(3, 25, 50.0)
+    clock.trained(4, 25, 125.0)  # a meta-learning step took 5 s, not the projected 4
+    assert clock.eta(4) == pytest.approx(6 * 25 * 5.0 + 2 * 10.0)

@@ -416,8 +416,12 @@ def stop_queue(cwd: Path, names: list[str]) -> None:
         log.warning("interrupted the queued experiment %s", name)
 
 
-_PROGRESS = re.compile(r"(Running stage '[^']+'|INFO pipeline\.train\.loop: (?:epoch \d+/\d+: .*|pre-flight: .*)|"
-                       r"ERROR .*)")
+# stage starts, the training's first line (fresh, resuming or restored), its pre-flight and epochs, every
+# warning (the health checks as they fire: training's per epoch, the gap report's) and every error
+_PROGRESS = re.compile(r"(Running stage '[^']+'|INFO pipeline\.train\.loop: (?:epoch \d+/\d+: .*|pre-flight: .*|"
+                       r"resuming this training .*|training from scratch.*|this training has finished.*)|"
+                       r"(?:WARNING|ERROR) [\w.]+: .*|ERROR .*)")
+_LOGGER = re.compile(r"^(?:INFO|(WARNING)) [\w.]+: ")  # the logger's name is left out (errors keep it)
 
 
 def progress(cwd: Path, status: str, read: dict[Path, int]) -> list[str]:
@@ -436,7 +440,7 @@ def progress(cwd: Path, status: str, read: dict[Path, int]) -> list[str]:
             read[log_file] = read.get(log_file, 0) + len(text[:end].encode())
             for segment in re.split(r"[\r\n]", text[:end]):
                 if (m := _PROGRESS.search(segment)) is not None:
-                    out.append(f"{parts[1]}: {m.group(1).removeprefix('INFO pipeline.train.loop: ')}")
+                    out.append(f"{parts[1]}: {_LOGGER.sub(lambda g: f'{g[1]} ' if g[1] else '', m.group(1))}")
     return out
 
 

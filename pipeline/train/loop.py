@@ -274,11 +274,12 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
     objective = run.objective
 
     # -- pre-flight: project the remaining run on this machine; refuse what it cannot finish
+    clock = RunClock(tp, steps_per_epoch)
     if not restored:
         remaining = (total_steps - at.epoch * steps_per_epoch - at.step) * per_step
         error = None
         if world.is_main:
-            error = preflight_check(run, sampler, tp, device, remaining, world.size)
+            error, clock.meta_ratio = preflight_check(run, sampler, tp, device, remaining, world.size)
         error = distributed.broadcast_from_main(world, error)
         if error is not None:
             raise preflight.PreflightError(error)
@@ -319,7 +320,7 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
     done_before = at.epoch * steps_per_epoch + at.step
     progress_bar = tqdm(total=total_steps * per_step, initial=done_before * per_step, unit="sample",
                         unit_scale=True, smoothing=0.05, mininterval=5.0, disable=not world.is_main)
-    t_run, now = time.perf_counter(), Position(at.epoch, at.step)  # `now`: what is done, for a stop's message
+    now = Position(at.epoch, at.step)  # what is done, for a stop's message
     with batches, progress_bar, stop_note(stopped_where):
         for epoch in range(at.epoch + 1, tp.epochs + 1):
             model.train()
@@ -386,14 +387,15 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
             if world.is_main:
                 row: dict[str, Any] = {"epoch": epoch, **{k: None for k in metrics}, **means,
                                        "temperature": tau, "learning_rate": lr, "nonfinite_steps": bad_steps}
+                steps_here = steps_per_epoch - (at.step if epoch == at.epoch + 1 else 0)
+                clock.trained(epoch, steps_here, elapsed)
                 if epoch % tp.eval_every == 0 or epoch == tp.epochs:
+                    t_eval = time.perf_counter()
                     row.update(run.measure_heldout(ema.module, heldout, tau, device, tp.precision))
+                    clock.evaluated(time.perf_counter() - t_eval)
                 row = {k: row.get(k) for k in ["epoch", *metrics]}
                 history.append(row)
-                steps_done = epoch * steps_per_epoch - done_before
-                rate = (steps_per_epoch - (at.step if epoch == at.epoch + 1 else 0)) * per_step / elapsed
-                eta = (time.perf_counter() - t_run) / steps_done * (total_steps - epoch * steps_per_epoch)
-                log_epoch(row, params, tracker, rate, eta, history[0])
+                log_epoch(row, params, tracker, steps_here * per_step / elapsed, clock.eta(epoch), history[0])
                 write_series(history, paths.plots, metrics)
             meter, bad_steps, now = Meter(), 0, Position(epoch, 0)
             if world.is_main and (epoch % tp.save_every == 0 or epoch == tp.epochs
@@ -413,15 +415,17 @@ def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPat
 
 
 def preflight_check(run: families.Training, sampler: Sampler, tp: TrainParams, device: torch.device, samples: int,
-                    world_size: int) -> str | None:
-    """Project the run from measured steps (the family's heaviest step) and log it; the reason to
-    refuse it, or None. Runs forward and backward only: the weights do not change."""
+                    world_size: int) -> tuple[str | None, float]:
+    """Project the run from measured steps (the family's heaviest step) and log it; (the reason to
+    refuse it or None, the time of a heaviest step over that of a first-epoch step on the same
+    micro-batch: what a meta-learning epoch costs more). Runs forward and backward only: the weights
+    do not change."""
     model = run.model
     first = sampler.micro_batches(sampler.order(0), 0, 0, 0)[0]
 
-    def step(n: int) -> None:
+    def step(n: int, epoch: int | None = None) -> None:
         mb = MicroBatch(first.index, first.ids[:n], first.key)
-        tb = run.prepare(mb, None).to(device)
+        tb = run.prepare(mb, epoch).to(device)
         with autocast(device, tp.precision):
             loss, _ = run.objective(tb, tp.temperature_start)
         loss.backward()
@@ -431,14 +435,52 @@ def preflight_check(run: families.Training, sampler: Sampler, tp: TrainParams, d
     try:
         projection = preflight.project(step, run.micro_batch, samples, device, per_process=1.0 / world_size,
                                        max_cpu_hours=tp.max_cpu_hours)
+        ratio = 1.0
+        if projection.hours <= 2 * tp.max_cpu_hours or device.type != "cpu":  # not refused on time anyway
+            n = min(run.micro_batch, 16)
+            heavy, _ = preflight.measure(step, n, device)
+            plain, _ = preflight.measure(lambda k: step(k, 1), n, device)
+            ratio = max(heavy / max(plain, 1e-9), 1.0)
     finally:
         model.zero_grad(set_to_none=True)  # also after a step that ran out of memory half way
     log.info("pre-flight: %s", projection.describe())
     try:
         preflight.check(projection, tp.max_cpu_hours)
     except preflight.PreflightError as err:
-        return str(err)
-    return None
+        return str(err), ratio
+    return None, ratio
+
+
+class RunClock:
+    """The time to the end of a training from what its epochs took: seconds per step measured apart
+    for epochs with and without meta-learning (a meta-learning step costs `meta_ratio` times a plain
+    one, measured by the pre-flight, until one has been timed), plus the held-out evaluations still
+    to come at the mean time of those done."""
+
+    def __init__(self, tp: TrainParams, steps_per_epoch: int):
+        self.tp, self.steps_per_epoch, self.meta_ratio = tp, steps_per_epoch, 1.0
+        self.spent = {False: [0.0, 0], True: [0.0, 0]}  # meta -> [seconds, steps]
+        self.evals: list[float] = []
+
+    def trained(self, epoch: int, steps: int, seconds: float) -> None:
+        kind = self.spent[schedule.meta_learning_active(self.tp, epoch)]
+        kind[0], kind[1] = kind[0] + seconds, kind[1] + steps
+
+    def evaluated(self, seconds: float) -> None:
+        self.evals.append(seconds)
+
+    def per_step(self, meta: bool) -> float:
+        (s_plain, n_plain), (s_meta, n_meta) = self.spent[False], self.spent[True]
+        if meta:
+            return s_meta / n_meta if n_meta else s_plain / max(n_plain, 1) * self.meta_ratio
+        return s_plain / n_plain if n_plain else s_meta / max(n_meta, 1) / self.meta_ratio
+
+    def eta(self, epoch: int) -> float:
+        """Seconds from the end of `epoch` to the end of the training."""
+        later = range(epoch + 1, self.tp.epochs + 1)
+        train = sum(self.per_step(schedule.meta_learning_active(self.tp, e)) for e in later) * self.steps_per_epoch
+        evals = sum(1 for e in later if e % self.tp.eval_every == 0 or e == self.tp.epochs)
+        return train + evals * (sum(self.evals) / len(self.evals) if self.evals else 0.0)
 
 
 def log_epoch(row: dict[str, Any], params: Params, tracker: Tracker, samples_per_second: float,
