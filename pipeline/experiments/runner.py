@@ -614,6 +614,11 @@ def main(argv: list[str] | None = None) -> None:
         c.add_argument("--scale", choices=sorted(SCALES), default=None, help="the scale (default: the one they ran at)")
         if cmd == "compare":
             c.add_argument("--out", default=None, help="report directory (default: metrics/compare/<names>)")
+    st = sub.add_parser("study", help="a study page written from experiments' runs: per-epoch LoRA growth and "
+                                      "equivariance share, the health checks they tripped, the final gaps")
+    st.add_argument("names", nargs="+", help="experiments or groups, e.g. stable fixed")
+    st.add_argument("--scale", choices=sorted(SCALES), default=None, help="the scale (default: the one they ran at)")
+    st.add_argument("--write", default=None, help="write the page there (whole or not at all), e.g. docs/cpu-study.md")
     sub.add_parser("runs", help="each experiment's MLflow runs and registered model version (python -m pipeline.tracking.lineage)",
                    add_help=False)
     o = sub.add_parser("overrides", help="the -S arguments of an experiment, for dvc exp run (restores HEAD's "
@@ -645,6 +650,10 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(args.out) if args.out else cwd / "metrics" / "compare" / report_dir(list(groups))
             print(compare(groups, cwd, out))
             log.info("report: %s", out / "compare.md")
+        elif args.cmd == "study":
+            from pipeline.experiments.study import study
+
+            print(study(groups_of(args.names, args.scale, cwd), cwd, Path(args.write) if args.write else None))
         elif args.cmd == "diff":
             groups = groups_of(args.names, args.scale, cwd)
             if len(groups) != 2:
