@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -33,10 +34,16 @@ log = logging.getLogger("stage")
 FAILURES = (ParamsError, OutputError, IntegrityError, TrackingError, TrackingLost, runlock.WorkspaceError)
 
 
+# Set by the experiment runner for a run outside the queue: every log line names the experiment first
+# (in the queue, the runner reads each task's log and puts the name in front itself)
+EXPERIMENT_ENV = "PIPELINE_EXPERIMENT"
+
+
 def setup_logging(level: int = logging.INFO) -> None:
+    experiment = os.environ.get(EXPERIMENT_ENV, "").replace("%", "%%")
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=(f"{experiment}: " if experiment else "") + "%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
         force=True,

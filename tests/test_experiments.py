@@ -402,3 +402,21 @@ def test_a_name_stands_for_its_seed_repeats_at_one_scale_never_two(tmp_path, cap
         one_scale({n: group_of(n, None, revs, tmp_path) for n in ("stable_tiny", "stable_cpu")})
     one_scale({"stable_tiny": g, "mine": dataclasses.replace(g, label="mine", scale=None)})
     assert "the scale of mine is unknown" in caplog.text
+
+
+def test_a_run_outside_the_queue_names_its_experiment_first_on_every_log_line(monkeypatch, capsys):
+    """The runner sets the experiment's name for `dvc exp run --temp`: each stage's warning (a health
+    check as it fires) reads with the name first."""
+    import logging
+
+    from pipeline.stage import EXPERIMENT_ENV, setup_logging
+
+    monkeypatch.setenv(EXPERIMENT_ENV, "fixed_cpu")
+    setup_logging()
+    logging.getLogger("pipeline.train.loop").warning("epoch 6: lora_explosion critical: grew 30x")
+    monkeypatch.delenv(EXPERIMENT_ENV)
+    setup_logging()
+    logging.getLogger("x").warning("plain")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("fixed_cpu: ") and lines[0].endswith("epoch 6: lora_explosion critical: grew 30x")
+    assert not lines[1].startswith("fixed_cpu")

@@ -50,7 +50,7 @@ from pipeline.experiments.committed import (
 )
 from pipeline.experiments.compare import CompareError, Group, compare, metrics_table
 from pipeline.params import SEED_KEYS, ParamsError, did_you_mean, flatten, parse_yaml
-from pipeline.stage import INTERRUPTED, fail, run_foreground, setup_logging
+from pipeline.stage import EXPERIMENT_ENV, INTERRUPTED, fail, run_foreground, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +289,12 @@ def child_env(cwd: Path, jobs: int = 1) -> dict[str, str]:
     return env
 
 
-def _dvc(args: list[str], cwd: Path, capture: bool = True) -> subprocess.CompletedProcess:
+def _dvc(args: list[str], cwd: Path, capture: bool = True, experiment: str | None = None) -> subprocess.CompletedProcess:
+    """`dvc ARGS`; with `experiment`, its stages' log lines carry the experiment's name first
+    (pipeline.stage.EXPERIMENT_ENV): what a run outside the queue shows as it comes."""
     cmd = [sys.executable, "-m", "dvc", *args]
-    proc = run_foreground(cmd, cwd=cwd, env=child_env(cwd), capture_output=capture, text=True)
+    env = {**child_env(cwd), **({EXPERIMENT_ENV: experiment} if experiment else {})}
+    proc = run_foreground(cmd, cwd=cwd, env=env, capture_output=capture, text=True)
     if proc.returncode != 0:
         raise ExperimentError(f"`dvc {' '.join(args)}` failed"
                               + (f":\n{proc.stdout}{proc.stderr}" if capture else " (its output is above)"))
@@ -359,7 +362,7 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
             log.info("%s experiment %s: the %s scale and %s", "queueing" if queue else "running", p.name, scale,
                      " ".join(set_args(own)) or "the baseline")
             _dvc(["exp", "run", "--force", "--queue" if queue else "--temp", "-n", p.name, *set_args(p.changes)],
-                 cwd, capture=queue)
+                 cwd, capture=queue, experiment=None if queue else p.name)
         if queue:
             start_queue(cwd, jobs)
             try:
