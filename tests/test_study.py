@@ -41,3 +41,4 @@ def test_render_gives_mean_and_spread_over_seeds_and_who_tripped_what():
     assert "| fixed_cpu | lora_explosion critical | 1 of 2 | 2 (seed 42) |" in text
     assert "| stable_cpu | none | 0 of 2 | — |" in text
     assert "Written by `CMD`" in text and "seeds stable_cpu: 42, 43" in text
+    assert "| lora_growth | 2 to 4 | 1 to 20 |" in text  # after the first epoch, over both seeds

@@ -30,6 +30,7 @@ from pipeline.params import Params, parse_params
 
 COMMAND = "python -m pipeline.experiments study {names} --scale {scale} --write {out}"
 GAPS = ("attention_entropy_ratio", "stop_value_gap", "loss_ratio")
+RANGES = ("lora_growth", "lora_diversity", "loo_accuracy", "equiv_delta_norm")
 
 
 def _params(run: Outputs) -> Params:
@@ -143,8 +144,27 @@ def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]], command:
         lines.append(f"| pass@2, {side} tasks | "
                      + " | ".join(_cell(_spread([r.metrics.get(key) for r in outputs[g]])) for g in names) + " |")
     growth_max = {g: _spread([t["lora_growth"].max() for t in tables[g]]) for g in names}
-    lines += ["", "Largest LoRA growth of a run: " + "; ".join(f"{g} {_cell(growth_max[g])}" for g in names) + ".", ""]
+    lines += ["", "Largest LoRA growth of a run: " + "; ".join(f"{g} {_cell(growth_max[g])}" for g in names) + ".",
+              "", "## Ranges behind the thresholds", "",
+              "Smallest and largest value over every seed and epoch that logged it (the monitor's thresholds "
+              "in `params.yaml`, section `monitoring`, rest on such ranges).", "",
+              "| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m in RANGES:
+        cells = []
+        for g in names:
+            values = [v for r in outputs[g] for v in _column(r, m)]
+            cells.append(f"{min(values):.3g} to {max(values):.3g}" if values else "—")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
     return "\n".join(lines)
+
+
+def _column(run: Outputs, name: str) -> list[float]:
+    if name == "lora_growth":
+        return [v for v in epoch_table(run)["lora_growth"].tolist()[1:] if v is not None and math.isfinite(v)]
+    if name not in run.series:
+        return []
+    return [float(v) for v in run.series[name].tolist() if v == v]  # NaN: not logged that epoch
 
 
 def study(groups: dict[str, Group], cwd: Path, out: Path | None) -> str:
