@@ -65,7 +65,8 @@ def main() -> None:
         setup_logging(logging.WARNING)
 
     try:
-        model, meta = load_model(args.model, world.device)
+        forms = {k: getattr(params.model, k) for k in PUBLIC_FORMS} if params.model.family == "rlan" else None
+        model, meta = load_model(args.model, world.device, forms)
     except ModelFileError as err:
         fail(str(err))
         return

@@ -104,7 +104,7 @@ class LoRA:
 
 def gelu_mean_square(var: float) -> float:
     """E[GELU(u)^2] for u ~ N(0, var), by quadrature (for the init of the dense form's last layers)."""
-    u = torch.linspace(-12.0, 12.0, 24_001, dtype=torch.float64)
+    u = torch.linspace(-12.0, 12.0, 24_001, dtype=torch.float64, device="cpu")  # also under a meta default device
     density = torch.exp(-0.5 * u**2) / math.sqrt(2 * math.pi)
     return float((F.gelu(u * math.sqrt(var)) ** 2 * density).sum() * (u[1] - u[0]))
 
