@@ -13,6 +13,11 @@
   own (float32 on the CPU, the resident set's peak; on CUDA the allocator's peak in bf16).
 - projected cost of the stable configuration: 200 epochs x 400K samples at 40% of the H100's dense
   bf16 peak (989 TFLOP/s).
+- RLAN's module forms: parameters (total, solver, injector, HyperLoRA), GFLOP/sample and projected
+  hours of the earlier forms (model.solver_candidate conv, context_injector attention,
+  hyperlora_delta factored), all three and each alone, beside the public ones of params.yaml.
+  `--flops-only` stops after these counts (no timing); `--cache` names the augmented cache the
+  micro-batches come from (any cache of the ARC-AGI-1 tasks: the counts depend on the batches' shapes).
 - TRM (section trm, its ARC-AGI-1 configuration): GFLOP of one training segment per example and of
   one evaluated view, counted on the meta device, and its run's projected cost: every pair of the
   cache offered once per epoch, one segment per example slot and optimizer step.
@@ -331,11 +336,12 @@ def main() -> None:
              Row("stable run (80M samples) at 40% of H100 bf16 peak", hours, "H100-h", "<= 24", hours <= 24)]
     for name, c in counted.items():
         if name.startswith("production-") and name != "production-one-holdout":
-            what = name.removeprefix("production-")
+            what = ("earlier forms (all three)" if name == "production-earlier-forms" else
+                    "form " + next(f"{k}: {v}" for k, v in EARLIER_FORMS.items() if name == f"production-{v}"))
             sizes = ", ".join(f"{m} {c[f'params_{m}'] / 1e6:.2f}M" for m in ("solver", "inject", "hyperlora"))
-            rows += [Row(f"{what} forms ({c['params'] / 1e6:.2f}M params: {sizes}): GFLOP/sample, task loss / with "
+            rows += [Row(f"{what} ({c['params'] / 1e6:.2f}M params: {sizes}): GFLOP/sample, task loss / with "
                          f"LOO + equivariance", c["gflop_meta"], "GFLOP", f"task {c['gflop_task']:.0f}"),
-                     Row(f"{what} forms: stable run at 40% of H100 bf16 peak", projected_hours(c["gflop_meta"]), "H100-h")]
+                     Row(f"{what}: stable run at 40% of H100 bf16 peak", projected_hours(c["gflop_meta"]), "H100-h")]
     if args.flops_only:
         print_table("Training cost (counted on the meta device)", rows)
         return
