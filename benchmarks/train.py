@@ -13,6 +13,11 @@
   own (float32 on the CPU, the resident set's peak; on CUDA the allocator's peak in bf16).
 - projected cost of the stable configuration: 200 epochs x 400K samples at 40% of the H100's dense
   bf16 peak (989 TFLOP/s).
+- RLAN's module forms: parameters (total, solver, injector, HyperLoRA), GFLOP/sample and projected
+  hours of the earlier forms (model.solver_candidate conv, context_injector attention,
+  hyperlora_delta factored), all three and each alone, beside the public ones of params.yaml.
+  `--flops-only` stops after these counts (no timing); `--cache` names the augmented cache the
+  micro-batches come from (any cache of the ARC-AGI-1 tasks: the counts depend on the batches' shapes).
 - TRM (section trm, its ARC-AGI-1 configuration): GFLOP of one training segment per example and of
   one evaluated view, counted on the meta device, and its run's projected cost: every pair of the
   cache offered once per epoch, one segment per example slot and optimizer step.
@@ -44,6 +49,11 @@ CONFIGS = {
              "model.spatial_downsample": 4, "model.dsc_num_heads": 2, "model.solver_context_heads": 2},
 }
 # the GPU check's smoke test (benchmarks.gpu --smoke): the tests' tiny scale (3 + 3 tasks, a 16-wide model)
+# RLAN's earlier module forms (model.solver_candidate, context_injector, hyperlora_delta; the production
+# configuration builds the public ones), all three and each alone, at the stable size
+EARLIER_FORMS = {"solver_candidate": "conv", "context_injector": "attention", "hyperlora_delta": "factored"}
+CONFIGS["production-earlier-forms"] = {f"model.{k}": v for k, v in EARLIER_FORMS.items()}
+CONFIGS.update({f"production-{v}": {f"model.{k}": v} for k, v in EARLIER_FORMS.items()})
 CONFIGS["smoke"] = {
     "model.hidden_dim": 16, "model.num_solver_steps": 2, "model.max_clues": 2, "model.spatial_downsample": 2,
     "model.dsc_num_heads": 2, "model.solver_context_heads": 2, "model.msre_encoding_dim": 8, "model.msre_num_freq": 2,
@@ -82,7 +92,8 @@ def count_flops(name: str, batches: int, cache_dir: Path = CACHE) -> dict:
     p, cache, sampler, order = _setup(name, torch.device("cpu"), load_batch_size(name), cache_dir)
     with meta_dev:
         model = RLAN(p.model).train()
-    out = {}
+    out = {"params": sum(x.numel() for x in model.parameters()),
+           **{f"params_{m}": sum(x.numel() for x in getattr(model, m).parameters()) for m in ("solver", "inject", "hyperlora")}}
     for meta in (False, True):
         total, samples = 0, 0
         for step in range(batches):
@@ -262,6 +273,11 @@ def encoding(name: str, device: torch.device, reps: int) -> dict:
     return out
 
 
+def projected_hours(gflop_per_sample: float) -> float:
+    """H100-hours of the stable run (STABLE_SAMPLES) at 40% of the dense bf16 peak."""
+    return STABLE_SAMPLES * gflop_per_sample * 1e9 / (0.4 * H100_BF16_DENSE) / 3600
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -282,6 +298,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: 75 on CUDA, 2 on the CPU")
     ap.add_argument("--flop-batches", type=int, default=8, help="micro-batches averaged for the FLOP count")
     ap.add_argument("--skip-memory", action="store_true", help="skip the stable micro-batch memory measurement")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="only the counts on the meta device (FLOPs, parameters, projected hours; no timing)")
+    ap.add_argument("--cache", default=str(CACHE), help="the augmented cache the counted micro-batches come from")
     ap.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # a child: what to measure
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -289,7 +308,7 @@ def main() -> None:
     if args.one:
         kind, name, *rest = args.one
         if kind == "flops":
-            out = count_flops(name, args.flop_batches)
+            out = count_flops(name, args.flop_batches, Path(args.cache))
         elif kind == "trm-flops":
             out = count_trm_flops(2)
         elif kind == "encode":
@@ -302,17 +321,30 @@ def main() -> None:
         return
 
     rows = []
-    flops = _child(["flops", "production", "--flop-batches", str(args.flop_batches)])
-    one = _child(["flops", "production-one-holdout", "--flop-batches", str(args.flop_batches)])
+    counted = {name: _child(["flops", name, "--flop-batches", str(args.flop_batches), "--cache", args.cache])
+               for name in ("production", "production-one-holdout", "production-earlier-forms",
+                            *(f"production-{v}" for v in EARLIER_FORMS.values()))}
+    flops, one = counted["production"], counted["production-one-holdout"]
     ratio = flops["gflop_meta"] / flops["gflop_task"]
-    hours = STABLE_SAMPLES * flops["gflop_meta"] * 1e9 / (0.4 * H100_BF16_DENSE) / 3600
-    rows += [Row("production: GFLOP/sample, task loss", flops["gflop_task"], "GFLOP",
-                 f"previous model {BEFORE['gflop_task']:.0f}"),
+    hours = projected_hours(flops["gflop_meta"])
+    rows += [Row(f"production ({flops['params'] / 1e6:.2f}M params): GFLOP/sample, task loss", flops["gflop_task"],
+                 "GFLOP", f"previous model {BEFORE['gflop_task']:.0f}"),
              Row("production: GFLOP/sample, with LOO (every pair) + equivariance", flops["gflop_meta"], "GFLOP"),
              Row("production: GFLOP/sample, with LOO (one pair per sample) + equivariance", one["gflop_meta"], "GFLOP",
                  f"previous model {BEFORE['gflop_meta']:.0f}"),
              Row("production: meta-learning / task-loss FLOPs (every pair)", ratio, "x"),
              Row("stable run (80M samples) at 40% of H100 bf16 peak", hours, "H100-h", "<= 24", hours <= 24)]
+    for name, c in counted.items():
+        if name.startswith("production-") and name != "production-one-holdout":
+            what = ("earlier forms (all three)" if name == "production-earlier-forms" else
+                    "form " + next(f"{k}: {v}" for k, v in EARLIER_FORMS.items() if name == f"production-{v}"))
+            sizes = ", ".join(f"{m} {c[f'params_{m}'] / 1e6:.2f}M" for m in ("solver", "inject", "hyperlora"))
+            rows += [Row(f"{what} ({c['params'] / 1e6:.2f}M params: {sizes}): GFLOP/sample, task loss / with "
+                         f"LOO + equivariance", c["gflop_meta"], "GFLOP", f"task {c['gflop_task']:.0f}"),
+                     Row(f"{what}: stable run at 40% of H100 bf16 peak", projected_hours(c["gflop_meta"]), "H100-h")]
+    if args.flops_only:
+        print_table("Training cost (counted on the meta device)", rows)
+        return
     trm = _child(["trm-flops", "arc-agi-1"])
     pairs = json.loads((REPO / "data/cache/manifest.json").read_text())["pairs"]
     epochs = STABLE_SAMPLES // json.loads((REPO / "data/cache/manifest.json").read_text())["samples"]

@@ -78,6 +78,10 @@ class AugmentParams(_Section):
     max_tries_factor: int = Field(ge=1, le=100)
 
 
+# The RLAN module forms a model file records (pipeline/model/io.py): the public code's, and the ones
+# every model file of format 2 was built with (before the forms were options).
+PUBLIC_FORMS = {"solver_candidate": "swiglu", "context_injector": "ffn", "hyperlora_delta": "dense"}
+FORMS_BEFORE_OPTIONS = {"solver_candidate": "conv", "context_injector": "attention", "hyperlora_delta": "factored"}
 FAMILIES = ("rlan", "trm")  # the model families (pipeline/model/family.py)
 
 
@@ -101,6 +105,11 @@ class ModelParams(_Section):
     hyperlora_scaling: float = Field(gt=0.0, le=100.0)
     hyperlora_dropout: float = Field(ge=0.0, lt=1.0)
     hyperlora_init_scale: float = Field(gt=0.0, le=10.0)
+    # The forms of three modules (docs/model.md#differences-from-the-public-rlan-code): the public
+    # code's by default, this project's earlier ones by name.
+    solver_candidate: Literal["swiglu", "conv"]  # GRU candidate: SwiGLU of convolutions and the input embedding | plain conv
+    context_injector: Literal["ffn", "attention"]  # cross-attention injector with its 4x feed-forward layer | without
+    hyperlora_delta: Literal["dense", "factored"]  # H x H deltas on the targets' outputs | factors on the gates' inputs
 
 
 class TRMParams(_Section):

@@ -19,7 +19,7 @@ from pipeline.integrity import IntegrityError, file_md5
 from pipeline.io import write_json, write_text
 from pipeline.model import family as families
 from pipeline.model.io import ModelFileError, load_model
-from pipeline.params import differences
+from pipeline.params import PUBLIC_FORMS, differences
 from pipeline.runtime import use_cpu
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker, lineage
@@ -65,7 +65,8 @@ def main() -> None:
         setup_logging(logging.WARNING)
 
     try:
-        model, meta = load_model(args.model, world.device)
+        forms = {k: getattr(params.model, k) for k in PUBLIC_FORMS} if params.model.family == "rlan" else None
+        model, meta = load_model(args.model, world.device, forms)
     except ModelFileError as err:
         fail(str(err))
         return

@@ -1,6 +1,11 @@
 """Saving and loading a trained model of any family: its family's name, the configuration that
 rebuilds it (`model.config()`), the EMA weights and metadata, in a file that loads with
-`torch.load(weights_only=True)`."""
+`torch.load(weights_only=True)`.
+
+An RLAN configuration names the forms its modules were built with (PUBLIC_FORMS' keys: the solver's
+candidate, the context injector, HyperLoRA's delta); a file of format 2, from before they were
+options, was built with FORMS_BEFORE_OPTIONS, and loads as such. A caller that needs given forms
+(`forms=`) is refused a model built with others, in one line naming the keys."""
 
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ from torch import nn
 
 from pipeline.io import write_bytes
 from pipeline.model import family as families
+from pipeline.params import FORMS_BEFORE_OPTIONS, PUBLIC_FORMS
 
-FORMAT = 2  # 2: the family and its configuration
+FORMAT = 3  # 2: the family and its configuration; 3: an RLAN configuration names its module forms
 
 
 class ModelFileError(RuntimeError):
@@ -54,10 +60,27 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None
     write_bytes(path, buffer.getbuffer())
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def recorded_forms(obj: dict[str, Any]) -> dict[str, str]:
+    """The module forms a loaded model file's RLAN was built with ({} for another family)."""
+    if obj["family"] != "rlan":
+        return {}
+    config, before = obj["model_params"], FORMS_BEFORE_OPTIONS if obj["format"] == 2 else {}
+    return {k: config.get(k, before.get(k)) for k in PUBLIC_FORMS}
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               forms: dict[str, str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and its metadata; with `forms` (model.<key>: form), a model built with other forms
+    is refused."""
     obj = safe_load(path, map_location)
-    if obj["format"] != FORMAT:
+    if obj["format"] not in (2, FORMAT):
         raise ModelFileError(f"{path}: model format {obj['format']}, this code reads {FORMAT}")
+    built = recorded_forms(obj)
+    other = [f"model.{k} {v!r} (wanted {forms[k]!r})" for k, v in built.items() if forms and forms.get(k, v) != v]
+    if other:
+        raise ModelFileError(f"{path}: built with other module forms: {', '.join(other)}")
+    if obj["format"] == 2 and built:
+        obj["model_params"] = {**obj["model_params"], **built}
     try:
         model = families.get(obj["family"]).build(obj["model_params"])
         model.load_state_dict(obj["state_dict"])

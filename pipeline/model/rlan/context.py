@@ -171,21 +171,38 @@ class ContextEncoder(nn.Module):
 
 class ContextInjector(nn.Module):
     """Query features read the task: cross-attention to the support tokens, or FiLM from the
-    pooled vector (`use_cross_attention_context: false`)."""
+    pooled vector (`use_cross_attention_context: false`).
+
+    The cross-attention has two forms (`context_injector`). `ffn`, the public injector: attention
+    without pre-norms, x = LN(x + dropout(attn(x))), then x = LN(x + dropout(FFN(x))) with a 4x
+    feed-forward layer (Linear, GELU, dropout, Linear), per cell. `attention`: the pre-norm attention's
+    residual update alone, x + attn(x)."""
 
     def __init__(self, cfg: ModelParams):
         super().__init__()
         H = cfg.hidden_dim
         self.cross = cfg.use_cross_attention_context
+        self.ffn = None
         if self.cross:
-            self.attn = CrossAttention2d(H, cfg.solver_context_heads, cfg.dropout)
+            public = cfg.context_injector == "ffn"
+            self.attn = CrossAttention2d(H, cfg.solver_context_heads, cfg.dropout, prenorm=not public)
+            if public:
+                self.dropout = cfg.dropout
+                self.norm1, self.norm2 = nn.LayerNorm(H), nn.LayerNorm(H)
+                self.ffn = nn.Sequential(nn.Linear(H, 4 * H), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(4 * H, H))
         else:
             self.film = nn.Linear(H, 2 * H)
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
 
     def forward(self, x, tokens, token_mask, pooled):
-        if self.cross:
-            return x + self.attn(x, tokens, token_mask)
-        gamma, beta = self.film(pooled.to(x.dtype))[..., None, None].chunk(2, dim=1)
-        return x * (1 + gamma) + beta
+        if not self.cross:
+            gamma, beta = self.film(pooled.to(x.dtype))[..., None, None].chunk(2, dim=1)
+            return x * (1 + gamma) + beta
+        read = self.attn(x, tokens, token_mask)
+        if self.ffn is None:
+            return x + read
+        drop = self.training and self.dropout > 0
+        y = self.norm1((x + F.dropout(read, self.dropout, drop)).permute(0, 2, 3, 1))  # (B, h, w, H)
+        y = self.norm2(y + F.dropout(self.ffn(y), self.dropout, drop))
+        return y.permute(0, 3, 1, 2)

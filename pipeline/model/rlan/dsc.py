@@ -15,7 +15,7 @@ the DSC, as in the public module. The cumulative mask starts as the query grid's
 canvas around it gets 1e-6) and after each clue is multiplied by `1 - 0.9 * attention.detach()`
 (floored at 1e-6): later clues prefer what earlier ones left. A clue's centroid is the
 attention-weighted mean (row, col). Its stop logit is `4 tanh(x / 4)` of an MLP over [attended
-values, attention entropy / log(h*w)] (hidden width hidden_dim / 2, GELU, dropout; the entropy
+values, attention entropy / log(h*w)] (p floored at 1e-6 in the entropy; hidden width hidden_dim / 2, GELU, dropout; the entropy
 input's weights start around +1.5 with spread 0.5, the last bias at -1: clues start likely to be used).
 
 Each clue also returns its noise-free ("raw") map: the softmax of the same scores without the noise.
@@ -37,6 +37,7 @@ MASK_FLOOR = 1e-6
 SCORE_CLAMP = 50.0
 ATTENTION_FLOOR = 1e-8
 STOP_BOUND = 4.0
+STOP_ENTROPY_FLOOR = 1e-6  # the stop head's entropy input: p floored here before p log p, as the public DSC
 
 
 @dataclass
@@ -135,7 +136,7 @@ class DSC(nn.Module):
             attended = torch.einsum("bn,bnh->bh", att.to(values.dtype), values)
             if c < self.K - 1:  # the next clue's state
                 state = self.recurrence(attended, state)
-            ent = (_entropy(att, floor=1e-10) / max_entropy)[:, None]
+            ent = (_entropy(att, floor=STOP_ENTROPY_FLOOR) / max_entropy)[:, None]
             logit = self.stop(torch.cat([attended, ent.to(attended.dtype)], -1)).squeeze(-1).float()
             stops.append(STOP_BOUND * torch.tanh(logit / STOP_BOUND))
             cents.append(torch.stack([(att * rows).sum(-1), (att * cols).sum(-1)], -1))

@@ -1,12 +1,22 @@
 """HyperLoRA: task-specific low-rank weight deltas predicted from the pooled context.
 
-For each target layer t with input size n_in and output size n_out, small heads predict
-A (B, n_out, r) and B (B, n_in, r) from the pooled context; the layer computes
-W x + scaling * (A B^T) x, with scaling = `hyperlora_scaling`. The heads are initialised so that
-the first deltas A B^T have a root-mean-square gain of `hyperlora_init_scale` on a unit-variance
-input (||A B^T||_F / sqrt(n_out) = init_scale): the project's definition of the init scale. The
-targets are the GRU reset, update and candidate gates (on their [x, h] input) and the output head
-(on its input, h + delta_W h).
+For each target t with input size n_in and output size n_out, the module predicts per sample
+A (B, n_out, r) and B (B, n_in, r) from the pooled context; the target's delta is
+scaling * A B^T (scaling = `hyperlora_scaling`), acting on a map x as scaling * A (B^T x). Two forms
+(`hyperlora_delta`):
+
+- `dense` (the public module at 74a42b0): the context goes through a fusion MLP (Linear H -> 2H,
+  GELU, dropout, Linear 2H -> H, LayerNorm) and dropout; each target has two MLPs of its own
+  (Linear H -> H, GELU, Linear H -> H r), one for each factor. Every target is H x H and acts on the
+  target's output features, y + delta y (the solver's reset, update and candidate pre-activations and
+  the output head's input). The public code forms the dense H x H matrix and multiplies every cell
+  by it; here the same function is computed through the factors (2 H r instead of H^2 per cell).
+- `factored` (this project's earlier form): a LayerNorm, Linear, GELU trunk, dropout and LayerNorm,
+  then one linear head per factor; the gates' deltas act on their inputs ([x, h], 2H or 3H wide).
+
+Both forms are initialised to this project's definition of `hyperlora_init_scale`: the first deltas
+A B^T have a root-mean-square gain of init_scale on a unit-variance input
+(E||A B^T||_F^2 / n_out = init_scale^2, before `hyperlora_scaling`).
 
 What is logged is what the public module logs: the magnitude ||scaling * A B^T||_F of each sample's
 delta (mean over the batch), and the diversity, the standard deviation over the batch of each entry
@@ -92,29 +102,59 @@ class LoRA:
             return torch.stack([self.deltas(t).std(0).mean() for t in self.a]).mean()
 
 
+def gelu_mean_square(var: float) -> float:
+    """E[GELU(u)^2] for u ~ N(0, var), by quadrature (for the init of the dense form's last layers)."""
+    u = torch.linspace(-12.0, 12.0, 24_001, dtype=torch.float64, device="cpu")  # also under a meta default device
+    density = torch.exp(-0.5 * u**2) / math.sqrt(2 * math.pi)
+    return float((F.gelu(u * math.sqrt(var)) ** 2 * density).sum() * (u[1] - u[0]))
+
+
 class HyperLoRA(nn.Module):
     def __init__(self, cfg: ModelParams, dims: dict[str, tuple[int, int]]):
         """dims: target -> (n_in, n_out)."""
         super().__init__()
         H, r = cfg.hidden_dim, cfg.hyperlora_rank
         self.rank, self.scaling, self.dims = r, cfg.hyperlora_scaling, dims
-        self.trunk = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, H), nn.GELU())
+        self.dense = cfg.hyperlora_delta == "dense"
         self.dropout = cfg.hyperlora_dropout
-        self.norm = nn.LayerNorm(H)
-        self.head_a = nn.ModuleDict({t: nn.Linear(H, n_out * r) for t, (_, n_out) in dims.items()})
-        self.head_b = nn.ModuleDict({t: nn.Linear(H, n_in * r) for t, (n_in, _) in dims.items()})
-        # z = trunk(ctx) has unit mean square per sample (final LayerNorm), so with these weights
-        # A has entries of variance init_scale^2 and B of 1 / (r n_in): E||A B^T||_F^2 = n_out init_scale^2.
+        init = cfg.hyperlora_init_scale
+        # The context z fed to the last layers has unit mean square per sample (a final LayerNorm).
+        # A's entries get variance init^2 and B's 1 / (r n_in): E||A B^T||_F^2 = n_out init^2.
+        if self.dense:
+            self.fuse_in, self.fuse_out, self.norm = nn.Linear(H, 2 * H), nn.Linear(2 * H, H), nn.LayerNorm(H)
+            self.head_a = nn.ModuleDict({t: self._mlp(H, n_out * r) for t, (_, n_out) in dims.items()})
+            self.head_b = nn.ModuleDict({t: self._mlp(H, n_in * r) for t, (n_in, _) in dims.items()})
+            # The last layers read GELU(Linear(z)): torch's default init gives Linear(z) the variance
+            # (H + 1) / 3H per unit, so the GELU outputs have H * gelu_mean_square of it in all.
+            width = math.sqrt(H * gelu_mean_square((H + 1) / (3 * H)))
+            last_a = {t: m[-1] for t, m in self.head_a.items()}
+            last_b = {t: m[-1] for t, m in self.head_b.items()}
+        else:
+            self.trunk = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, H), nn.GELU())
+            self.norm = nn.LayerNorm(H)
+            self.head_a = nn.ModuleDict({t: nn.Linear(H, n_out * r) for t, (_, n_out) in dims.items()})
+            self.head_b = nn.ModuleDict({t: nn.Linear(H, n_in * r) for t, (n_in, _) in dims.items()})
+            width = math.sqrt(H)
+            last_a, last_b = dict(self.head_a.items()), dict(self.head_b.items())
         for t, (n_in, _) in dims.items():
-            nn.init.normal_(self.head_a[t].weight, std=cfg.hyperlora_init_scale / math.sqrt(H))
-            nn.init.normal_(self.head_b[t].weight, std=1.0 / math.sqrt(H * r * n_in))
-            nn.init.zeros_(self.head_a[t].bias)
-            nn.init.zeros_(self.head_b[t].bias)
+            nn.init.normal_(last_a[t].weight, std=init / width)
+            nn.init.normal_(last_b[t].weight, std=1.0 / (width * math.sqrt(r * n_in)))
+            nn.init.zeros_(last_a[t].bias)
+            nn.init.zeros_(last_b[t].bias)
+
+    @staticmethod
+    def _mlp(width: int, n_out: int) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, n_out))
 
     def forward(self, pooled: torch.Tensor, dropout: bool = True) -> LoRA:
         """Deltas for (B, H) pooled contexts; `dropout=False` leaves out `hyperlora_dropout` (the
         equivariance comparison)."""
-        z = self.norm(F.dropout(self.trunk(pooled), self.dropout, self.training and dropout))
+        drop = self.training and dropout
+        if self.dense:
+            fused = self.fuse_out(F.dropout(F.gelu(self.fuse_in(pooled)), self.dropout, drop))
+            z = F.dropout(self.norm(fused), self.dropout, drop)
+        else:
+            z = self.norm(F.dropout(self.trunk(pooled), self.dropout, drop))
         B = pooled.shape[0]
         a = {t: self.head_a[t](z).view(B, n_out, self.rank) for t, (_, n_out) in self.dims.items()}
         b = {t: self.head_b[t](z).view(B, n_in, self.rank) for t, (n_in, _) in self.dims.items()}

@@ -63,15 +63,16 @@ ATTENTION_CHUNK_BYTES = 128 * 1024**2
 class CrossAttention2d(nn.Module):
     """Every cell of a (B, C, H, W) map reads a set of tokens (B, T, C); returns the residual update.
     `memory` projects the tokens to keys and values once, so a map that reads the same tokens at
-    every step (the solver) does not project them again."""
+    every step (the solver) does not project them again. `prenorm=False` leaves out the LayerNorms of
+    the queries and the tokens (torch's MultiheadAttention, as the public injector uses it)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, prenorm: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"hidden_dim {dim} is not divisible by {heads} attention heads")
         self.heads, self.dropout = heads, dropout
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.norm_q = nn.LayerNorm(dim) if prenorm else nn.Identity()
+        self.norm_kv = nn.LayerNorm(dim) if prenorm else nn.Identity()
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)

@@ -115,7 +115,7 @@ class RLAN(nn.Module):
         """The query canvases (B, h, w) under their task contexts -> logits, clues."""
         s = context.support
         x, clues = run(self.read_query, query_in, s.tokens, s.token_mask, s.pooled, temperature, recompute=self.recompute)
-        logits = self.solver(x, s.tokens, s.token_mask, context.lora, all_steps)
+        logits = self.solver(x, query_in, s.tokens, s.token_mask, context.lora, all_steps)
         return Output(logits, clues, context)
 
     def read_query(self, query_in, tokens, token_mask, pooled, temperature: float) -> tuple[torch.Tensor, Clues]:
