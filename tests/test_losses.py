@@ -298,7 +298,7 @@ def test_rotated_features_context_is_the_original_and_reencoding_is_not():
     eq = tp.equivariance_training
     small, _ = equivariance(model, tb, own, tokens, eq.model_copy(update={"context": "rotated_features"}))
     large, _ = equivariance(model, tb, own, tokens, eq.model_copy(update={"context": "reencoded"}))
-    assert small.item() < 1e-8 < 1e-3 < large.item()
+    assert small.item() < 1e-6 < 1e-3 < large.item()  # 1 - cos in float32: rounding only
 
 
 @pytest.mark.parametrize("how", ["public", "training"])
@@ -390,7 +390,7 @@ def test_compiled_objective_matches_eager_without_recompiling_every_step():
         fast, logs = compiled(tb.mark_dynamic(), 0.5)
         fast_grads = torch.autograd.grad(fast, list(model.parameters()))
         assert fast.item() == pytest.approx(eager.item(), rel=1e-5) and torch.isfinite(logs["loss_equiv"])
-        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, fast_grads))
+        assert all(_close(a, b) for a, b in zip(grads, fast_grads))  # float32 rounding of a reordered graph
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert len(sizes) == 4  # every batch had other numbers of pairs or held-out pairs
     assert graphs[-1] == graphs[1] <= 2, graphs
