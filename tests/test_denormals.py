@@ -1,0 +1,76 @@
+"""Denormal numbers on the CPU: training and evaluation flush them (train.flush_denormals), and the
+layers that used to make them do not."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import pipeline.train.loop as loop
+import stages.evaluate as evaluate_stage
+from pipeline.arc import read_raw
+from pipeline.model.io import ModelFileError
+from pipeline.params import load_params
+from pipeline.tracking import Tracker
+from tests.helpers import tiny_workspace
+
+SUBNORMAL = 1e-40  # below torch.finfo(torch.float32).tiny (1.2e-38): a float32 subnormal
+
+
+def flushing() -> bool:
+    """Whether torch computes float32 subnormals as 0 right now (what set_flush_denormal set)."""
+    return torch.tensor([SUBNORMAL], dtype=torch.float32).mul(1.0).item() == 0.0
+
+
+@pytest.fixture
+def flush_state():
+    """Each test starts from the opposite of what it expects and leaves torch's default (off)."""
+    yield
+    torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tiny_workspace(tmp_path_factory.mktemp("ws"), train__epochs=1)
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_training_flushes_denormals_on_the_cpu_unless_turned_off(workspace, tmp_path, monkeypatch, flush_state,
+                                                                  flush):
+    params = load_params(workspace["params"]).override({"train.flush_denormals": flush})
+    seen = []
+    # the loop proper (model, pre-flight, steps) starts once the set-up is done: what torch does then
+    monkeypatch.setattr(loop, "_train", lambda *args: seen.append(flushing()))
+    torch.set_flush_denormal(not flush)
+    loop.train(params, read_raw(workspace["raw"] / "pairs.parquet"),
+               loop.TrainPaths(workspace["cache"], tmp_path / "ckpt", tmp_path / "model.pt", tmp_path / "train.json",
+                               tmp_path / "plots"),
+               Tracker(params, enabled=False))
+    assert seen == [flush]
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_evaluation_stage_flushes_denormals_on_the_cpu_unless_turned_off(workspace, tmp_path, monkeypatch,
+                                                                         flush_state, flush):
+    params_file = tmp_path / "params.yaml"
+    text = workspace["params"].read_text()
+    assert "flush_denormals: true" in text
+    params_file.write_text(text.replace("flush_denormals: true", f"flush_denormals: {str(flush).lower()}"))
+    seen = []
+
+    def load_model(path, device):  # the first computation of the stage: what torch does by then
+        seen.append(flushing())
+        raise ModelFileError(f"{path}: not a model (the test stops here)")
+
+    monkeypatch.setattr(evaluate_stage, "load_model", load_model)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [
+        "evaluate", "--params", str(params_file), "--model", str(out / "model.pt"), "--raw", str(workspace["raw"]),
+        "--cache", str(workspace["cache"]), "--metrics", str(out / "m.json"), "--tasks-table", str(out / "t.csv"),
+        "--submission", str(out / "s.json"), "--candidates", str(out / "c.json")])
+    torch.set_flush_denormal(not flush)
+    with pytest.raises(SystemExit):
+        evaluate_stage.main()
+    assert seen == [flush]
