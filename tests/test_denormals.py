@@ -74,3 +74,28 @@ def test_evaluation_stage_flushes_denormals_on_the_cpu_unless_turned_off(workspa
     with pytest.raises(SystemExit):
         evaluate_stage.main()
     assert seen == [flush]
+
+
+def _subnormal(t: torch.Tensor) -> int:
+    a = t.detach().abs()
+    return int(((a > 0) & (a < torch.finfo(torch.float32).tiny)).sum())
+
+
+def test_saturated_clue_scores_make_the_same_maps_without_subnormal_numbers(flush_state):
+    """A trained clue's scores reach the clamp (+-50 after the temperature): a 100-wide window in which
+    exp(-100) is a float32 subnormal. The maps are what the public formula gives; neither they nor the
+    scores' gradient hold a subnormal value."""
+    from pipeline.model.rlan.dsc import ATTENTION_FLOOR, SCORE_CLAMP, clue_map
+
+    torch.set_flush_denormal(False)
+    torch.manual_seed(0)
+    scores = (torch.randn(16, 400) * 40).clamp(-SCORE_CLAMP, SCORE_CLAMP).requires_grad_()
+    public = torch.softmax((scores / 0.5).clamp(-SCORE_CLAMP, SCORE_CLAMP), -1).clamp_min(ATTENTION_FLOOR)
+    assert _subnormal(torch.softmax((scores / 0.5).clamp(-SCORE_CLAMP, SCORE_CLAMP), -1)) > 0  # the case at hand
+    maps = clue_map(scores, 0.5)
+    assert torch.equal(maps, public)
+    upstream = torch.randn_like(maps)
+    grad, = torch.autograd.grad((maps * upstream).sum(), scores)
+    reference, = torch.autograd.grad((public * upstream).sum(), scores)
+    assert _subnormal(grad) == 0
+    assert torch.allclose(grad, reference, rtol=0, atol=1e-16)  # only gradients under 4e-18 of the others differ
