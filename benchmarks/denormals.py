@@ -10,7 +10,8 @@ weights and micro-batches: with torch's default (subnormals kept) and with them 
 innermost module that runs it (torch's ModuleTracker, forward and backward) or to the optimizer:
 - subnormal: float32 values with 0 < |x| < 2^-126 (torch.finfo(torch.float32).tiny) among the
   values it writes, in the pass that keeps them;
-- its seconds in each pass.
+- its seconds in each pass (CPU time of the thread, which the machine's other load changes far
+  less than the wall time; torch computes on this one thread).
 `--scale stable` is params.yaml's model (hidden 256) and configuration; `--scale cpu` applies the
 overrides of the experiment workflow's cpu scale. `--checkpoint` starts from a training's
 checkpoint (its weights and AdamW state) instead of fresh weights: the state after some training.
@@ -44,9 +45,9 @@ class Census(TorchDispatchMode):
         self.rows: dict[tuple[str, str, str], list] = defaultdict(lambda: [0, 0, 0.0])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         out = func(*args, **(kwargs or {}))
-        seconds = time.perf_counter() - t0
+        seconds = time.thread_time() - t0
         name = func.overloadpacket.__name__
         phase = self.phase if self.phase == "optimizer" else ("backward" if self.tracker.is_bw else "forward")
         inner = max(self.tracker.parents, key=lambda p: (p.count("."), len(p)), default="Global")
