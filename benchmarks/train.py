@@ -12,7 +12,9 @@
 - denormal numbers (CPU): samples/s with meta-learning on, float32 subnormals flushed (what
   training does, `train.flush_denormals`) and kept (torch's default), for the production model at
   batch `--batch` and for the experiment workflow's cpu scale (its model and meta-learning settings,
-  its batch of 16); `--denormals` measures these alone (docs/training.md#denormal-numbers).
+  its batch of 16), by the wall clock and per second of the process's CPU time (the ratio: the
+  machine's other load changes it far less); `--denormals` measures these alone
+  (docs/training.md#denormal-numbers).
 - peak memory: one stable micro-batch with meta-learning, forward and backward, in a process of its
   own (float32 on the CPU, the resident set's peak; on CUDA the allocator's peak in bf16).
 - projected cost of the stable configuration: 200 epochs x 400K samples at 40% of the H100's dense
@@ -378,7 +380,8 @@ def main() -> None:
     for name in ("production", "tiny"):
         b = batch if name == "production" else max(batch, 16)
         for meta in ("task", "meta"):
-            r = _child(["speed", name, meta, "--device", args.device, "--steps", str(args.steps), "--batch", str(b)], args.cache)
+            r = _child(["speed", name, meta, "--device", args.device, "--steps", str(args.steps), "--batch", str(b)],
+                       args.cache)
             label = f"{name} ({r['params'] / 1e6:.2f}M params, batch {b}, {args.device}, {meta}): samples/s"
             target = ""
             ok = None
