@@ -99,3 +99,33 @@ def test_saturated_clue_scores_make_the_same_maps_without_subnormal_numbers(flus
     reference, = torch.autograd.grad((public * upstream).sum(), scores)
     assert _subnormal(grad) == 0
     assert torch.allclose(grad, reference, rtol=0, atol=1e-16)  # only gradients under 4e-18 of the others differ
+
+
+def test_profile_counts_the_subnormal_values_each_module_writes_forward_and_backward(flush_state):
+    """benchmarks.denormals' census on a known case: a layer that squares four values of 1e-20 writes
+    4 subnormal values forward and, with an upstream gradient of 1e-20, at least 4 in its backward
+    pass (2 x 1e-20 x 1e-20 each); the identity linear layer before it writes none forward."""
+    from torch.utils.module_tracker import ModuleTracker
+
+    from benchmarks.denormals import Census
+
+    class Square(torch.nn.Module):
+        def forward(self, x):
+            return x * x
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), Square())
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(4))
+        net[0].bias.zero_()
+    torch.set_flush_denormal(False)
+    x = torch.full((1, 4), 1e-20, requires_grad=True)
+    tracker = ModuleTracker()
+    census = Census(tracker, count=True)
+    with tracker, census:
+        (net(x) * 1e-20).sum().backward()
+    written: dict[tuple[str, str], int] = {}
+    for (module, phase, _), (sub, _, _) in census.rows.items():
+        written[(module, phase)] = written.get((module, phase), 0) + sub
+    assert written[("Sequential.1", "forward")] == 4
+    assert written[("Sequential.1", "backward")] >= 4
+    assert written.get(("Sequential.0", "forward"), 0) == 0
