@@ -3,11 +3,13 @@
     python -m benchmarks.denormals [--scale stable|cpu] [--batch B] [--steps N] [--cache DIR]
                                    [--checkpoint DIR/last.pt] [--task-loss] [--repeat R]
 
-Runs `--steps` optimizer steps (forward, backward, gradient clipping, AdamW) of RLAN with meta-learning
-on (`--task-loss`: off), exactly as the training loop calls its objective, twice from the same
-weights and micro-batches: with torch's default (subnormals kept) and with them flushed
-(`pipeline.runtime.use_cpu`). Every aten operation is seen through a dispatch mode, attributed to the
-innermost module that runs it (torch's ModuleTracker, forward and backward) or to the optimizer:
+Runs `--steps` optimizer steps (forward, backward, gradient clipping, AdamW) of RLAN with
+meta-learning on (`--task-loss`: off), as the training loop calls its objective, at the last
+temperature (the sharpest clue maps), twice from the same weights and micro-batches: with torch's
+default (subnormals kept) and with them flushed (`pipeline.runtime.use_cpu`). Every aten operation
+is seen through a dispatch mode, attributed to the innermost module that runs it (torch's
+ModuleTracker, forward and backward; a module returning a dataclass has its backward counted under
+the module around it) or to the optimizer:
 - subnormal: float32 values with 0 < |x| < 2^-126 (torch.finfo(torch.float32).tiny) among the
   values it writes, in the pass that keeps them;
 - its seconds in each pass (CPU time of the thread, which the machine's other load changes far
@@ -76,8 +78,11 @@ def configuration(scale: str):
     return p.override({**(SCALES["cpu"].overrides if scale == "cpu" else {}), "train.device": "cpu"})
 
 
-def run_pass(p, cache, ids_per_step: list, meta: bool, checkpoint: Path | None, flush: bool, count: bool) -> Census:
-    """`len(ids_per_step)` optimizer steps from the same start; the census of their operations."""
+def run_pass(p, cache, ids_per_step: list, meta: bool, checkpoint: Path | None, flush: bool,
+             count: bool) -> tuple[Census, dict[str, tuple[int, int]]]:
+    """`len(ids_per_step)` optimizer steps from the same start, at the last temperature
+    (train.temperature_end, the sharpest maps); the census of their operations, and AdamW's
+    moments after them: (subnormal values, values) of each."""
     from pipeline.model import RLAN
     from pipeline.model.io import safe_load
     from pipeline.model.rlan.family import build_optimizer
@@ -107,8 +112,7 @@ def run_pass(p, cache, ids_per_step: list, meta: bool, checkpoint: Path | None, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.train.gradient_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-    census.state = {k: _subnormal_state(opt, k) for k in ("exp_avg", "exp_avg_sq")}
-    return census
+    return census, {k: _subnormal_state(opt, k) for k in ("exp_avg", "exp_avg_sq")}
 
 
 def _subnormal_state(opt: torch.optim.Optimizer, key: str) -> tuple[int, int]:
@@ -131,10 +135,10 @@ def table(kept: Census, flushed: Census, depth: int, top: int) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|"]
     order = sorted(by_module.items(), key=lambda kv: -kv[1][2])
     for (module, phase), (sub, n, s_kept, s_flush) in order[:top]:
-        lines.append(f"| {module} | {phase} | {sub:,} | {sub / max(n, 1):.2%} | {s_kept:.2f} | {s_flush:.2f} | "
+        lines.append(f"| {module} | {phase} | {sub:,} | {sub / max(n, 1):.3%} | {s_kept:.2f} | {s_flush:.2f} | "
                      f"{s_kept / max(s_flush, 1e-9):.1f}x |")
     tot = [sum(r[i] for r in by_module.values()) for i in range(4)]
-    lines.append(f"| all | all | {tot[0]:,} | {tot[0] / max(tot[1], 1):.2%} | {tot[2]:.2f} | {tot[3]:.2f} | "
+    lines.append(f"| all | all | {tot[0]:,} | {tot[0] / max(tot[1], 1):.3%} | {tot[2]:.2f} | {tot[3]:.2f} | "
                  f"{tot[2] / max(tot[3], 1e-9):.1f}x |")
     return lines
 
@@ -146,7 +150,7 @@ def top_ops(kept: Census, flushed: Census, top: int) -> list[str]:
     for key, (sub, n, s) in rows[:top]:
         if sub == 0:
             break
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {sub:,} | {sub / max(n, 1):.2%} | {s:.3f} | "
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {sub:,} | {sub / max(n, 1):.3%} | {s:.3f} | "
                      f"{flushed.rows.get(key, [0, 0, 0.0])[2]:.3f} |")
     return lines
 
@@ -174,11 +178,11 @@ def main() -> None:
     order = sampler.order(0)
     mbs = [sampler.micro_batches(order, 0, s, 0)[0] for s in range(args.steps)]
     meta = not args.task_loss
-    kept = run_pass(p, cache, mbs, meta, args.checkpoint, flush=False, count=True)
-    flushed = run_pass(p, cache, mbs, meta, args.checkpoint, flush=True, count=False)
+    kept, moments = run_pass(p, cache, mbs, meta, args.checkpoint, flush=False, count=True)
+    flushed, _ = run_pass(p, cache, mbs, meta, args.checkpoint, flush=True, count=False)
     for _ in range(args.repeat - 1):  # alternated, the fastest of each: less of the machine's other load
         for census, flush in ((kept, False), (flushed, True)):
-            again = run_pass(p, cache, mbs, meta, args.checkpoint, flush=flush, count=False)
+            again, _ = run_pass(p, cache, mbs, meta, args.checkpoint, flush=flush, count=False)
             for key, row in census.rows.items():
                 row[2] = min(row[2], again.rows[key][2]) if key in again.rows else row[2]
     start = f"checkpoint {args.checkpoint}" if args.checkpoint else "fresh weights"
@@ -188,7 +192,7 @@ def main() -> None:
     print("\n".join(table(kept, flushed, args.depth, args.top)))
     print("\nOperations writing the most subnormal values (subnormals kept)")
     print("\n".join(top_ops(kept, flushed, args.top)))
-    for k, (sub, n) in kept.state.items():
+    for k, (sub, n) in moments.items():
         print(f"\nAdamW {k} after the steps (subnormals kept): {sub:,} of {n:,} values subnormal")
 
 
