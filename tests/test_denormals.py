@@ -26,9 +26,12 @@ def flushing() -> bool:
 
 @pytest.fixture
 def flush_state():
-    """Each test starts from the opposite of what it expects and leaves torch's default (off)."""
+    """Each test starts from the opposite of what it expects and leaves torch's default (off), in its
+    worker threads too."""
     yield
-    torch.set_flush_denormal(False)
+    from pipeline.runtime import use_cpu
+
+    use_cpu(torch.get_num_threads(), False)
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +132,39 @@ def test_profile_counts_the_subnormal_values_each_module_writes_forward_and_back
     assert written[("Sequential.1", "forward")] == 4
     assert written[("Sequential.1", "backward")] >= 4
     assert written.get(("Sequential.0", "forward"), 0) == 0
+
+
+def test_the_flush_reaches_worker_threads_started_before_it(flush_state, caplog):
+    """torch's OpenMP workers copy the flush setting when they start: use_cpu also reaches the ones an
+    earlier parallel operation started (without it, the workers' share of a product stays subnormal)."""
+    from pipeline.runtime import use_cpu
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        big = torch.full((1 << 22,), 1e-20)  # a parallel operation: the worker thread starts, not flushing
+        assert int((big * big != 0).sum()) == big.numel()
+        use_cpu(2, True)
+        assert int((big * big != 0).sum()) == 0
+        assert not caplog.records  # its own check found every thread flushing
+        use_cpu(2, False)
+        assert int((big * big != 0).sum()) == big.numel()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_worker_threads_that_keep_denormals_are_reported(flush_state, monkeypatch, caplog):
+    """Where the OpenMP runtime cannot release its workers, use_cpu says so in one warning."""
+    from pipeline import runtime
+
+    monkeypatch.setattr(runtime, "OPENMP_LIBRARIES", ())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        torch.full((1 << 22,), 1e-20).mul(1.0)  # the worker thread starts, not flushing
+        runtime.use_cpu(2, True)
+    finally:
+        torch.set_num_threads(before)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "torch's worker threads could not be made to flush denormal numbers (no OpenMP runtime that releases "
+        "them): set train.cpu_threads to 1 if CPU training runs slowly"]
