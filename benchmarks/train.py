@@ -199,8 +199,7 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
     per_cpu_s = steps * batch / (time.process_time() - cpu0)
     peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
     return {"params": sum(q.numel() for q in model.parameters()), "samples_per_s": rate, "samples_per_cpu_s": per_cpu_s,
-            "warmup_s": warm,
-            "prepare_s": prepare_s, "peak_gb": peak, "activation_checkpointing": model.recompute}
+            "warmup_s": warm, "prepare_s": prepare_s, "peak_gb": peak, "activation_checkpointing": model.recompute}
 
 
 def peak_memory(name: str, device: torch.device, checkpointing: bool | None, pick: str = "first",
