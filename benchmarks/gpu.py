@@ -334,9 +334,11 @@ PARTS = {
 def run_part(name: str, state_file: Path) -> None:
     """In the child: one part; its result, or its error in one line, in <work>/<name>.json."""
     from pipeline.io import write_json
+    from pipeline.runtime import use_cpu
     from pipeline.stage import setup_logging
 
     setup_logging()
+    use_cpu(torch.get_num_threads())  # what the part computes on the CPU (all of it in the smoke test), as training
     ctx = Context(state_file)
     try:
         result = PARTS[name](ctx)

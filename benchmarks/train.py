@@ -1,6 +1,6 @@
 """Training cost of RLAN, measured on the objective exactly as the training loop calls it, and of TRM.
 
-    python -m benchmarks.train [--device cpu|cuda] [--steps N] [--batch B] [--skip-memory]
+    python -m benchmarks.train [--device cpu|cuda] [--steps N] [--batch B] [--skip-memory] [--denormals]
 
 - GFLOP per sample: torch's FlopCounterMode over forward and backward of micro-batches of the
   stable size (train.batch_size) prepared as training prepares them (`pipeline.train.batches.prepare`:
@@ -9,6 +9,12 @@
   arithmetic), averaged over `--flop-batches` micro-batches; with meta-learning off (task loss) and on.
 - samples/s: optimizer steps (forward, backward, AdamW) of the production and the tiny model on the
   device, batch `--batch` (2 on the CPU, the stable 75 on CUDA), meta-learning on and off.
+- denormal numbers (CPU): samples/s with meta-learning on, float32 subnormals flushed (what
+  training does, `train.flush_denormals`) and kept (torch's default), for the production model at
+  batch `--batch` and for the experiment workflow's cpu scale (its model and meta-learning settings,
+  its batch of 16), by the wall clock and per second of the process's CPU time (the ratio: the
+  machine's other load changes it far less); `--denormals` measures these alone
+  (docs/training.md#denormal-numbers).
 - peak memory: one stable micro-batch with meta-learning, forward and backward, in a process of its
   own (float32 on the CPU, the resident set's peak; on CUDA the allocator's peak in bf16).
 - projected cost of the stable configuration: 200 epochs x 400K samples at 40% of the H100's dense
@@ -41,6 +47,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import REPO, Row, print_table
+from pipeline.runtime import use_cpu
 
 CONFIGS = {
     "production": {},
@@ -67,6 +74,17 @@ STABLE_SAMPLES = 200 * 400_000
 BEFORE = {"samples_per_s_meta": 0.57, "gflop_task": 141.0, "gflop_meta": 276.0, "peak_gb": 5.5}
 
 
+def overrides(name: str) -> dict:
+    """The params.yaml overrides of configuration `name`: one of CONFIGS, or "cpu", the experiment
+    workflow's cpu scale (its model and its meta-learning shortcut)."""
+    if name != "cpu":
+        return CONFIGS[name]
+    from pipeline.experiments.runner import SCALES  # not at the top: the GPU check runs without its imports
+
+    return {k: v for k, v in SCALES["cpu"].overrides.items()
+            if k.startswith(("model.", "train.batch_size", "train.loo_training.", "train.equivariance_training."))}
+
+
 def _setup(name: str, device: torch.device, batch: int, cache_dir: Path = CACHE):
     from pipeline.loader import AugmentedCache
     from pipeline.params import load_params
@@ -74,7 +92,7 @@ def _setup(name: str, device: torch.device, batch: int, cache_dir: Path = CACHE)
 
     if not (cache_dir / "manifest.json").exists():
         sys.exit(f"{cache_dir} is missing: run `dvc repro augment` first")
-    p = load_params(REPO / "params.yaml").override({**CONFIGS[name], "train.device": device.type})
+    p = load_params(REPO / "params.yaml").override({**overrides(name), "train.device": device.type})
     cache = AugmentedCache(cache_dir)
     sampler = Sampler(len(cache), p.train.seed, batch, 1)
     return p, cache, sampler, sampler.order(0)
@@ -140,11 +158,11 @@ def load_batch_size(name: str = "production") -> int:
     """The micro-batch of configuration `name` (the stable one, train.batch_size, for the production model)."""
     from pipeline.params import load_params
 
-    return load_params(REPO / "params.yaml").override(CONFIGS[name]).train.batch_size
+    return load_params(REPO / "params.yaml").override(overrides(name)).train.batch_size
 
 
 def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bool, compiled: bool = False,
-               backend: str = "inductor", cache_dir: Path = CACHE) -> dict:
+               backend: str = "inductor", cache_dir: Path = CACHE, warmup: int = 2) -> dict:
     """samples/s of optimizer steps, as the loop runs them (eager unless `compiled`, with `backend`),
     the micro-batches prepared beforehand; also the seconds to prepare one micro-batch on one thread
     (the loop's prefetch thread) and, on CUDA, the peak memory of the steps (AdamW's state included)."""
@@ -164,7 +182,7 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
     slots = cache.max_context() if compiled else None
     t_prep = time.perf_counter()
     data = [prepare(cache, sampler.micro_batches(order, 0, s, 0)[0], p.train, meta, p.model.use_hyperlora, slots)
-            for s in range(steps + 2)]
+            for s in range(steps + warmup)]
     prepare_s = (time.perf_counter() - t_prep) / len(data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -180,21 +198,23 @@ def throughput(name: str, device: torch.device, steps: int, batch: int, meta: bo
         opt.zero_grad(set_to_none=True)
 
     t_first = time.perf_counter()
-    for tb in data[:2]:  # warm-up (and compilation)
+    for tb in data[:warmup]:  # warm-up (and compilation)
         step(tb)
     _sync(device)
     warm = time.perf_counter() - t_first
-    t0 = time.perf_counter()
-    for tb in data[2:]:
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for tb in data[warmup:]:
         step(tb)
     _sync(device)
     rate = steps * batch / (time.perf_counter() - t0)
+    per_cpu_s = steps * batch / (time.process_time() - cpu0)
     peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
-    return {"params": sum(q.numel() for q in model.parameters()), "samples_per_s": rate, "warmup_s": warm,
-            "prepare_s": prepare_s, "peak_gb": peak, "activation_checkpointing": model.recompute}
+    return {"params": sum(q.numel() for q in model.parameters()), "samples_per_s": rate, "samples_per_cpu_s": per_cpu_s,
+            "warmup_s": warm, "prepare_s": prepare_s, "peak_gb": peak, "activation_checkpointing": model.recompute}
 
 
-def peak_memory(name: str, device: torch.device, checkpointing: bool | None, pick: str = "first") -> dict:
+def peak_memory(name: str, device: torch.device, checkpointing: bool | None, pick: str = "first",
+                cache_dir: Path = CACHE) -> dict:
     """Peak memory of one stable micro-batch with meta-learning (forward and backward): the first one
     of training, or the samples with the most or the fewest context pairs among 4,000."""
     from pipeline.model import RLAN
@@ -204,7 +224,7 @@ def peak_memory(name: str, device: torch.device, checkpointing: bool | None, pic
     from pipeline.train.preflight import measure
 
     torch.manual_seed(0)
-    p, cache, sampler, order = _setup(name, device, load_batch_size())
+    p, cache, sampler, order = _setup(name, device, load_batch_size(), cache_dir)
     model = RLAN(p.model).to(device).train()
     model.checkpoint_activations(p.train.activation_checkpointing if checkpointing is None else checkpointing)
     mb = sampler.micro_batches(order, 0, 0, 0)[0]
@@ -225,7 +245,7 @@ def peak_memory(name: str, device: torch.device, checkpointing: bool | None, pic
             "pairs": len(tb.pair_in), "holdouts": len(tb.loo_pair), "slots": tb.n_slots, "pick": pick}
 
 
-def encoding(name: str, device: torch.device, reps: int) -> dict:
+def encoding(name: str, device: torch.device, reps: int, cache_dir: Path = CACHE) -> dict:
     """Seconds to encode the context of one stable micro-batch (forward and backward): every padding
     slot (B x D canvases), only the real pairs packed then laid out per sample (what training does),
     or bucketed (samples grouped by their number of pairs, one call per group, as a sampler that
@@ -234,7 +254,7 @@ def encoding(name: str, device: torch.device, reps: int) -> dict:
     from pipeline.model.rlan.context import PairLayout
 
     torch.manual_seed(0)
-    p, cache, sampler, order = _setup(name, device, load_batch_size())
+    p, cache, sampler, order = _setup(name, device, load_batch_size(), cache_dir)
     enc = RLAN(p.model).to(device).train().context
     batches = [cache.batch(sampler.micro_batches(order, 0, s, 0)[0].ids, np.random.default_rng(s)) for s in range(reps)]
 
@@ -283,12 +303,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.train", "--one", *args], cwd=REPO, capture_output=True,
-                          text=True)
+def _child(args: list[str], cache: Path = CACHE) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train", "--cache", str(cache), "--one", *args], cwd=REPO,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmarks.train {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def denormal_rows(args: argparse.Namespace, batch: int) -> list[Row]:
+    """samples/s with meta-learning on, denormals flushed and kept: the production model at `batch`
+    and the cpu scale at its batch (one warm-up step each; `--steps` measured). Also per second of
+    the process's CPU time, which the machine's other load changes far less than the wall time: the
+    ratio is taken from it."""
+    rows = []
+    for name, b in (("production", batch), ("cpu", load_batch_size("cpu"))):
+        speed = {}
+        for flush in (True, False):
+            r = _child(["speed", name, "meta", "--device", args.device, "--steps", str(args.steps), "--batch", str(b),
+                        "--warmup", "1", *([] if flush else ["--keep-denormals"])], args.cache)
+            speed[flush] = r["samples_per_cpu_s"]
+            what = "flushed" if flush else "kept (torch's default)"
+            rows += [Row(f"{name} ({r['params'] / 1e6:.2f}M params, batch {b}, meta), denormals {what}: samples/s",
+                         r["samples_per_s"], "samples/s"),
+                     Row(f"{name}, denormals {what}: samples per CPU-second", r["samples_per_cpu_s"], "samples/s")]
+        rows.append(Row(f"{name}: flushed / kept, per CPU-second", speed[True] / speed[False], "x"))
+    return rows
 
 
 def main() -> None:
@@ -297,31 +337,42 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None, help="default: 75 on CUDA, 2 on the CPU")
     ap.add_argument("--flop-batches", type=int, default=8, help="micro-batches averaged for the FLOP count")
+    ap.add_argument("--cache", type=Path, default=CACHE, help="augmentation cache (default: data/cache)")
     ap.add_argument("--skip-memory", action="store_true", help="skip the stable micro-batch memory measurement")
     ap.add_argument("--flops-only", action="store_true",
                     help="only the counts on the meta device (FLOPs, parameters, projected hours; no timing)")
-    ap.add_argument("--cache", default=str(CACHE), help="the augmented cache the counted micro-batches come from")
+    ap.add_argument("--denormals", action="store_true",
+                    help="measure only samples/s with denormals flushed and kept (the CPU)")
+    ap.add_argument("--keep-denormals", action="store_true", help=argparse.SUPPRESS)  # a child: torch's default
+    ap.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)  # a child: warm-up steps
     ap.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # a child: what to measure
     args = ap.parse_args()
     device = torch.device(args.device)
     batch = args.batch or (75 if device.type == "cuda" else 2)
     if args.one:
+        use_cpu(torch.get_num_threads(), not args.keep_denormals)
         kind, name, *rest = args.one
         if kind == "flops":
-            out = count_flops(name, args.flop_batches, Path(args.cache))
+            out = count_flops(name, args.flop_batches, args.cache)
         elif kind == "trm-flops":
             out = count_trm_flops(2)
         elif kind == "encode":
-            out = encoding(name, device, args.steps)
+            out = encoding(name, device, args.steps, args.cache)
         elif kind == "speed":
-            out = throughput(name, device, args.steps, batch, meta=rest[0] == "meta")
+            out = throughput(name, device, args.steps, batch, meta=rest[0] == "meta", cache_dir=args.cache,
+                             warmup=args.warmup)
         else:
-            out = peak_memory(name, device, None if rest[0] == "params" else rest[0] == "on", *rest[1:])
+            out = peak_memory(name, device, None if rest[0] == "params" else rest[0] == "on", *rest[1:],
+                              cache_dir=args.cache)
         print(json.dumps(out))
         return
 
+    if args.denormals:
+        print_table(f"Denormal numbers ({args.device}, {torch.get_num_threads()} threads): training speed",
+                    denormal_rows(args, batch))
+        return
     rows = []
-    counted = {name: _child(["flops", name, "--flop-batches", str(args.flop_batches), "--cache", args.cache])
+    counted = {name: _child(["flops", name, "--flop-batches", str(args.flop_batches)], args.cache)
                for name in ("production", "production-one-holdout", "production-earlier-forms",
                             *(f"production-{v}" for v in EARLIER_FORMS.values()))}
     flops, one = counted["production"], counted["production-one-holdout"]
@@ -345,9 +396,9 @@ def main() -> None:
     if args.flops_only:
         print_table("Training cost (counted on the meta device)", rows)
         return
-    trm = _child(["trm-flops", "arc-agi-1"])
-    pairs = json.loads((REPO / "data/cache/manifest.json").read_text())["pairs"]
-    epochs = STABLE_SAMPLES // json.loads((REPO / "data/cache/manifest.json").read_text())["samples"]
+    trm = _child(["trm-flops", "arc-agi-1"], args.cache)
+    pairs = json.loads((args.cache / "manifest.json").read_text())["pairs"]
+    epochs = STABLE_SAMPLES // json.loads((args.cache / "manifest.json").read_text())["samples"]
     segments = epochs * pairs  # one segment of one example per slot and optimizer step, every pair each epoch
     trm_hours = segments * trm["gflop_segment"] * 1e9 / (0.4 * H100_BF16_DENSE) / 3600
     rows += [Row(f"TRM ({trm['params'] / 1e6:.2f}M params): GFLOP per example and segment, training", trm["gflop_segment"],
@@ -359,14 +410,15 @@ def main() -> None:
     for name in ("production", "tiny"):
         b = batch if name == "production" else max(batch, 16)
         for meta in ("task", "meta"):
-            r = _child(["speed", name, meta, "--device", args.device, "--steps", str(args.steps), "--batch", str(b)])
+            r = _child(["speed", name, meta, "--device", args.device, "--steps", str(args.steps), "--batch", str(b)],
+                       args.cache)
             label = f"{name} ({r['params'] / 1e6:.2f}M params, batch {b}, {args.device}, {meta}): samples/s"
             target = ""
             ok = None
             if name == "production" and meta == "meta" and device.type == "cpu":
                 target = f"previous model {BEFORE['samples_per_s_meta']:.2f}"
             rows.append(Row(label, r["samples_per_s"], "samples/s", target, ok))
-    enc = _child(["encode", "production", "--device", args.device, "--steps", str(args.steps)])
+    enc = _child(["encode", "production", "--device", args.device, "--steps", str(args.steps)], args.cache)
     for label in ("padded", "packed", "bucketed"):
         what = {"padded": f"every slot ({enc['slots']:.0f} canvases)", "packed": f"real pairs packed ({enc['pairs']:.0f})",
                 "bucketed": "real pairs, one call per pair count"}[label]
@@ -376,12 +428,14 @@ def main() -> None:
         # 23 GB); the first micro-batch of training, and the samples with the most and fewest pairs
         setting = "on" if device.type == "cpu" else "params"
         for pick in ("first", "most", "fewest"):
-            m = _child(["memory", "production", setting, pick, "--device", args.device])
+            m = _child(["memory", "production", setting, pick, "--device", args.device], args.cache)
             what = "activation checkpointing " + ("on" if m["checkpointing"] else "off")
             limit = 12 if device.type == "cpu" else None
             rows.append(Row(f"production: peak memory, micro-batch {load_batch_size()} with meta, {pick} ({what}, "
                             f"{m['pairs']} pairs in {m['slots']} slots, {m['holdouts']} held out)", m["peak_gb"], "GB",
                             f"<= {limit}" if limit else "", m["peak_gb"] <= limit if limit else None))
+    if device.type == "cpu":
+        rows += denormal_rows(args, batch)
     print_table(f"Training cost ({args.device}; FLOPs counted as the training loop calls the objective)", rows)
 
 

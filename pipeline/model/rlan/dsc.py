@@ -8,10 +8,10 @@ Its scores over the cells are
 
     s = clamp(q . key / sqrt(hidden_dim) + log(mask), -50, 50)
     attention = max(softmax(clamp((s + g) / tau, -50, 50)), 1e-8)
-
 with Gumbel noise g only in training and only with `use_gumbel_softmax` (drawn and added in float32,
-also under bf16 autocast), and g = 0 otherwise. One score per clue: `dsc_num_heads` does not change
-the DSC, as in the public module. The cumulative mask starts as the query grid's cells (the PAD
+also under bf16 autocast), and g = 0 otherwise; each row's logits are also kept within 40 of its
+largest (the same maps, without subnormal numbers: `clue_map`). One score per clue: `dsc_num_heads`
+does not change the DSC, as in the public module. The cumulative mask starts as the query grid's cells (the PAD
 canvas around it gets 1e-6) and after each clue is multiplied by `1 - 0.9 * attention.detach()`
 (floored at 1e-6): later clues prefer what earlier ones left. A clue's centroid is the
 attention-weighted mean (row, col). Its stop logit is `4 tanh(x / 4)` of an MLP over [attended
@@ -36,6 +36,7 @@ from pipeline.params import ModelParams
 MASK_FLOOR = 1e-6
 SCORE_CLAMP = 50.0
 ATTENTION_FLOOR = 1e-8
+SOFTMAX_WINDOW = 40.0  # exp(-40) = 4e-18: below the floor, far above the subnormals (< 1.2e-38)
 STOP_BOUND = 4.0
 STOP_ENTROPY_FLOOR = 1e-6  # the stop head's entropy input: p floored here before p log p, as the public DSC
 
@@ -73,8 +74,18 @@ def gumbel_noise(shape: torch.Size, device: torch.device) -> torch.Tensor:
 
 
 def clue_map(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Attention over the cells from (noisy or clean) scores: the clamp after the temperature and the floor."""
-    return torch.softmax((scores / temperature).clamp(-SCORE_CLAMP, SCORE_CLAMP), -1).clamp_min(ATTENTION_FLOOR)
+    """Attention over the cells from (noisy or clean) scores: the clamp after the temperature and the floor.
+
+    The clamp's window is 100 wide, and exp(-100) is a subnormal float32: once a clue's scores
+    saturate, the softmax writes subnormal probabilities and its backward pass subnormal gradients,
+    slow on x86 CPUs (docs/training.md#denormal-numbers). Each row's logits are therefore also kept
+    within SOFTMAX_WINDOW of its largest: a cell below that has a probability under 4e-18, floored
+    at ATTENTION_FLOOR all the same, so the maps are the same; only such cells' gradient, under
+    4e-18 of the others', becomes 0.
+    """
+    z = (scores / temperature).clamp(-SCORE_CLAMP, SCORE_CLAMP)
+    z = z.clamp(min=z.detach().amax(-1, keepdim=True) - SOFTMAX_WINDOW)
+    return torch.softmax(z, -1).clamp_min(ATTENTION_FLOOR)
 
 
 class DSC(nn.Module):
