@@ -112,13 +112,11 @@ def matmul_flops_per_s(threads: int, seconds: float = 0.3) -> float:
 def refusal(params: Params) -> str | None:
     """Why this run cannot finish on this machine's CPU (a message in the train stage's pre-flight's
     form); None when it trains on CUDA or the lower bound of its time is within train.max_cpu_hours."""
-    from pipeline.runtime import resolve_device
-
     tp = params.train
     processes = tp.nproc_per_node * tp.nnodes
     limit_h = tp.max_cpu_hours
-    if resolve_device(tp.device).type != "cpu" or \
-            planned_samples(params) / processes / SKIP_BELOW_SAMPLES_PER_S <= limit_h * 3600:
+    if planned_samples(params) / processes / SKIP_BELOW_SAMPLES_PER_S <= limit_h * 3600 or \
+            _device(tp.device) != "cpu":  # (the samples first: torch is imported only when needed)
         return None
     flops, micro_batch, per_sample, _ = step_flops(params)
     samples = planned_samples(params, per_sample, micro_batch)
@@ -135,6 +133,12 @@ def refusal(params: Params) -> str | None:
             f"CPU ({flops / 1e9:.1f} GFLOP each, at most {speed / 1e9:.1f} GFLOP/s here), more than "
             f"train.max_cpu_hours={limit_h:g}. To go on: train on a GPU, run it at the CPU scale instead "
             f"({preflight.CPU_RUN}), or raise train.max_cpu_hours")
+
+
+def _device(name: str) -> str:
+    from pipeline.runtime import resolve_device
+
+    return resolve_device(name).type
 
 
 def _hours(hours: float) -> str:

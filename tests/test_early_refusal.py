@@ -40,6 +40,10 @@ def test_the_full_scale_on_a_cpu_is_refused_from_its_counted_flops():
     p = params_with(train__device="cpu")
     flops, micro_batch, per_sample, _ = feasibility.step_flops(p)
     assert micro_batch == p.train.batch_size and per_sample == 1.0 and flops > 1e11  # RLAN: hundreds of GFLOP
+    trm = params_with(train__device="cpu", model__family="trm")
+    trm_flops, trm_batch, pairs, _ = feasibility.step_flops(trm)  # TRM trains pairs: 4 per synthetic sample
+    assert trm_batch == trm.trm.global_batch_size // trm.train.grad_accumulation_steps and pairs == 4.0
+    assert trm_flops > 1e10 and "training refused before any data" in feasibility.refusal(trm)
     message = feasibility.refusal(p)
     assert message.startswith("training refused before any data is prepared: at least ")
     assert "more than train.max_cpu_hours=12" in message and "--scale cpu stable fixed" in message
