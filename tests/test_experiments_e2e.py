@@ -1,6 +1,7 @@
 """The named experiments end to end, with the real dvc commands at the tiny scale: seed repeats made by
 hand in the workspace, a CPU refusal before any data that leaves every file as it was and names the
-user's overrides, the runner interrupted and resumed, and your own experiment reusing the baseline. (The queue of mixed scales: tests/test_queue_e2e.py; `make run`: tests/test_make_run_e2e.py.)"""
+user's overrides, the runner interrupted and resumed, and your own experiment reusing the baseline.
+(The queue of mixed scales: tests/test_queue_e2e.py; `make run`: tests/test_make_run_e2e.py.)"""
 
 from __future__ import annotations
 
