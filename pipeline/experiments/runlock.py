@@ -83,7 +83,7 @@ def _is_dvc(argv: list[str]) -> bool:
 def _shown(argv: list[str]) -> str:
     """A command line as a user typed it (`dvc exp run -n e1 ...`), cut when long."""
     for i, a in enumerate(argv):
-        if os.path.basename(a) == "dvc" or (a == "-m" and argv[i + 1 : i + 2] in ([m] for m in DVC_MODULES)):
+        if os.path.basename(a) == "dvc" or (a == "-m" and argv[i + 1 : i + 2] in [[m] for m in DVC_MODULES]):
             argv = ["dvc", *argv[i + (2 if a == "-m" else 1):]]
             break
     return shorten(" ".join(argv), 120)

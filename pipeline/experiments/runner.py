@@ -331,8 +331,9 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
     """Run the named experiments, and the user's own (`sets`: `key=value`, comma-separated values a
     sweep), from the committed baseline (HEAD's params.yaml) plus the scale's, each one's own and the
     seed's overrides, each at `seeds` seeds (or at `seed`), replacing earlier experiments of those
-    names (except the stable ones of the user's own, reused when identical: `reused`); then check that each one's params are exactly that. Every stage of each runs (`--force`:
-    the data stages take seconds), so each has its own MLflow run. They run outside the workspace, in
+    names (but the stable ones of the user's own are kept when identical: `reused`); then check that
+    each one's params are exactly that. Every stage of each runs (`--force`: the data stages take
+    seconds), so each has its own MLflow run. They run outside the workspace, in
     DVC's temporary copies: one after the other (`--temp`), or with `queue` (always for a sweep) in the
     DVC queue, `jobs` at a time. The workspace keeps its dvc.lock and outputs and ends on HEAD's
     params.yaml, also when a run fails. Returns the groups (configuration at the scale) that ran."""
