@@ -18,6 +18,7 @@ Makefile. The long test runs every unmarked command in order, at the tiny scale 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import runpy
@@ -180,8 +181,6 @@ def test_plots_draw_the_top_level_definitions_only(tmp_path):
     columns = sorted({c for p in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
                       for cols in next(iter(p.values()))["y"].values() for c in cols})
     series.write_text("\t".join(["epoch", *columns]) + "\n" + "\t".join(["1", *["0.5"] * len(columns)]) + "\n")
-    import json
-
     shown = json.loads(run([sys.executable, "-m", "dvc", "plots", "show", "--json"], tmp_path).stdout)
     assert sorted(shown.get("data", shown)) == sorted(defined)
 
