@@ -9,10 +9,9 @@ SIGTERM stop it with one line saying where the next run resumes, and exit status
 from __future__ import annotations
 
 import logging
-import shlex
 from pathlib import Path
 
-from pipeline import arc, distributed, tracking
+from pipeline import arc, distributed, feasibility, tracking
 from pipeline.experiments import committed, runlock
 from pipeline.integrity import IntegrityError
 from pipeline.model.io import ModelFileError
@@ -20,7 +19,7 @@ from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker, lineage, mlflow_model
 from pipeline.tracking.client import TrackingLost, unless_required
 from pipeline.train.loop import TrainPaths, train
-from pipeline.train.preflight import PreflightError, with_cpu_run
+from pipeline.train.preflight import PreflightError
 
 log = logging.getLogger("train")
 
@@ -28,12 +27,7 @@ log = logging.getLogger("train")
 def refusal(message: str, params_path: str) -> str:
     """A pre-flight refusal with this run's own overrides (what its params.yaml changes from HEAD's) in
     the CPU-scale command it suggests, and how to restore params.yaml where a `dvc exp run -S` left them."""
-    changes = committed.changes_from_head(params_path) or {}
-    kept = {k: new for k, (_, new) in changes.items() if new != "(absent)"}
-    if kept:
-        command = " ".join(["python -m pipeline.experiments run --scale cpu",
-                            *map(shlex.quote, committed.set_args(kept))])
-        message = with_cpu_run(message, command)
+    message = feasibility.with_own_overrides(message, params_path)
     hint = committed.restore_hint(params_path)
     return f"{message}\n{hint}" if hint else message
 

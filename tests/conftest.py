@@ -41,9 +41,9 @@ def _tracking_uri_not_leaked():
 
 # The modules that take longest, first: `make test`'s workers take whole modules in collection order,
 # so a long module collected last would run alone at the end (measured: 400 s for the queue test).
-LONG_FIRST = ("test_queue_e2e.py", "test_make_run_e2e.py", "test_experiments_e2e.py", "test_pipeline_e2e.py",
-              "test_lineage_e2e.py", "test_trm_e2e.py", "test_gpu_check.py", "test_store_faults.py",
-              "test_distributed.py", "test_tracking.py", "test_train.py")
+LONG_FIRST = ("test_docs_commands.py", "test_queue_e2e.py", "test_make_run_e2e.py", "test_experiments_e2e.py",
+              "test_pipeline_e2e.py", "test_lineage_e2e.py", "test_trm_e2e.py", "test_gpu_check.py",
+              "test_store_faults.py", "test_distributed.py", "test_tracking.py", "test_train.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """The named experiments end to end, with the real dvc commands at the tiny scale: seed repeats made by
-hand in the workspace, a pre-flight refusal that keeps the user's override, and the runner interrupted
-and resumed. (The queue of mixed scales: tests/test_queue_e2e.py; `make run`: tests/test_make_run_e2e.py.)"""
+hand in the workspace, a CPU refusal before any data that leaves every file as it was and names the
+user's overrides, the runner interrupted and resumed, and your own experiment reusing the baseline.
+(The queue of mixed scales: tests/test_queue_e2e.py; `make run`: tests/test_make_run_e2e.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 import shutil
 import sqlite3
 import sys
+import time
 
 import pytest
+import torch
 import yaml
 
 from pipeline.experiments.runner import FIXED, SCALES, expected_changes, experiment_revs
@@ -77,17 +80,34 @@ def test_seed_repeats_by_hand_each_run_exactly_the_baseline_plus_their_overrides
     assert "stable-s1 (1 seed(s)) vs stable-s2 (1 seed(s)), scale tiny" in table and "spread unknown (one seed)" in table
 
 
-def test_a_cpu_refusal_keeps_the_users_override_and_says_how_to_restore_params(repo):
-    """The command this pipeline is for, on a CPU at full scale: refused by the pre-flight, which names the
-    cpu-scale run with the override kept; DVC leaves the override in params.yaml, and the message says so."""
+def workspace_state(repo) -> tuple[str, bytes, bool]:
+    """What a refused run must leave as it was: git's view of the workspace, params.yaml, dvc.lock."""
+    status = run(["git", "status", "--porcelain", "--untracked-files=all"], repo).stdout
+    return status, (repo / "params.yaml").read_bytes(), (repo / "dvc.lock").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the full scale runs on a GPU: nothing to refuse")
+@pytest.mark.parametrize("value", ["0.05", "0.1"])  # an override, and the committed value (changes nothing)
+def test_a_cpu_refusal_comes_before_any_data_and_leaves_every_file_as_it_was(repo, value):
+    """The command this pipeline is for, on a CPU at full scale: validate_params refuses it, before
+    prepare and augment, naming the cpu-scale run with the user's override and each -S; DVC's rewrite of
+    params.yaml is undone, no dvc.lock or metrics file is left."""
     run(["git", "checkout", "--", "params.yaml"], repo)  # (the hand-made runs left their params there)
-    failed = run(DVC + ["exp", "run", "-S", "model.hyperlora_init_scale=0.05"], repo, check=False, timeout=1800)
+    before = workspace_state(repo)
+    started = time.monotonic()
+    failed = run(DVC + ["exp", "run", "-S", f"model.hyperlora_init_scale={value}"], repo, check=False, timeout=600)
+    took = time.monotonic() - started
     out = failed.stdout + failed.stderr
-    assert failed.returncode != 0 and "training refused" in out and "Traceback" not in out
-    assert "python -m pipeline.experiments run --scale cpu -S model.hyperlora_init_scale=0.05)" in out
-    assert "model.hyperlora_init_scale: committed 0.1, now 0.05" in out and "git checkout -- params.yaml" in out
-    assert "hyperlora_init_scale: 0.05" in (repo / "params.yaml").read_text()  # what DVC leaves behind
-    run(["git", "checkout", "--", "params.yaml"], repo)
+    assert failed.returncode != 0 and "training refused before any data is prepared" in out, out
+    assert "Running stage 'prepare'" not in out and "Traceback" not in out
+    if value == "0.05":
+        assert "python -m pipeline.experiments run --scale cpu -S model.hyperlora_init_scale=0.05)" in out
+        assert "your overrides: -S model.hyperlora_init_scale=0.05\n" in out
+    else:
+        assert "your overrides: -S model.hyperlora_init_scale=0.1 (HEAD's value already: it changes nothing)" in out
+    assert "params.yaml is HEAD's again" in out
+    assert workspace_state(repo) == before
+    print(f"refused in {took:.1f} s")
 
 
 def assert_stable_versus_fixed(repo) -> None:
@@ -132,3 +152,24 @@ def test_interrupted_runner_resumes_its_training(repo):
         return sorted(r for rs in runs.values() for r in rs if r[0] == "stable_tiny")
 
     assert stable(runs_by_fingerprint(repo)) == sorted([*stable(before), ("stable_tiny", "FINISHED")])  # one more
+
+
+def test_your_own_experiment_reuses_the_baseline_and_a_committed_value_runs_nothing(repo):
+    """stable_tiny (same HEAD, code, scale, seed and params) is kept, not trained again, beside your own
+    experiment; a -S of the committed value runs nothing; the runner prints no DVC hash warning."""
+    if "stable_tiny" not in experiment_revs(repo):
+        run(EXPERIMENTS + ["run", "--scale", "tiny", "stable"], repo, timeout=1200)
+    stable = experiment_revs(repo)["stable_tiny"]
+    same = run(EXPERIMENTS + ["run", "--scale", "tiny", "-S", "model.hyperlora_init_scale=0.1"], repo)
+    out = same.stdout + same.stderr
+    assert "-S model.hyperlora_init_scale=0.1 is the committed value (HEAD) already: it changes nothing" in out
+    assert "nothing to run" in out and "Running stage" not in out
+    own = run(EXPERIMENTS + ["run", "--scale", "tiny", "-S", "model.hyperlora_init_scale=0.2"], repo, timeout=1200)
+    out = own.stdout + own.stderr
+    assert "stable_tiny: reusing the finished experiment of HEAD" in out
+    assert "running experiment stable_tiny" not in out and "running experiment hyperlora_init_scale=0.2_tiny" in out
+    assert out.count("Running stage 'train'") == 1
+    revs = experiment_revs(repo)
+    assert revs["stable_tiny"] == stable and "hyperlora_init_scale=0.2_tiny" in revs
+    assert changed(repo, "stable_tiny", "hyperlora_init_scale=0.2_tiny") == {"model.hyperlora_init_scale": 0.2}
+    assert "No file hash info found" not in out and "It won't be created" not in out

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipeline import params
+from pipeline.io import write_text
 
 SHOWN = 20  # keys listed at most
 
@@ -119,3 +121,64 @@ def restore_hint(path: str | Path) -> str:
     return (f"{path} differs from its committed version (a failed `dvc exp run -S` leaves its override "
             "there):\n" + "".join(f"    {line}\n" for line in shown)
             + f"  restore the committed version with: git checkout -- {Path(path).name}")
+
+
+def set_params_of(args: list[str]) -> dict[str, str]:
+    """key -> value text of the `-S key=value` (`--set-param`) arguments of a `dvc exp run` command."""
+    found, it = {}, iter(args)
+    for arg in it:
+        if arg in ("-S", "--set-param"):
+            text = next(it, "")
+        elif arg.startswith("--set-param="):
+            text = arg.removeprefix("--set-param=")
+        elif arg.startswith("-S") and len(arg) > 2:
+            text = arg[2:]
+        else:
+            continue
+        key, sep, value = text.partition("=")
+        if sep:
+            found[key.removeprefix("params.yaml:")] = value
+    return found
+
+
+def describe_sets(sets: dict[str, str], committed: str | None) -> str:
+    """One line: the user's `-S` overrides, each marked when it is HEAD's value already (it changes nothing)."""
+    try:
+        head = _flat(committed) if committed is not None else {}
+    except params.ParamsError:
+        head = {}
+
+    def same(key: str, text: str) -> bool:
+        try:
+            return key in head and yaml.safe_load(text) == head[key]
+        except yaml.YAMLError:
+            return False
+
+    return "your overrides: " + ", ".join(
+        f"-S {k}={v}" + (" (HEAD's value already: it changes nothing)" if same(k, v) else "") for k, v in sets.items())
+
+
+def undo_set_params(path: str | Path, sets: dict[str, str]) -> str | None:
+    """Put HEAD's params.yaml back where `dvc exp run -S` rewrote it (reformatted, the overrides in) for a
+    run refused before anything ran, when every key that differs from HEAD's is one of the `-S` keys
+    (nothing else of the user's is lost); the rewritten file is kept in .dvc/tmp/. Returns what was
+    done, in a line, or None when nothing was (DVC's temporary copy, no -S, other keys differ)."""
+    path = Path(path)
+    committed = committed_text(path)
+    if not sets or committed is None or in_temporary_copy(path) or not path.is_file():
+        return None
+    try:
+        changed = changed_values(committed, path.read_bytes().decode("utf-8", errors="replace"))
+    except params.ParamsError:
+        return None
+    if not set(changed) <= set(sets):
+        return None
+    current = path.read_bytes()
+    if current == committed.encode():
+        return None
+    kept = path.parent / ".dvc" / "tmp" / f"params.yaml.refused-{time.strftime('%Y%m%d-%H%M%S')}"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(current)
+    write_text(path, committed)
+    return (f"{path.name} is HEAD's again (DVC had rewritten it with the overrides; that version is kept in "
+            f"{kept.relative_to(path.parent)})")

@@ -71,15 +71,19 @@ def _argv(pid: int) -> list[str]:
         return []
 
 
+DVC_MODULES = ("dvc", "pipeline.experiments.dvc_cli")  # `python -m` either is DVC (the second: the runner's)
+
+
 def _is_dvc(argv: list[str]) -> bool:
     names = [os.path.basename(a) for a in argv[:2]]
-    return bool(names) and (names[0] == "dvc" or names[1:] == ["dvc"] or argv[1:3] == ["-m", "dvc"])
+    return bool(names) and (names[0] == "dvc" or names[1:] == ["dvc"]
+                            or any(argv[1:3] == ["-m", m] for m in DVC_MODULES))
 
 
 def _shown(argv: list[str]) -> str:
     """A command line as a user typed it (`dvc exp run -n e1 ...`), cut when long."""
     for i, a in enumerate(argv):
-        if os.path.basename(a) == "dvc" or (a == "-m" and argv[i + 1 : i + 2] == ["dvc"]):
+        if os.path.basename(a) == "dvc" or (a == "-m" and argv[i + 1 : i + 2] in [[m] for m in DVC_MODULES]):
             argv = ["dvc", *argv[i + (2 if a == "-m" else 1):]]
             break
     return shorten(" ".join(argv), 120)
@@ -105,6 +109,17 @@ def dvc_process() -> dict[str, str] | None:
     if "DVC_STAGE" not in os.environ:
         return None
     return next((_owner(pid) for pid in _ancestors() if _is_dvc(_argv(pid))), None)
+
+
+def dvc_args() -> list[str]:
+    """The arguments of the DVC command that runs this stage (`exp run -S key=value ...`); [] outside DVC."""
+    if "DVC_STAGE" not in os.environ:
+        return []
+    for pid in _ancestors():
+        argv = _argv(pid)
+        if _is_dvc(argv):
+            return argv[1:] if os.path.basename(argv[0]) == "dvc" else argv[3:] if argv[1] == "-m" else argv[2:]
+    return []
 
 
 def _same(a: dict[str, str], b: dict[str, str]) -> bool:

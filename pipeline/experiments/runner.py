@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.experiments import runlock
+from pipeline.experiments import reuse, runlock
 from pipeline.experiments.committed import (
     committed_text,
     differences,
@@ -49,6 +49,7 @@ from pipeline.experiments.committed import (
     yaml_value,
 )
 from pipeline.experiments.compare import CompareError, Group, compare, metrics_table
+from pipeline.experiments.dvc_cli import MODULE as DVC_CLI
 from pipeline.params import SEED_KEYS, ParamsError, did_you_mean, flatten, parse_yaml
 from pipeline.stage import EXPERIMENT_ENV, INTERRUPTED, fail, run_foreground, setup_logging
 
@@ -226,7 +227,7 @@ def is_baseline(variant: dict[str, Any], scale: str, base: dict[str, Any]) -> bo
             log.warning("-S %s=%s is %s already: it changes nothing", k, yaml_value(v), where)
             same.append(k)
     if len(same) == len(variant):
-        log.warning("%s is the baseline at the %s scale, %s, which runs anyway: not run twice", label_of(variant),
+        log.warning("%s is the baseline at the %s scale, %s: not an experiment of its own", label_of(variant),
                     scale, name_of("stable", scale))
         return True
     return False
@@ -292,7 +293,7 @@ def child_env(cwd: Path, jobs: int = 1) -> dict[str, str]:
 def _dvc(args: list[str], cwd: Path, capture: bool = True, experiment: str | None = None) -> subprocess.CompletedProcess:
     """`dvc ARGS`; with `experiment`, its stages' log lines carry the experiment's name first
     (pipeline.stage.EXPERIMENT_ENV): what a run outside the queue shows as it comes."""
-    cmd = [sys.executable, "-m", "dvc", *args]
+    cmd = [sys.executable, "-m", DVC_CLI, *args]
     env = {**child_env(cwd), **({EXPERIMENT_ENV: experiment} if experiment else {})}
     proc = run_foreground(cmd, cwd=cwd, env=env, capture_output=capture, text=True)
     if proc.returncode != 0:
@@ -333,8 +334,9 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
     """Run the named experiments, and the user's own (`sets`: `key=value`, comma-separated values a
     sweep), from the committed baseline (HEAD's params.yaml) plus the scale's, each one's own and the
     seed's overrides, each at `seeds` seeds (or at `seed`), replacing earlier experiments of those
-    names; then check that each one's params are exactly that. Every stage of each runs (`--force`:
-    the data stages take seconds), so each has its own MLflow run. They run outside the workspace, in
+    names (but the stable ones of the user's own are kept when identical: `reused`); then check that
+    each one's params are exactly that. Every stage of each runs (`--force`: the data stages take
+    seconds), so each has its own MLflow run. They run outside the workspace, in
     DVC's temporary copies: one after the other (`--temp`), or with `queue` (always for a sweep) in the
     DVC queue, `jobs` at a time. The workspace keeps its dvc.lock and outputs and ends on HEAD's
     params.yaml, also when a run fails. Returns the groups (configuration at the scale) that ran."""
@@ -345,17 +347,23 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
     variants = parse_sets(sets or [], base)
     if (seeds > 1 or seed is not None) and any(k in SEED_KEYS for v in variants for k in v):
         raise ExperimentError(f"--seeds and --seed set {', '.join(SEED_KEYS)}: leave them out of -S")
+    asked = list(names)
     if variants and "stable" not in names:  # the user's own experiments are compared with stable
         names = ["stable", *names]
     queue = queue or len(variants) > 1  # a sweep is queued
     variants = [v for v in variants if not is_baseline(v, scale, base)]
+    if sets and not variants and not asked:
+        log.warning("nothing to run: every -S is the baseline's value (`python -m pipeline.experiments run --scale "
+                    "%s stable` runs the baseline, %s)", scale, name_of("stable", scale))
+        return []
     planned = plan(resolve(names), scale, seeds_of(seeds, seed, base), variants, own_name)
+    kept = reused(planned, base, cwd) if variants else set()
     try:
-        stale = sorted({p.name for p in planned} & set(experiment_revs(cwd)))
+        stale = sorted({p.name for p in planned if p.name not in kept} & set(experiment_revs(cwd)))
         if stale:
             log.info("replacing the earlier experiments %s", ", ".join(stale))
             _dvc(["exp", "remove", *stale], cwd)
-        for p in planned:
+        for p in (p for p in planned if p.name not in kept):
             restore_params(cwd)
             scale_values = SCALES[scale].overrides
             own = {k: v for k, v in p.changes.items() if k not in scale_values or scale_values[k] != v}
@@ -363,7 +371,7 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
                      " ".join(set_args(own)) or "the baseline")
             _dvc(["exp", "run", "--force", "--queue" if queue else "--temp", "-n", p.name, *set_args(p.changes)],
                  cwd, capture=queue, experiment=None if queue else p.name)
-        if queue:
+        if queue and len(kept) < len(planned):
             start_queue(cwd, jobs)
             try:
                 wait_for_queue(cwd, jobs)
@@ -379,6 +387,25 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
              " ".join(labels))
     explain_workspace(cwd)
     return labels
+
+
+def reused(planned: list[Planned], base: dict[str, Any], cwd: Path) -> set[str]:
+    """The stable experiments (what the user's own are compared with) already finished from HEAD with
+    the same code and exactly their params (scale, seed and overrides): kept, not trained again."""
+    revs = experiment_revs(cwd)
+    kept = set()
+    for p in planned:
+        m = NAME_RE.match(p.name)
+        if m is None or m["base"] != "stable" or p.name not in revs:
+            continue
+        why = reuse.why_not_reused(revs[p.name], {**base, **p.changes}, cwd)
+        if why is None:
+            log.info("%s: reusing the finished experiment of HEAD (same code, scale, seed and params), not "
+                     "training it again (`dvc exp remove %s` before the run trains it anew)", p.name, p.name)
+            kept.add(p.name)
+        else:
+            log.info("%s: training it again, the earlier one is not this run's: %s", p.name, why)
+    return kept
 
 
 def explain_workspace(cwd: Path) -> None:
@@ -643,7 +670,7 @@ def main(argv: list[str] | None = None) -> None:
                 names = args.names or ([] if args.sets else DEFAULT)
                 labels = run(names, cwd, args.scale, args.queue, args.jobs, args.seeds, args.seed, args.sets,
                              args.name)
-            if args.sets:  # yours against stable
+            if args.sets and labels:  # yours against stable
                 reference = name_of("stable", args.scale)
                 labels = [reference, *(g for g in labels if g != reference)]
                 groups = groups_of(labels, None, cwd)
