@@ -3,7 +3,7 @@ with the true output and the top voted predictions, in ARC's colours. matplotlib
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,22 @@ def read_series(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t")
 
 
+# Measured only while meta-learning (leave-one-out) runs: a run without them never meta-learned (TRM)
+META_LEARNING = ("loo_accuracy", "loo_exact_match", "loo_skipped_ratio")
+
+
+def meta_learns(df: pd.DataFrame) -> bool:
+    return any(c in df and df[c].notna().any() for c in META_LEARNING)
+
+
 def curve_figure(series: dict[str, pd.DataFrame], cols: list[str], title: str,
-                 meta_learning_starts: Sequence[int] = ()) -> plt.Figure | None:
+                 meta_learning_starts: Mapping[str, int] | None = None) -> plt.Figure | None:
     """Small multiples: one panel per column that any run measured, the series against the (1-based,
     integer) epoch, one colour per run (the same in every panel), a legend of the runs below the
     panels when there are several; None when no run measured any column. A dotted vertical line at
-    start + 0.5 marks where meta-learning (LOO, equivariance) begins, after `start` epochs."""
+    start + 0.5 marks where a run's meta-learning (LOO, equivariance) begins, after
+    `meta_learning_starts[run]` epochs: only for a run that meta-learned (it measured LOO), named
+    in the label when not every run of the figure starts there."""
     measured = [c for c in cols if any(c in df and df[c].notna().any() for df in series.values())]
     if not measured:
         return None
@@ -62,14 +72,18 @@ def curve_figure(series: dict[str, pd.DataFrame], cols: list[str], title: str,
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.6 * nrows + 0.6), squeeze=False)
     last = max(float(df["epoch"].max()) for df in series.values())
+    starts: dict[int, list[str]] = {}
+    for run, start in (meta_learning_starts or {}).items():
+        if run in series and meta_learns(series[run]) and start < last:
+            starts.setdefault(start, []).append(run)
     for ax, col in zip(axes.flat, measured):
         for k, (run, df) in enumerate(series.items()):
             d = df[["epoch", col]].dropna() if col in df else df[["epoch"]].iloc[:0]
             if len(d):
                 ax.plot(d["epoch"], d[col], marker="o", ms=3, color=f"C{k}", label=run)
-        for start in meta_learning_starts:
-            if start < last:
-                ax.axvline(start + 0.5, color="grey", linestyle=":", label=f"meta-learning from epoch {start + 1}")
+        for start, runs in sorted(starts.items()):
+            whose = "" if len(runs) == len(series) else f" ({', '.join(runs)})"
+            ax.axvline(start + 0.5, color="grey", linestyle=":", label=f"meta-learning from epoch {start + 1}{whose}")
         ax.set_title(col, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -88,7 +102,7 @@ def curve_figure(series: dict[str, pd.DataFrame], cols: list[str], title: str,
 
 
 def plot_curves(series: dict[str, pd.DataFrame], out_dir: Path,
-                meta_learning_starts: Sequence[int] = ()) -> list[tuple[str, str]]:
+                meta_learning_starts: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
     """One figure per entry of CURVES (see `curve_figure`); returns (file name, title) of those written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
