@@ -9,7 +9,7 @@ import pytest
 from pipeline.arc import Task
 from pipeline.experiments.compare import distance
 from pipeline.gap import gap_checks, gap_metrics
-from pipeline.report import CURVES, curve_figure, plot_curves, task_picture
+from pipeline.report import CURVES, OVERLAID, curve_figure, plot_curves, task_picture
 from stages.gap_report import pick_pictures
 from tests.helpers import params_with
 
@@ -107,6 +107,21 @@ def test_several_runs_are_colours_with_one_legend_and_each_series_its_own_panel(
     assert lines["attention_entropy_train"]["stable"].get_color() != lines["attention_entropy_train"]["fixed"].get_color()
     assert len(fig.legends) == 1 and {t.get_text() for t in fig.legends[0].get_texts()} >= {"stable", "fixed"}
     assert all(ax.get_legend() is None for ax in fig.axes)  # no legend inside a panel
+
+
+def test_train_and_eval_attention_entropy_overlaid_in_one_panel():
+    """The pair a reader compares in one chart: per run one colour, train mode solid, eval mode dashed."""
+    a = _series(3, attention_entropy_train=[1.0, 1.1, 1.2], attention_entropy_eval=[6.0, 6.0, 6.0])
+    b = _series(3, 0.5, attention_entropy_train=[1.0, 1.1, 1.2], attention_entropy_eval=[6.0, 6.0, 6.0])
+    [(_, title, cols)] = [c for c in CURVES if c[0] in OVERLAID]
+    fig = curve_figure({"stable": a, "fixed": b}, cols, title, overlay=True)
+    [ax] = [ax for ax in fig.axes if ax.get_title()]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {f"{run}: {c}" for run in ("stable", "fixed") for c in cols}
+    train, held = lines["fixed: attention_entropy_train"], lines["fixed: attention_entropy_eval"]
+    assert train.get_color() == held.get_color() != lines["stable: attention_entropy_eval"].get_color()
+    assert (train.get_linestyle(), held.get_linestyle()) == ("-", "--")
+    assert list(held.get_ydata()) == [3.0, 3.0, 3.0]
 
 
 @pytest.mark.slow
