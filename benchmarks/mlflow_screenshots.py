@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,12 +32,11 @@ from PIL import Image
 from benchmarks.common import REPO
 
 log = logging.getLogger("mlflow_screenshots")
-WINDOW = "1440,900"
+WINDOW = "1680,960"  # wide enough for a chart beside MLflow's assistant panel
 SHOTS = {  # file -> the start of the title of a link of pipeline.tracking.ui
     "training_runs.png": "training runs of",
     "attention_entropy.png": "attention entropy",
     "lora.png": "HyperLoRA",
-    "models.png": "registered models",
 }
 
 
@@ -97,8 +97,9 @@ def main() -> None:
         uri, port = f"sqlite:///{repo / 'mlflow.db'}", free_port()
         host = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
-                                   "127.0.0.1", "--port", str(port), "--workers", "1"], env=env(),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                  env={**env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job workers
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             wait_until_up(host, server)
             from pipeline.params import load_params
@@ -111,8 +112,8 @@ def main() -> None:
                 [url] = [u for title, u in found.items() if title.startswith(start)]
                 screenshot(url, args.out / name)
                 log.info("%s: %s (%.0f kB)", args.out / name, url[:100], (args.out / name).stat().st_size / 1e3)
-        finally:
-            server.terminate()
+        finally:  # the server and its uvicorn worker: the process group it leads
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
 
 

@@ -64,7 +64,7 @@ def links(params: Params, host: str) -> dict[str, str]:
 
     host = host.rstrip("/")
     client = mlflow.MlflowClient(tracking_uri(params.tracking))
-    found = {"registered models (rlan, trm)": f"{host}/#/models?{ML}"}
+    found = {"registered models (rlan, trm)": f"{host}/#/models"}
     exp = client.get_experiment_by_name(params.tracking.experiment_name)
     if exp is None:
         return found
