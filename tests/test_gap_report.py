@@ -75,7 +75,8 @@ def test_curve_figure_has_a_panel_per_measured_series_and_marks_meta_learning():
 
 def test_meta_learning_marker_only_when_it_starts_within_the_run():
     df = _series(3, loss_task=[3.0, 2.0, 1.0], loo_accuracy=[0.5, 0.5, 0.5])
-    labels = [ln.get_label() for ln in _panels(curve_figure({"run": df}, ["loss_task"], "t", {"run": 3}))["loss_task"].get_lines()]
+    fig = curve_figure({"run": df}, ["loss_task"], "t", {"run": 3})
+    labels = [ln.get_label() for ln in _panels(fig)["loss_task"].get_lines()]
     assert labels == ["run"]
 
 
@@ -86,7 +87,8 @@ def test_meta_learning_marker_only_for_a_run_that_meta_learned():
     rlan = _series(3, loss_task=[3.0, 2.5, 2.0], loo_accuracy=[None, 0.4, 0.5])
 
     def labels(series, starts):
-        return [ln.get_label() for ln in _panels(curve_figure(series, ["loss_task"], "t", starts))["loss_task"].get_lines()]
+        fig = curve_figure(series, ["loss_task"], "t", starts)
+        return [ln.get_label() for ln in _panels(fig)["loss_task"].get_lines()]
 
     assert labels({"trm": trm}, {"trm": 1}) == ["trm"]
     assert labels({"stable": rlan, "trm": trm}, {"stable": 1, "trm": 1}) == [

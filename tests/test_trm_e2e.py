@@ -94,12 +94,14 @@ def test_trm_experiment_beside_stable(tmp_path):
                      "metrics/train.json", "metrics/eval.json", "metrics/gap.json"):
             leaves = flatten(json.loads(show(repo, rev, path)))
             assert all(isinstance(v, (int, float)) for v in leaves.values()), (path, leaves)
-    for args in (["metrics", "diff", "stable_tiny", "trm_tiny"], ["metrics", "diff", "stable_tiny", "trm_tiny", "--md"]):
+    diff = ["metrics", "diff", "stable_tiny", "trm_tiny"]
+    for args in (diff, [*diff, "--md"]):
         out = run(DVC + args, repo).stdout
         assert "overall_status" in out and max(map(len, out.splitlines())) <= 120, args
     table = run(EXPERIMENTS + ["table"], repo).stdout
     assert max(map(len, table.splitlines())) <= 100
-    assert [line.split()[:3] for line in table.splitlines()[1:3]] == [["stable_tiny", "tiny", "42"], ["trm_tiny", "tiny", "42"]]
+    assert [line.split()[:3] for line in table.splitlines()[1:3]] == [["stable_tiny", "tiny", "42"],
+                                                                       ["trm_tiny", "tiny", "42"]]
     run(DVC + ["exp", "apply", "trm_tiny"], repo)  # `dvc metrics show` reads the workspace
     shown = run(DVC + ["metrics", "show"], repo).stdout
     assert "metrics/gap.json" in shown and max(map(len, shown.splitlines())) <= 120

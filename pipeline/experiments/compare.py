@@ -71,8 +71,8 @@ class Group:
 class Outputs:
     """What one experiment wrote, read from its commit."""
     rev: str
-    metrics: dict[str, float]  # every number of METRICS but the statuses: train.<key>, eval.<side>.<key>, gap.<view>.<key>
-    statuses: dict[str, str]  # gap.<view>.<measure>_status, gap.<view>.status, gap.overall_status: ok, warning, critical
+    metrics: dict[str, float]  # every number of METRICS but statuses: train.<key>, eval.<side>.<key>, gap.<view>.<key>
+    statuses: dict[str, str]  # gap.<view>.<measure>_status, gap.<view>.status, gap.overall_status: ok/warning/critical
     gap: dict[str, Any]  # metrics/gap.json
     series: pd.DataFrame  # metrics/train/epochs.tsv
     params: dict[str, Any]  # params.yaml, flat
