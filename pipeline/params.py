@@ -263,7 +263,7 @@ class TrackingParams(_Section):
     experiment_name: str = Field(min_length=1, max_length=200)
     tracking_uri: str | None = Field(min_length=1)
     required: bool
-    registered_model: str = Field(min_length=1, max_length=200, pattern=r"^[^/:@]+$")
+    registered_model: str | None = Field(min_length=1, max_length=200, pattern=r"^[^/:@]+$")  # None: the family
     timeout_s: int = Field(ge=1, le=600)
     retry_s: int = Field(ge=0, le=3600)
 

@@ -3,7 +3,7 @@ with the true output and the top voted predictions, in ARC's colours. matplotlib
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ CURVES = [
     ("pixel_accuracy.png", "Pixel accuracy: train (train mode), held-out (eval mode)",
      ["train_pixel_accuracy", "heldout_pixel_accuracy"]),
     ("loss.png", "Loss: task (train), held-out (eval mode), total", ["loss_task", "heldout_loss", "loss_total"]),
-    ("attention_entropy.png", "DSC attention entropy: train mode, eval mode",
+    ("attention_entropy.png", "DSC attention entropy: train mode (solid) against eval mode (dashed)",
      ["attention_entropy_train", "attention_entropy_eval"]),
     ("stop_value.png", "Stop value: train mode, eval mode", ["stop_value_train", "stop_value_eval"]),
     ("lora.png", "HyperLoRA: magnitude of each target's delta, diversity across tasks",
@@ -42,35 +42,57 @@ CURVES = [
      ["halt_steps", "halt_steps_eval", "q_halt_accuracy", "q_halt_accuracy_eval"]),
 ]
 PANELS_PER_ROW = 3
+# Figures whose columns share one panel, one line style per column (the pair a reader compares)
+OVERLAID = {"attention_entropy.png"}
+STYLES = ("-", "--", ":", "-.")
 
 
 def read_series(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t")
 
 
+# Measured only while meta-learning (leave-one-out) runs: a run without them never meta-learned (TRM)
+META_LEARNING = ("loo_accuracy", "loo_exact_match", "loo_skipped_ratio")
+
+
+def meta_learns(df: pd.DataFrame) -> bool:
+    return any(c in df and df[c].notna().any() for c in META_LEARNING)
+
+
 def curve_figure(series: dict[str, pd.DataFrame], cols: list[str], title: str,
-                 meta_learning_starts: Sequence[int] = ()) -> plt.Figure | None:
+                 meta_learning_starts: Mapping[str, int] | None = None, overlay: bool = False) -> plt.Figure | None:
     """Small multiples: one panel per column that any run measured, the series against the (1-based,
     integer) epoch, one colour per run (the same in every panel), a legend of the runs below the
     panels when there are several; None when no run measured any column. A dotted vertical line at
-    start + 0.5 marks where meta-learning (LOO, equivariance) begins, after `start` epochs."""
+    start + 0.5 marks where a run's meta-learning (LOO, equivariance) begins, after
+    `meta_learning_starts[run]` epochs: only for a run that meta-learned (it measured LOO), named
+    in the label when not every run of the figure starts there. With `overlay`, every column in one
+    panel, each in its own line style (`STYLES`, in the order of `cols`), a legend of run and column."""
     measured = [c for c in cols if any(c in df and df[c].notna().any() for df in series.values())]
     if not measured:
         return None
-    n = len(measured)
+    panels = [measured] if overlay else [[c] for c in measured]
+    n = len(panels)
     ncols = min(n, PANELS_PER_ROW)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.6 * nrows + 0.6), squeeze=False)
+    width = 6.4 if overlay else 3.3 * ncols  # one wide panel: room for its legend
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 2.6 * nrows + 0.6), squeeze=False)
     last = max(float(df["epoch"].max()) for df in series.values())
-    for ax, col in zip(axes.flat, measured):
+    starts: dict[int, list[str]] = {}
+    for run, start in (meta_learning_starts or {}).items():
+        if run in series and meta_learns(series[run]) and start < last:
+            starts.setdefault(start, []).append(run)
+    for ax, group in zip(axes.flat, panels):
         for k, (run, df) in enumerate(series.items()):
-            d = df[["epoch", col]].dropna() if col in df else df[["epoch"]].iloc[:0]
-            if len(d):
-                ax.plot(d["epoch"], d[col], marker="o", ms=3, color=f"C{k}", label=run)
-        for start in meta_learning_starts:
-            if start < last:
-                ax.axvline(start + 0.5, color="grey", linestyle=":", label=f"meta-learning from epoch {start + 1}")
-        ax.set_title(col, fontsize=9)
+            for j, col in enumerate(group):
+                d = df[["epoch", col]].dropna() if col in df else df[["epoch"]].iloc[:0]
+                if len(d):
+                    ax.plot(d["epoch"], d[col], marker="o", ms=3, color=f"C{k}", linestyle=STYLES[j % len(STYLES)],
+                            label=f"{run}: {col}" if overlay else run)
+        for start, runs in sorted(starts.items()):
+            whose = "" if len(runs) == len(series) else f" ({', '.join(runs)})"
+            ax.axvline(start + 0.5, color="grey", linestyle=":", label=f"meta-learning from epoch {start + 1}{whose}")
+        ax.set_title(" vs ".join(group), fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
@@ -78,22 +100,24 @@ def curve_figure(series: dict[str, pd.DataFrame], cols: list[str], title: str,
     for ax in axes.flat[n:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    if len(series) > 1:
+    if len(series) > 1 or overlay:
         handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(labels) // 5), 1, 1))
+        per_row = 2 if overlay else 5
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.04 + 0.055 * -(-len(labels) // per_row) if overlay else
+                               0.08 + 0.02 * (len(labels) // 5), 1, 1))
     else:
         fig.tight_layout()
     return fig
 
 
 def plot_curves(series: dict[str, pd.DataFrame], out_dir: Path,
-                meta_learning_starts: Sequence[int] = ()) -> list[tuple[str, str]]:
+                meta_learning_starts: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
     """One figure per entry of CURVES (see `curve_figure`); returns (file name, title) of those written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for fname, title, cols in CURVES:
-        fig = curve_figure(series, cols, title, meta_learning_starts)
+        fig = curve_figure(series, cols, title, meta_learning_starts, overlay=fname in OVERLAID)
         if fig is not None:
             fig.savefig(out_dir / fname, dpi=110, bbox_inches="tight")
             plt.close(fig)

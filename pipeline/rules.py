@@ -417,31 +417,34 @@ def check_rules(params: Params, rules: tuple[Rule, ...] = RULES) -> list[Violati
 
 
 def summary(violations: list[Violation], rules: tuple[Rule, ...] = RULES,
-            family: str | None = None) -> dict[str, int | str]:
-    """Counts for metrics/params_validation.json; `accepted_rules` names the accepted errors. With
-    `family`, only the rules of that model family count as checked."""
+            family: str | None = None) -> dict[str, int]:
+    """Counts for metrics/params_validation.json: numbers only, as DVC's metrics views need (the
+    accepted rules' ids are in the report and on the MLflow run). With `family`, only the rules of
+    that model family count as checked."""
     count = {s: sum(v.severity == s for v in violations) for s in _ORDER}
     checked = [r for r in rules if family is None or family in r.families]
     return {"errors": count["error"], "warnings": count["warning"], "accepted_errors": count["accepted"],
-            "accepted_rules": ",".join(v.rule.id for v in violations if v.accepted),
             "rules_checked": len(checked), "rules_passed": len(checked) - len(violations)}
 
 
-def render_report(violations: list[Violation], rules: tuple[Rule, ...] = RULES, family: str | None = None) -> str:
-    """Markdown report: the verdict, the violations, then every rule with its status (`n/a` for a rule
-    of another model family than `family`)."""
+def render_report(violations: list[Violation], rules: tuple[Rule, ...] = RULES, family: str | None = None,
+                  preface: str = "") -> str:
+    """Markdown report: `preface` (a paragraph), the verdict, the violations, then every rule with its
+    status (`n/a` for a rule of another model family than `family`)."""
     s = summary(violations, rules, family)
     verdict = "FAILED" if s["errors"] else "passed"
     by_id = {v.rule.id: v for v in violations}
     lines = [
         "# params.yaml validation",
         "",
+        *([preface, ""] if preface else []),
         f"**{verdict}**: {s['errors']} error(s), {s['accepted_errors']} accepted error(s), {s['warnings']} "
         f"warning(s), {s['rules_passed']} of {s['rules_checked']} rules passed.",
         "",
     ]
     if s["accepted_errors"]:
-        lines += [f"Broken on purpose (`{ACCEPT_KEY}`): {', '.join(f'`{i}`' for i in s['accepted_rules'].split(','))}. "
+        accepted = [v.rule.id for v in violations if v.accepted]
+        lines += [f"Broken on purpose (`{ACCEPT_KEY}`): {', '.join(f'`{i}`' for i in accepted)}. "
                   "Its results show what breaking them does; they are not a valid run of the pipeline.", ""]
     if violations:
         lines += ["## Problems", ""]

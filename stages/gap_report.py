@@ -80,7 +80,7 @@ def main() -> None:
     candidates = read_json(args.candidates)["eval"]
     with atomic_path(args.report) as tmp:
         tmp.mkdir(parents=True)
-        figures = plot_curves({"run": read_series(args.series)}, tmp, [params.train.meta_learning_start_epoch])
+        figures = plot_curves({"run": read_series(args.series)}, tmp, {"run": params.train.meta_learning_start_epoch})
         pictures = []
         for tid, idx in pick_pictures(candidates, params.monitoring.num_task_pictures):
             entry = next(e for e in candidates[tid] if e["test_index"] == idx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from pipeline import feasibility
 from pipeline.experiments import runlock
@@ -14,6 +15,7 @@ from pipeline.experiments.committed import (
     restore_hint,
     set_params_of,
     undo_set_params,
+    yaml_value,
 )
 from pipeline.io import write_json, write_text
 from pipeline.params import ParamsError, load_params
@@ -42,6 +44,15 @@ def early_refusal(message: str, params_path: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def changes_line(changes: dict[str, tuple[Any, Any]] | None) -> str:
+    """The report's line of the keys this params.yaml changes from HEAD's, with their values (the
+    metrics file holds only their number)."""
+    if changes is None:
+        return "Differs from HEAD: unknown (params.yaml is not committed here)."
+    return "Differs from HEAD: " + (", ".join(f"`{k}={yaml_value(new)}`" for k, (_, new) in changes.items())
+                                    or "nothing") + "."
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--metrics", required=True, help="counts of errors and warnings (JSON)")
@@ -51,14 +62,14 @@ def main() -> None:
     setup_logging()
     changes = changes_from_head(args.params)
     log.info("%s", describe_changes(changes))  # an inherited override shows here, at the start of every run
-    differs = {"differs_from_head": ", ".join(changes or {}), "keys_differing_from_head": len(changes or {})}
+    differs = {"keys_differing_from_head": len(changes or {})}  # a number: DVC's metrics views take no text
 
     try:
         params = load_params(args.params)
     except ParamsError as err:
         write_json(args.metrics, {"errors": len(err.problems), "warnings": 0, "schema_errors": len(err.problems),
                                   **differs})
-        write_text(args.report, "# params.yaml validation\n\n**FAILED** (schema):\n\n"
+        write_text(args.report, f"# params.yaml validation\n\n{changes_line(changes)}\n\n**FAILED** (schema):\n\n"
                    + "".join(f"- {p}\n" for p in err.problems))
         fail(failure(str(err), args.params))
         return
@@ -72,7 +83,7 @@ def main() -> None:
         fail(early_refusal(refused, args.params))  # before any output is written: nothing is left changed
         return
     write_json(args.metrics, {**counts, "schema_errors": 0, **differs})
-    write_text(args.report, render_report(violations, family=params.model.family))
+    write_text(args.report, render_report(violations, family=params.model.family, preface=changes_line(changes)))
     if counts["errors"]:
         broken = ", ".join(v.rule.id for v in violations if v.severity == "error")
         fail(failure(f"params.yaml breaks {counts['errors']} rule(s): {broken}; see {args.report}. To break one on "

@@ -73,9 +73,13 @@ def test_seed_repeats_by_hand_each_run_exactly_the_baseline_plus_their_overrides
     assert "train.seed (42 -> 2)" in line and "use_gumbel_softmax" not in line
     tag = mlflow_tags(repo, "stable-s2")["differs_from_head"]
     assert "train.seed=2" in tag and "augment.seed=2" in tag and "use_gumbel_softmax" not in tag
-    validation = json.loads(run(["git", "show", f"{experiment_revs(repo)['stable-s2']}:metrics/params_validation.json"],
-                                repo).stdout)
-    assert set(validation["differs_from_head"].split(", ")) == set(expected_changes({**TINY, **seeds}, base))
+    rev = experiment_revs(repo)["stable-s2"]
+    validation = json.loads(run(["git", "show", f"{rev}:metrics/params_validation.json"], repo).stdout)
+    assert validation["keys_differing_from_head"] == len(expected_changes({**TINY, **seeds}, base))
+    report = run(["git", "show", f"{rev}:metrics/params_validation.md"], repo).stdout
+    [line] = [x for x in report.splitlines() if x.startswith("Differs from HEAD: ")]
+    assert {c.strip("`.").split("=")[0] for c in line.removeprefix("Differs from HEAD: ").split(", ")} == \
+        set(expected_changes({**TINY, **seeds}, base))
     table = run(EXPERIMENTS + ["diff", "stable-s1", "stable-s2"], repo).stdout
     assert "stable-s1 (1 seed(s)) vs stable-s2 (1 seed(s)), scale tiny" in table and "spread unknown (one seed)" in table
 

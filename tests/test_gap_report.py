@@ -9,7 +9,7 @@ import pytest
 from pipeline.arc import Task
 from pipeline.experiments.compare import distance
 from pipeline.gap import gap_checks, gap_metrics
-from pipeline.report import CURVES, curve_figure, plot_curves, task_picture
+from pipeline.report import CURVES, OVERLAID, curve_figure, plot_curves, task_picture
 from stages.gap_report import pick_pictures
 from tests.helpers import params_with
 
@@ -56,8 +56,10 @@ def _panels(fig) -> dict[str, object]:
 
 
 def test_curve_figure_has_a_panel_per_measured_series_and_marks_meta_learning():
-    df = _series(4, train_exact_match=[0.1, 0.2, 0.3, 0.4], heldout_exact_match=[None, None, None, 0.1])
-    fig = curve_figure({"run": df}, ["train_exact_match", "heldout_exact_match", "train_pixel_accuracy"], "t", [2])
+    df = _series(4, train_exact_match=[0.1, 0.2, 0.3, 0.4], heldout_exact_match=[None, None, None, 0.1],
+                 loo_accuracy=[None, None, 0.5, 0.6])
+    fig = curve_figure({"run": df}, ["train_exact_match", "heldout_exact_match", "train_pixel_accuracy"], "t",
+                       {"run": 2})
     panels = _panels(fig)
     # a column never measured gets no panel; one measured at some epochs is drawn where it was
     assert set(panels) == {"train_exact_match", "heldout_exact_match"}
@@ -68,20 +70,37 @@ def test_curve_figure_has_a_panel_per_measured_series_and_marks_meta_learning():
     fig.canvas.draw()
     ticks = panels["train_exact_match"].get_xticks()
     assert all(float(t).is_integer() for t in ticks)  # whole epochs only
-    assert curve_figure({"run": df}, ["loo_accuracy"], "t") is None  # nothing measured: no figure
+    assert curve_figure({"run": df}, ["loo_exact_match"], "t") is None  # nothing measured: no figure
 
 
 def test_meta_learning_marker_only_when_it_starts_within_the_run():
-    df = _series(3, loss_task=[3.0, 2.0, 1.0])
-    labels = [ln.get_label() for ln in _panels(curve_figure({"run": df}, ["loss_task"], "t", [3]))["loss_task"].get_lines()]
+    df = _series(3, loss_task=[3.0, 2.0, 1.0], loo_accuracy=[0.5, 0.5, 0.5])
+    fig = curve_figure({"run": df}, ["loss_task"], "t", {"run": 3})
+    labels = [ln.get_label() for ln in _panels(fig)["loss_task"].get_lines()]
     assert labels == ["run"]
+
+
+def test_meta_learning_marker_only_for_a_run_that_meta_learned():
+    """TRM never meta-learns (no LOO measured): no marker on its own curves, and beside RLAN the
+    marker names the run it belongs to."""
+    trm = _series(3, loss_task=[3.0, 2.0, 1.0])
+    rlan = _series(3, loss_task=[3.0, 2.5, 2.0], loo_accuracy=[None, 0.4, 0.5])
+
+    def labels(series, starts):
+        fig = curve_figure(series, ["loss_task"], "t", starts)
+        return [ln.get_label() for ln in _panels(fig)["loss_task"].get_lines()]
+
+    assert labels({"trm": trm}, {"trm": 1}) == ["trm"]
+    assert labels({"stable": rlan, "trm": trm}, {"stable": 1, "trm": 1}) == [
+        "stable", "trm", "meta-learning from epoch 2 (stable)"]
+    assert labels({"stable": rlan, "fixed": rlan}, {"stable": 1, "fixed": 1})[-1] == "meta-learning from epoch 2"
 
 
 def test_several_runs_are_colours_with_one_legend_and_each_series_its_own_panel():
     a = _series(3, attention_entropy_train=[1.0, 1.1, 1.2], attention_entropy_eval=[6.0, 6.0, 6.0])
     b = _series(3, 0.5, attention_entropy_train=[1.0, 1.1, 1.2], attention_entropy_eval=[6.0, 6.0, 6.0])
     cols = ["attention_entropy_train", "attention_entropy_eval"]
-    fig = curve_figure({"stable": a, "fixed": b}, cols, "t", [1])
+    fig = curve_figure({"stable": a, "fixed": b}, cols, "t", {"stable": 1, "fixed": 1})
     panels = _panels(fig)
     assert set(panels) == set(cols)
     lines = {c: {ln.get_label(): ln for ln in panels[c].get_lines()} for c in cols}
@@ -92,11 +111,26 @@ def test_several_runs_are_colours_with_one_legend_and_each_series_its_own_panel(
     assert all(ax.get_legend() is None for ax in fig.axes)  # no legend inside a panel
 
 
+def test_train_and_eval_attention_entropy_overlaid_in_one_panel():
+    """The pair a reader compares in one chart: per run one colour, train mode solid, eval mode dashed."""
+    a = _series(3, attention_entropy_train=[1.0, 1.1, 1.2], attention_entropy_eval=[6.0, 6.0, 6.0])
+    b = _series(3, 0.5, attention_entropy_train=[1.0, 1.1, 1.2], attention_entropy_eval=[6.0, 6.0, 6.0])
+    [(_, title, cols)] = [c for c in CURVES if c[0] in OVERLAID]
+    fig = curve_figure({"stable": a, "fixed": b}, cols, title, overlay=True)
+    [ax] = [ax for ax in fig.axes if ax.get_title()]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {f"{run}: {c}" for run in ("stable", "fixed") for c in cols}
+    train, held = lines["fixed: attention_entropy_train"], lines["fixed: attention_entropy_eval"]
+    assert train.get_color() == held.get_color() != lines["stable: attention_entropy_eval"].get_color()
+    assert (train.get_linestyle(), held.get_linestyle()) == ("-", "--")
+    assert list(held.get_ydata()) == [3.0, 3.0, 3.0]
+
+
 @pytest.mark.slow
 def test_plot_curves_writes_one_png_per_measured_figure(tmp_path):
     df = _series(2, loss_task=[2.0, 1.0], heldout_loss=[2.5, 1.5], stop_value_train=[0.5, 0.4],
                  heldout_pixel_accuracy=[0.5, 0.6])
-    written = plot_curves({"run": df}, tmp_path, [1])
+    written = plot_curves({"run": df}, tmp_path, {"run": 1})
     assert [name for name, _ in written] == ["pixel_accuracy.png", "loss.png", "stop_value.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "pixel_accuracy.png", "stop_value.png"]
     assert all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name, _ in written)

@@ -307,3 +307,62 @@ def test_training_run_logs_the_cache_and_the_tasks_with_their_dvc_hashes(tmp_pat
 
     (tmp_path / "dvc.lock").unlink()  # outside DVC: a digest of the files themselves
     assert lineage.cache_dataset(ws["cache"]).digest == file_md5(ws["cache"] / "manifest.json")
+
+
+# --- how MLflow's UI shows the experiment ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_experiment_is_created_as_model_training_and_an_older_one_gets_its_kind(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    made = tracking.prepare_store(uri, "rlan")
+    assert client.get_experiment(made).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    older = client.create_experiment("older")  # a store from before: no kind, or the one the UI guessed
+    other = client.create_experiment("chosen", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    guessed = client.create_experiment("guessed", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development_inferred"})
+    for name in ("older", "chosen", "guessed"):
+        tracking.prepare_store(uri, name)
+    kinds = {e: client.get_experiment(e).tags.get(tracking.EXPERIMENT_KIND_TAG) for e in (older, other, guessed)}
+    assert kinds == {older: "custom_model_development", other: "genai_development",  # a person's choice stays
+                     guessed: "custom_model_development"}
+
+
+@pytest.mark.slow
+def test_ui_links_open_on_training_runs_and_overlay_only_what_a_run_measured(tmp_path):
+    from pipeline.tracking import ui
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = params_with(tracking__tracking_uri=uri)
+    client = mlflow.MlflowClient(uri)
+    eid = tracking.prepare_store(uri, "rlan")
+    measured = {"stable": {"attention_entropy_train": 1.1, "attention_entropy_eval": 3.4, "loo_accuracy": 0.5,
+                           "loo_exact_match": 0.1, "gap.training.exact_match_gap": 0.0, "gap.training.loss_ratio": 1.2},
+                "trm": {"gap.training.exact_match_gap": 0.0, "gap.training.loss_ratio": 0.9}}
+    ids = {}
+    for name, metrics in measured.items():
+        for _ in range(2):  # the latest finished run of each name only
+            ids[name] = run_id = client.create_run(eid, run_name=name).info.run_id
+            for k, v in metrics.items():
+                client.log_metric(run_id, k, v, step=1)
+            client.set_terminated(run_id)
+    found = ui.links(params, "http://host:5000/")
+    assert found["training runs of rlan"] == f"http://host:5000/#/experiments/{eid}/runs?workflowType=machine_learning"
+    [(title, url)] = [(t, u) for t, u in found.items() if t.startswith("attention entropy")]
+    assert title.endswith(": stable") and url.startswith("http://host:5000/#/metric/attention_entropy_train?")
+    query = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
+    from urllib.parse import unquote
+
+    assert json.loads(unquote(query["runs"])) == [ids["stable"]]
+    assert json.loads(unquote(query["plot_metric_keys"])) == ["attention_entropy_train", "attention_entropy_eval"]
+    assert query["workflowType"] == "machine_learning"
+    assert not any(t.startswith("HyperLoRA") for t in found)  # no run logged the LoRA magnitudes
+    [gaps] = [t for t in found if t.startswith("gaps")]
+    assert gaps.endswith(": trm, stable")
+
+
+def test_registered_model_per_family():
+    assert mlflow_model.registered_model(params_with()) == "rlan"
+    assert mlflow_model.registered_model(params_with(model__family="trm")) == "trm"
+    assert mlflow_model.registered_model(params_with(model__family="trm", tracking__registered_model="mine")) == "mine"
+    assert mlflow_model.registered_models(params_with()) == ["rlan", "trm"]  # where lineage looks

@@ -1,11 +1,13 @@
 """TRM end to end beside RLAN: the `trm` experiment runs through the same DVC stages (`dvc exp run`
 at the tiny scale), votes over the cached versions, reports its gaps, logs its own measures and its
-model to MLflow, and `compare` shows it beside stable."""
+model to MLflow (registered as `trm`), `compare` shows it beside stable fairly (what TRM does not
+measure counts in no status), and DVC's metrics views and the experiments table stay readable."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import sqlite3
 import sys
 
@@ -69,7 +71,9 @@ def test_trm_experiment_beside_stable(tmp_path):
     assert {"halt_steps", "q_halt_accuracy", "halt_steps_eval", "train_exact_match", "eval.pass_at_1",
             "eval.halt_steps", "gap.evaluation.exact_match_gap"} <= logged
     with using_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}"):
-        model = mlflow.pytorch.load_model("models:/rlan@trm_tiny")
+        model = mlflow.pytorch.load_model("models:/trm@trm_tiny")  # its family's registered model
+        assert mlflow.pytorch.load_model("models:/rlan@stable_tiny") is not None
+        assert [v.tags["dvc_exp_name"] for v in client.search_model_versions("name = 'rlan'")] == ["stable_tiny"]
     DVCFileSystem(str(repo), rev=revs["trm_tiny"]).get("data/cache", str(tmp_path / "cache"), recursive=True)
     inputs, _ = AugmentedCache(tmp_path / "cache").pair_canvases([0, 1])
     rows = torch.cat([torch.tensor([[1], [1]]), inputs.flatten(1).long()], 1)  # sample 0's first two pairs
@@ -78,5 +82,28 @@ def test_trm_experiment_beside_stable(tmp_path):
     report = run(EXPERIMENTS + ["compare", "stable", "trm"], repo).stdout
     assert "| gap | stable_tiny | trm_tiny | closest to no gap |" in report
     stop = next(line for line in report.splitlines() if line.startswith("| evaluation: stop_value_gap |"))
-    assert stop.endswith("| — | — |")  # TRM has no DSC: measured by one group only, no winner
-    assert "| eval.halt_steps | — |" in report and "| eval.attention_entropy |" in report
+    assert stop.endswith("| not measured | not compared (not measured by trm_tiny) |")  # TRM has no DSC
+    assert "| eval.halt_steps | not measured |" in report and "| eval.attention_entropy |" in report
+    assert "| status over the measures every group has |" in report and "overall status" not in report
+    assert " ± " not in report.split("## trm_tiny against stable_tiny")[1]  # one seed each; statuses never averaged
+    curves = report.split("## Curves")[1]
+    assert "not drawn: attention_entropy_eval" in curves and "lora.png" not in curves and "loo.png" not in curves
+
+    # DVC's own views: numbers only in every metrics file, lines a terminal can show
+    for rev in (revs["stable_tiny"], revs["trm_tiny"]):
+        for path in ("metrics/params_validation.json", "metrics/prepare.json", "metrics/augment.json",
+                     "metrics/train.json", "metrics/eval.json", "metrics/gap.json"):
+            leaves = flatten(json.loads(show(repo, rev, path)))
+            assert all(isinstance(v, (int, float)) for v in leaves.values()), (path, leaves)
+    diff = ["metrics", "diff", "stable_tiny", "trm_tiny"]
+    for args in (diff, [*diff, "--md"]):
+        out = run(DVC + args, repo).stdout
+        assert "overall_status" in out and max(map(len, out.splitlines())) <= 120, args
+    table = run(EXPERIMENTS + ["table"], repo).stdout
+    assert max(map(len, table.splitlines())) <= 100
+    assert [line.split()[:3] for line in table.splitlines()[1:3]] == [["stable_tiny", "tiny", "42"],
+                                                                       ["trm_tiny", "tiny", "42"]]
+    run(DVC + ["exp", "apply", "trm_tiny"], repo)  # `dvc metrics show` reads the workspace
+    shown = run(DVC + ["metrics", "show"], repo).stdout  # a column per metric: as wide as their names, no wider
+    cells = [c for line in shown.splitlines()[1:] for c in re.split(r"\s{2,}", line.strip())[1:]]
+    assert "metrics/gap.json" in shown and cells and max(map(len, cells)) <= 12

@@ -273,9 +273,15 @@ def _default_beside_store(uri: str) -> None:
                     (artifact_location(uri, "Default"),) * 2)
 
 
+# MLflow 3 records what an experiment is for in this experiment tag; its UI opens a model-training
+# experiment on its runs (a GenAI one, or one it cannot tell, on a GenAI overview of traces).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def prepare_store(uri: str, experiment: str, client: Any = None) -> str:
-    """Create the database and the experiment (artifacts at `artifact_location`) once, under the
-    store lock; returns the experiment id."""
+    """Create the database and the experiment (artifacts at `artifact_location`, kind model training)
+    once, under the store lock; an experiment of an older store, or one whose kind the UI guessed,
+    gets its kind; returns the id."""
     import mlflow
 
     with store_lock(uri):
@@ -283,7 +289,10 @@ def prepare_store(uri: str, experiment: str, client: Any = None) -> str:
         found = client.get_experiment_by_name(experiment)
         _default_beside_store(uri)
         if found is None:
-            return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+            return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        if found.tags.get(EXPERIMENT_KIND_TAG, "_inferred").endswith("_inferred"):  # not one a person chose
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     if _EXP_TMP in found.artifact_location:
         log.warning("MLflow experiment %s keeps its artifacts in %s, a temporary DVC copy: rename or delete the "
                     "experiment to start one whose artifacts stay", experiment, found.artifact_location)

@@ -167,7 +167,7 @@ def experiment_lineage(name: str, params: Params) -> ExperimentLineage:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking.mlflow_model import alias_for
+    from pipeline.tracking.mlflow_model import alias_for, registered_models
 
     ref, md5 = model_md5_of(name)
     found = ExperimentLineage(name, ref, md5)
@@ -178,17 +178,19 @@ def experiment_lineage(name: str, params: Params) -> ExperimentLineage:
         runs = {r.info.run_id: r for f in filters
                 for r in client.search_runs([exp.experiment_id], f, max_results=1000)}
         found.runs = sorted(runs.values(), key=lambda r: -r.info.start_time)
-    try:
-        found.version = client.get_model_version_by_alias(params.tracking.registered_model, alias_for(name))
-    except MlflowException:
-        pass
+    for model in registered_models(params):  # the experiment's family is not known here
+        try:
+            found.version = client.get_model_version_by_alias(model, alias_for(name))
+            break
+        except MlflowException:
+            continue
     return found
 
 
 def format_lineage(found: ExperimentLineage, params: Params) -> str:
     import datetime
 
-    from pipeline.tracking.mlflow_model import alias_for
+    from pipeline.tracking.mlflow_model import alias_for, registered_models
 
     where = found.dvc_ref or "not a DVC experiment here"
     lines = [f"{found.name}: {where}, {MODEL_OUT} md5 {found.model_md5 or '-'}"]
@@ -198,10 +200,10 @@ def format_lineage(found: ExperimentLineage, params: Params) -> str:
         lines.append(f"  run {r.info.run_id} {r.info.run_name} {r.info.status} {start}{mark}")
     if not found.runs:
         lines.append("  no MLflow run")
-    model = f"models:/{params.tracking.registered_model}@{alias_for(found.name)}"
-    v = found.version
-    lines.append(f"  {model}: " + (f"version {v.version} (run {v.run_id}, model md5 {v.tags.get('model_md5', '-')})"
-                                   if v is not None else "not registered"))
+    v, alias = found.version, alias_for(found.name)
+    lines.append(f"  models:/{v.name}@{alias}: version {v.version} (run {v.run_id}, model md5 "
+                 f"{v.tags.get('model_md5', '-')})" if v is not None else
+                 f"  not registered (no alias {alias} in {', '.join(registered_models(params))})")
     return "\n".join(lines)
 
 
@@ -221,10 +223,9 @@ def format_run(run_id: str, params: Params) -> str:
         path = json.loads(d.dataset.source).get("path") if d.dataset.source_type == "dvc" else None
         get = (f"dvc exp apply {exp}" if exp else f"git checkout {t.get('git_commit')}") + f" && dvc checkout {path}"
         lines.append(f"  input {d.dataset.name} digest {d.dataset.digest}: {get if path else d.dataset.source}")
-    name = params.tracking.registered_model
-    for found in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        v = client.get_model_version(name, found.version)  # (searches leave the aliases out)
-        lines.append(f"  registered {name} version {v.version}, aliases {', '.join(v.aliases) or '-'}")
+    for found in client.search_model_versions(f"run_id = '{run_id}'"):
+        v = client.get_model_version(found.name, found.version)  # (searches leave the aliases out)
+        lines.append(f"  registered {v.name} version {v.version}, aliases {', '.join(v.aliases) or '-'}")
     return "\n".join(lines)
 
 

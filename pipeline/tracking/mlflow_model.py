@@ -8,11 +8,13 @@ context outputs and the query input; an empty context slot is all zeros. Its out
 solver step's logits (B, 12, H, W), float32: their argmax, decoded by `pipeline.canvas.decode_canvas`,
 is the predicted grid. `pack_views` builds `views` from a batch of `pipeline.loader`:
 
-    model = mlflow.pytorch.load_model("models:/rlan@fixed")     # or f"runs:/{run_id}/model"
+    model = mlflow.pytorch.load_model("models:/rlan@fixed")     # TRM's: models:/trm@trm; or runs:/<id>/model
     logits = model(pack_views(batch))                           # = RLAN(batch, temperature).logits[-1]
 
 The model carries the `pipeline` package (`code_paths`) and pinned requirements. Every finished
-training becomes a version of the registered model `tracking.registered_model`, tagged with the
+training becomes a version of its registered model (`registered_model`: `tracking.registered_model`,
+by default the name of its model family, `rlan` or `trm`, so that one name never holds models of two
+architectures), tagged with the
 DVC experiment, the model's MD5 and the training fingerprint, and aliased by the DVC experiment's
 name (`alias_for`: `stable`, `fixed`, `no-gumbel`; `workspace` for `dvc repro`), so that an alias
 always points at its experiment's latest model.
@@ -37,6 +39,7 @@ from torch import nn
 from pipeline.canvas import CANVAS, NUM_TOKENS
 from pipeline.integrity import file_md5
 from pipeline.model import RLAN
+from pipeline.params import FAMILIES, Params
 
 log = logging.getLogger(__name__)
 ARTIFACT = "model"
@@ -70,6 +73,18 @@ def alias_for(experiment: str) -> str:
     (so `no-gumbel` stays as it is) and reserves `latest` and `v<digits>`."""
     alias = re.sub(r"[^\w-]", "-", experiment) or "workspace"
     return f"exp-{alias}" if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias) else alias
+
+
+def registered_model(params: Params) -> str:
+    """The registered model a training's versions go to: `tracking.registered_model`, or (null) the
+    model family's name."""
+    return params.tracking.registered_model or params.model.family
+
+
+def registered_models(params: Params) -> list[str]:
+    """Where an experiment's version may be, not knowing its family: every family's name, or the one
+    `tracking.registered_model` names."""
+    return [params.tracking.registered_model] if params.tracking.registered_model else list(FAMILIES)
 
 
 def example_views(cache: str | Path, n: int = 1) -> np.ndarray:
@@ -119,7 +134,7 @@ def publish(tracker: Any, model_path: str | Path, cache: str | Path) -> Any:
 
     md5 = file_md5(model_path)
     tracker.set_tags({"model_md5": md5})
-    client, name, alias = tracker.client, tracker.params.tracking.registered_model, alias_for(run_name())
+    client, name, alias = tracker.client, registered_model(tracker.params), alias_for(run_name())
     same = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("model_md5") == md5]
     done = sorted(same, key=lambda v: (v.run_id != tracker.run_id, int(v.version)))  # this run's own first
     if done:  # this very model is registered already (a restored training, or the same one again)
