@@ -18,7 +18,7 @@ def _run(seed: int, growth: list[float], equiv: list[float | None], total: list[
         "loss_equiv": equiv, **{f"lora_magnitude_{t}": [0.5 * g for g in growth]
                                  for t in ("gru_reset", "gru_update", "gru_candidate", "output_head")},
     })
-    return Outputs(rev, {"eval.train.pass@2": 0.5, "eval.eval.pass@2": 0.25}, {}, series, params, {})
+    return Outputs(rev, {"eval.train.pass@2": 0.5, "eval.eval.pass@2": 0.25}, {}, {}, series, params, {})
 
 
 def test_epoch_table_grows_from_the_first_epoch_and_shares_the_weighted_term():
