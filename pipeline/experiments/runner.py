@@ -35,13 +35,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from pipeline.experiments import runlock
+from pipeline.experiments import prevalidate, runlock
 from pipeline.experiments.committed import (
     committed_text,
     differences,
@@ -49,7 +49,17 @@ from pipeline.experiments.committed import (
     yaml_value,
 )
 from pipeline.experiments.compare import CompareError, Group, compare, metrics_table
-from pipeline.params import SEED_KEYS, ParamsError, did_you_mean, flatten, parse_yaml
+from pipeline.params import (
+    MAX_PARAMS_BYTES,
+    SEED_KEYS,
+    ParamsError,
+    did_you_mean,
+    flatten,
+    parse_params,
+    parse_yaml,
+    schema_keys,
+    shorten,
+)
 from pipeline.stage import INTERRUPTED, fail, run_foreground, setup_logging
 
 log = logging.getLogger(__name__)
@@ -183,8 +193,8 @@ def _comparable(v: Any) -> Any:
 
 
 def _parse_value(text: str) -> Any:
-    """A -S value as DVC reads it (YAML, where `1e-5` is a number too)."""
-    value = yaml.safe_load(text)
+    """A -S value as DVC reads it (YAML, where `1e-5` is a number too), read by the params files' loader."""
+    value = parse_yaml(text, "-S value")
     if isinstance(value, str):
         try:
             return float(value)
@@ -204,16 +214,37 @@ def parse_sets(sets: list[str], base: dict[str, Any]) -> list[dict[str, Any]]:
         if key not in base:
             raise ExperimentError(f"-S {arg}: {key} is not a key of params.yaml{did_you_mean(key, list(base))}")
         pieces = [text] if text.lstrip().startswith("[") else text.split(",")
-        swept[key] = [_parse_value(p) for p in pieces]
+        try:
+            swept[key] = [_parse_value(p) for p in pieces]
+        except ParamsError as err:
+            raise ExperimentError(f"-S {shorten(arg)}: {err.problems[0]}") from None
     return [dict(zip(swept, combo)) for combo in itertools.product(*swept.values())] if swept else []
 
 
-def label_of(changes: dict[str, Any]) -> str:
-    """A name for the user's own experiment from its overrides: `hyperlora_init_scale=0.05`."""
-    def word(v: Any) -> str:
-        return re.sub(r"[^\w.-]+", "-", yaml_value(v)).strip("-.") or "null"
+_KEYS = schema_keys()
 
-    return "+".join(f"{k.rsplit('.', 1)[-1]}={word(v)}" for k, v in changes.items())
+
+def _key_word(key: str) -> str:
+    """A key in a name: its last part where no other key of params.yaml ends so (`hyperlora_init_scale`),
+    else the whole dotted key (`train.learning_rate`, as `trm.learning_rate` exists too)."""
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in _KEYS) <= 1 else key
+
+
+def _value_word(value: Any) -> str:
+    """A value in a name: as written (`-3`, `0.05`) when that is a valid name; else its characters
+    that are, and a digest of the value, so that two values never give one word (`a/b`, `a b`)."""
+    text = yaml_value(value)
+    safe = re.sub(r"[^\w.-]+|\.{2,}", "-", text).rstrip(".")
+    if safe == text and text:
+        return text
+    return f"{safe.strip('-.') or 'value'}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+
+
+def label_of(changes: dict[str, Any]) -> str:
+    """A name for the user's own experiment from its overrides, one to one: `hyperlora_init_scale=0.05`,
+    `epochs=-3`, `train.learning_rate=0.001`, `source=a-b-<digest>` (`_key_word`, `_value_word`)."""
+    return "+".join(f"{_key_word(k)}={_value_word(v)}" for k, v in changes.items())
 
 
 def is_baseline(variant: dict[str, Any], scale: str, base: dict[str, Any]) -> bool:
@@ -252,9 +283,14 @@ def plan(names: list[str], scale: str, seeds: list[int | None], variants: list[d
             raise ExperimentError(f"experiment name {base!r}: " + ("a named experiment's name" if base in EXPERIMENTS
                                   else "use letters, digits and _ . = + - (starting with a letter or digit)"))
         configs.append((base, v))
-    return [Planned(name_of(base, scale, seed), name_of(base, scale), {**SCALES[scale].overrides, **own,
-                                                                       **seed_changes(seed)})
-            for base, own in configs for seed in seeds]
+    planned = [Planned(name_of(base, scale, seed), name_of(base, scale), {**SCALES[scale].overrides, **own,
+                                                                          **seed_changes(seed)})
+               for base, own in configs for seed in seeds]
+    clashes = sorted(n for n, count in Counter(p.name for p in planned).items() if count > 1)
+    if clashes:
+        raise ExperimentError(f"refused: two planned experiments would both be named {', '.join(clashes)} "
+                              "(the same overrides twice?); each experiment needs a name of its own")
+    return planned
 
 
 def expected_changes(changes: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -313,15 +349,18 @@ def restore_params(cwd: Path, announce: bool = False,
     committed, path = committed_text(cwd / "params.yaml"), cwd / "params.yaml"
     if committed is None:
         raise ExperimentError("params.yaml is not committed: commit the baseline before running experiments")
-    current = path.read_text() if path.exists() else ""
-    if current == committed:
+    size = path.stat().st_size if path.exists() else 0
+    current = path.read_bytes().decode(errors="replace") if path.exists() and size <= MAX_PARAMS_BYTES else ""
+    if size <= MAX_PARAMS_BYTES and current == committed:
         return
     if announce and path.exists():
         backup = cwd / ".dvc" / "tmp" / f"params.yaml.{time.strftime('%Y%m%d-%H%M%S')}"
         backup.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, backup)
+        lines = (differences(committed, current) if size <= MAX_PARAMS_BYTES else
+                 [f"(the file has {size:,} bytes, more than the {MAX_PARAMS_BYTES:,} a params file may have: not read)"])
         log.warning("params.yaml differs from HEAD; %s, so HEAD's is restored (yours is kept in %s):\n%s", why,
-                    backup.relative_to(cwd), "\n".join(f"  {line}" for line in differences(committed, current)))
+                    backup.relative_to(cwd), "\n".join(f"  {line}" for line in lines))
     path.write_text(committed)
 
 
@@ -347,6 +386,8 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
     queue = queue or len(variants) > 1  # a sweep is queued
     variants = [v for v in variants if not is_baseline(v, scale, base)]
     planned = plan(resolve(names), scale, seeds_of(seeds, seed, base), variants, own_name)
+    prevalidate.check({p.name: p.changes for p in planned},
+                      parse_params(parse_yaml(committed_text(cwd / "params.yaml") or "{}")))
     try:
         stale = sorted({p.name for p in planned} & set(experiment_revs(cwd)))
         if stale:
@@ -587,6 +628,17 @@ def report_dir(labels: list[str]) -> str:
     return f"{labels[0]}-vs-{len(labels) - 1}-others-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: an integer of 1 or more (`--seeds 0` would run nothing and succeed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -595,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("names", nargs="*", help=f"experiments or groups ({', '.join(GROUPS)}); default: "
                                             f"{' '.join(DEFAULT)}, or stable with -S")
     r.add_argument("--scale", choices=sorted(SCALES), default="full", help="overrides applied to every experiment")
-    r.add_argument("--seeds", type=int, default=1, help="repeats of each, at seeds train.seed, +1, ...")
+    r.add_argument("--seeds", type=at_least_one, default=1, help="repeats of each, at seeds train.seed, +1, ...")
     r.add_argument("--seed", type=int, default=None, help="one seed for every random choice (all of "
                                                           f"{', '.join(SEED_KEYS)})")
     r.add_argument("-S", "--set-param", dest="sets", action="append", default=[], metavar="KEY=VALUE",
