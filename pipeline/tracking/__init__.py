@@ -273,6 +273,19 @@ def _default_beside_store(uri: str) -> None:
                     (artifact_location(uri, "Default"),) * 2)
 
 
+def orphaned_artifacts(uri: str, experiment: str) -> list[Path]:
+    """The run folders an experiment's artifact folder holds while the store has no such experiment:
+    the store was deleted or replaced (its runs and the models' lineage are gone), said in a warning."""
+    folder = artifact_location(uri, experiment)
+    runs = sorted(p for p in Path(folder).iterdir() if p.is_dir()) if folder and Path(folder).is_dir() else []
+    if runs:
+        log.warning("MLflow store %s has no experiment %s, but its artifact folder %s holds the artifacts of %d "
+                    "earlier run(s): the store was deleted or replaced, and those runs, their metrics and the models' "
+                    "lineage are not in it; restore it from a backup (and stop this run) to keep them, else a new "
+                    "experiment starts here", _sqlite_path(uri), experiment, folder, len(runs))
+    return runs
+
+
 def prepare_store(uri: str, experiment: str, client: Any = None) -> str:
     """Create the database and the experiment (artifacts at `artifact_location`) once, under the
     store lock; returns the experiment id."""
@@ -283,6 +296,7 @@ def prepare_store(uri: str, experiment: str, client: Any = None) -> str:
         found = client.get_experiment_by_name(experiment)
         _default_beside_store(uri)
         if found is None:
+            orphaned_artifacts(uri, experiment)
             return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
     if _EXP_TMP in found.artifact_location:
         log.warning("MLflow experiment %s keeps its artifacts in %s, a temporary DVC copy: rename or delete the "
