@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 
-from pipeline.experiments import prevalidate, runlock
+from pipeline.experiments import prevalidate, runlock, supervise
 from pipeline.experiments.committed import (
     committed_text,
     differences,
@@ -60,7 +60,7 @@ from pipeline.params import (
     schema_keys,
     shorten,
 )
-from pipeline.stage import INTERRUPTED, fail, run_foreground, setup_logging
+from pipeline.stage import INTERRUPTED, TERMINATED, Stopped, fail, run_foreground, setup_logging, sigterm_stops
 
 log = logging.getLogger(__name__)
 
@@ -389,6 +389,8 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
     prevalidate.check({p.name: p.changes for p in planned},
                       parse_params(parse_yaml(committed_text(cwd / "params.yaml") or "{}")))
     try:
+        supervise.orphans(cwd, [p.name for p in planned], _dvc(["queue", "status"], cwd).stdout,
+                          lambda args: _dvc(args, cwd).stdout)  # an earlier, killed run's: never queued twice
         stale = sorted({p.name for p in planned} & set(experiment_revs(cwd)))
         if stale:
             log.info("replacing the earlier experiments %s", ", ".join(stale))
@@ -489,23 +491,34 @@ def stalled(status: str) -> bool:
     return workers is not None and workers.groups() == ("0", "0") and "Queued" in rows and "Running" not in rows
 
 
+HEARTBEAT_S = 60.0  # the longest the queue's wait stays silent
+
+
 def wait_for_queue(cwd: Path, jobs: int = 1, poll: float = 5.0, timeout: float = 7 * 24 * 3600) -> None:
     """Until no queued experiment is queued or running; logs the queue's table whenever it changes and
-    each experiment's stages and epochs as they come; starts the workers again when they stopped with
-    experiments still queued."""
+    each experiment's stages and epochs as they come, and a line at least every HEARTBEAT_S; starts
+    the workers again when they stopped with experiments still queued; marks a running task whose
+    worker is dead failed (pipeline.experiments.supervise) instead of waiting for it."""
     deadline, shown, t0, read, idle = time.time() + timeout, "", time.time(), {}, 0
+    watch, said = supervise.Watch(cwd), time.time()
     log.info("the queue runs; its experiments' stages and epochs follow (`dvc queue logs -f NAME` shows one's "
              "whole log)")
     while time.time() < deadline:
         status = _dvc(["queue", "status"], cwd).stdout
         for line in progress(cwd, status, read):
             log.info("%s", line)
+            said = time.time()
         table = "\n".join(line for line in status.splitlines() if line.strip() and not line.startswith("Worker"))
         if table != shown:
             log.info("queue after %.0f s:\n%s", time.time() - t0, table)
-            shown = table
+            shown, said = table, time.time()
         if not any(word in status for word in ("Queued", "Running")):
             return
+        for task in watch.dead(status):
+            supervise.bury(cwd, task, lambda args: _dvc(args, cwd).stdout)
+        if time.time() - said >= HEARTBEAT_S:
+            log.info("%s", heartbeat(status, time.time() - t0, time.time() - said))
+            said = time.time()
         idle = idle + 1 if stalled(status) else 0
         if idle == 3:  # three polls in a row: not a worker between two tasks
             log.warning("the queue's workers stopped with experiments still queued (see "
@@ -514,6 +527,16 @@ def wait_for_queue(cwd: Path, jobs: int = 1, poll: float = 5.0, timeout: float =
             idle = 0
         time.sleep(poll)
     raise TimeoutError("the experiment queue did not finish")
+
+
+def heartbeat(status: str, waited: float, silent: float) -> str:
+    """The line that says the queue's wait goes on: what runs and is queued, how long nothing came."""
+    rows = supervise.tasks(status)
+    running = [t.name for t in rows if t.status == "Running"]
+    queued = [t.name for t in rows if t.status == "Queued"]
+    return (f"still waiting for the queue after {waited:.0f} s (nothing new for {silent:.0f} s): running "
+            f"{', '.join(running) or 'none'}; queued {', '.join(queued) or 'none'}; "
+            f"{supervise.active_workers(status)} active worker(s)")
 
 
 def check_params(planned: list[Planned], rev: str, cwd: Path) -> None:
@@ -679,7 +702,8 @@ def main(argv: list[str] | None = None) -> None:
     cwd = Path(os.getcwd())
     try:
         if args.cmd == "run":  # one run of experiments at a time in a workspace (pipeline.experiments.runlock)
-            with runlock.hold(cwd, " ".join(["python -m pipeline.experiments", *argv])):
+            # SIGTERM stops what it started as Ctrl-C does (pipeline.stage.Stopped)
+            with runlock.hold(cwd, " ".join(["python -m pipeline.experiments", *argv])), sigterm_stops():
                 names = args.names or ([] if args.sets else DEFAULT)
                 labels = run(names, cwd, args.scale, args.queue, args.jobs, args.seeds, args.seed, args.sets,
                              args.name)
@@ -702,8 +726,11 @@ def main(argv: list[str] | None = None) -> None:
             restore_params(cwd, announce=True, why="`dvc exp run` with these arguments gives HEAD's params.yaml "
                                                    "plus them only from HEAD's params.yaml")
             print(" ".join(set_args(overrides(args.name, args.scale, args.seed))))
-    except (ExperimentError, CompareError, ParamsError, runlock.WorkspaceError) as err:
+    except (ExperimentError, CompareError, ParamsError, runlock.WorkspaceError, supervise.QueueError) as err:
         fail(str(err))
+    except Stopped:
+        fail("stopped by SIGTERM: the same command resumes each interrupted training from its checkpoint",
+             TERMINATED)
     except KeyboardInterrupt:
         fail("interrupted (Ctrl-C): the same command resumes each interrupted training from its checkpoint",
              INTERRUPTED)
