@@ -181,10 +181,10 @@ def close_killed_runs(cwd: Path) -> list[str]:
 
 
 def orphans(cwd: Path, names: list[str], status: str, dvc: Dvc, poll: float = 2.0,
-            wait_s: float = STOP_WAIT_S) -> None:
+            wait_s: float = STOP_WAIT_S, kill_wait_s: float = 30.0) -> None:
     """Before queueing `names`: the tasks of those names that an earlier runner left in the queue. A
     running one is interrupted as Ctrl-C would (its training saves, the next run resumes it) and
-    waited for, at most `wait_s` (then killed, and 30 s more), with a line every 10 s; a dead one is
+    waited for, at most `wait_s` (then killed, and `kill_wait_s` more), with a line every 10 s; a dead one is
     marked failed (`bury`); a queued one is removed. So no experiment is queued twice."""
     left = [t for t in tasks(status) if t.name in names and t.status in ("Running", "Queued")]
     if not left:
@@ -212,10 +212,10 @@ def orphans(cwd: Path, names: list[str], status: str, dvc: Dvc, poll: float = 2.
         if not still:
             log.info("the earlier run's experiments stopped after %.0f s", time.time() - t0)
             return
-        if time.time() - t0 > wait_s + (30 if forced else 0):
+        if time.time() - t0 > wait_s + (kill_wait_s if forced else 0):
             if forced:
                 raise QueueError(f"{', '.join(t.name for t in still)}, left running by an earlier run, did not stop "
-                                 f"within {wait_s + 30:.0f} s, even killed; see `dvc queue status` and "
+                                 f"within {wait_s + kill_wait_s:.0f} s, even killed; see `dvc queue status` and "
                                  "`dvc queue logs NAME`")
             log.warning("%s did not stop within %.0f s: killing them", ", ".join(t.name for t in still), wait_s)
             dvc(["queue", "kill", "--force", *(ids[t.rev] for t in still)])
