@@ -142,7 +142,7 @@ def test_the_runner_refuses_a_bad_override_in_under_two_seconds_running_nothing(
         took = time.perf_counter() - t0
         line = one_error_line(proc)
         assert "the plan (HEAD's params.yaml plus each experiment's overrides) is invalid" in line
-        assert took < 6, took  # the interpreter's start and imports included; the check itself is under 2 s
+        assert took < 5, took  # with the interpreter and its imports (1.8 s on 2 loaded cores); the check: < 2 s
         assert not (repo / "x").exists() and not (repo / ".dvc" / "tmp" / "exps").exists()
     assert "epochs=-3_tiny: train.epochs" in one_error_line(runner(["run", "--scale", "tiny", "-S",
                                                                     "train.epochs=3,-3"], repo))
