@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from pipeline.experiments import prevalidate, runlock, supervise
 from pipeline.experiments.committed import (
     committed_text,
@@ -373,7 +372,10 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
     the data stages take seconds), so each has its own MLflow run. They run outside the workspace, in
     DVC's temporary copies: one after the other (`--temp`), or with `queue` (always for a sweep) in the
     DVC queue, `jobs` at a time. The workspace keeps its dvc.lock and outputs and ends on HEAD's
-    params.yaml, also when a run fails. Returns the groups (configuration at the scale) that ran."""
+    params.yaml, also when a run fails. Before anything runs, every experiment's params are checked
+    (pipeline.experiments.prevalidate), and what an earlier, killed run left in the queue under these
+    names is stopped or removed (pipeline.experiments.supervise). Returns the groups (configuration at
+    the scale) that ran."""
     rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                          check=True).stdout.strip()
     restore_params(cwd, announce=True)
