@@ -62,6 +62,7 @@ def test_the_runner_restores_heads_params_from_a_deeply_nested_one_and_keeps_the
     assert "nested more than" in proc.stderr
 
 
+@pytest.mark.slow
 def test_validate_params_names_the_files_problem_not_a_missing_commit(tmp_path):
     repo = _git_repo(tmp_path, PARAMS)
     (repo / "params.yaml").write_text(PARAMS.replace("  seed: 42\n  device: auto", "  seed: 42\n  seed: 7\n  device: auto"))
@@ -98,6 +99,7 @@ def test_restore_params_does_not_read_a_file_over_the_size_limit(tmp_path, caplo
 # --- --seeds -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["0", "-1", "x"])
 def test_seeds_accepts_only_integers_of_one_or_more(tmp_path, value):
     proc = runner(["run", "--scale", "tiny", "--seeds", value, "stable"], tmp_path)

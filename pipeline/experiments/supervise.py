@@ -100,7 +100,7 @@ def runs_task(pid: int) -> bool:
         except PermissionError:
             pass
         return True
-    return b"exec-run" in cmdline
+    return b"exec-run" in cmdline or not cmdline  # empty while a process is being started: cannot tell
 
 
 def log_size(cwd: Path, task: Task) -> int:
