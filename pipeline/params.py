@@ -7,7 +7,8 @@ validation rules) live in `pipeline.rules`, not here: this module only knows sin
 
 The file is read defensively (`read_yaml`, every reader of a params file uses it): at most
 `MAX_PARAMS_BYTES`, UTF-8, no YAML aliases (a few nested aliases expand to gigabytes), no key twice
-in a mapping (YAML's last-wins would hide the first). A value echoed in a message is cut to its first
+in a mapping (YAML's last-wins would hide the first), at most `MAX_DEPTH` levels of nesting (a list
+nested 10,000 deep would exhaust Python's recursion in every reader), YAML's safe types only. A value echoed in a message is cut to its first
 `CLIP` characters and its length (`clip`).
 """
 
@@ -27,6 +28,7 @@ from yaml.constructor import ConstructorError
 # scaling 0.1"; "RLANConfig default hyperlora_init_scale 0.1").
 HYPERLORA_CODE_DEFAULTS = {"init_scale": 0.1, "scaling": 0.1}
 MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few KB; a larger file is refused before it is parsed
+MAX_DEPTH = 32  # levels of nesting a params file may have (params.yaml has 3); deeper is refused while parsing
 CLIP = 80  # characters of a value shown in a message
 
 
@@ -308,6 +310,18 @@ class Params(_Section):
         return parse_params(raw)
 
 
+def schema_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (`train.loo_training.loss_weight`), from the models alone."""
+    out: list[str] = []
+    for name, info in (model or Params).model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += schema_keys(ann, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
 def did_you_mean(key: str, known: list[str]) -> str:
     """' (did you mean X?)' for the known dotted key closest to a mistyped one, or ""."""
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
@@ -417,14 +431,24 @@ def _reject_nonfinite(tree: dict[str, Any], prefix: str, source: str) -> None:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe subset without aliases and without a key twice in one mapping."""
+    """YAML's safe subset without aliases, without a key twice in one mapping and at most `MAX_DEPTH`
+    levels deep."""
+
+    depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
             raise yaml.composer.ComposerError(None, None, "an alias (*name): aliases are not allowed in a params "
                                               "file (write the value out)", mark)
-        return super().compose_node(parent, index)
+        if self.depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep (a params "
+                                              "file has 3)", self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         first: dict[Any, int] = {}

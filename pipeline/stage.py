@@ -11,13 +11,14 @@ experiment in the workspace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,20 +97,63 @@ def run(main: Callable[[], None]) -> None:
 
 
 INTERRUPTED = 128 + signal.SIGINT  # the exit status after Ctrl-C
+TERMINATED = 128 + signal.SIGTERM  # the exit status after SIGTERM (a batch scheduler's end, `timeout`, `kill`)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM to a command that runs others (the runner, `make run`): handled where Ctrl-C is, so that
+    it stops what it started the same way; `signum` tells which."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """In the block, SIGTERM raises Stopped (a KeyboardInterrupt) in the main thread, as Ctrl-C raises
+    KeyboardInterrupt."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_stopped) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_foreground(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
     """`subprocess.run` for a child in this terminal's process group. Ctrl-C reaches the child as
     well, which stops on its own (a training saying where it will resume, DVC cleaning up): this
-    process waits for it instead of killing it half way, then raises KeyboardInterrupt."""
+    process waits for it instead of killing it half way, then raises KeyboardInterrupt. SIGTERM to
+    this process is passed on to the child (a signal to the process alone, as `make` sends it, would
+    not reach it), waited for in the same way, then raises Stopped."""
     caught: list[int] = []
+    proc: subprocess.Popen | None = None
+
+    def on_signal(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        if signum == signal.SIGTERM and proc is not None:
+            proc.send_signal(signal.SIGTERM)
+
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum)) if main else None
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    if kwargs.pop("capture_output", False):
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
     try:
-        proc = subprocess.run(cmd, **kwargs)
+        with subprocess.Popen(cmd, **kwargs) as proc:
+            if signal.SIGTERM in caught:  # before the child existed
+                proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate()
     finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if signal.SIGTERM in caught:
+        raise Stopped(signal.SIGTERM)
     if caught:
         raise KeyboardInterrupt
-    return proc
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -77,7 +77,8 @@ def main() -> None:
     if model.FAMILY != params.model.family:
         other.insert(0, f"model.family: the model has {model.FAMILY!r}, params.yaml {params.model.family!r}")
     if other:  # the metrics would be recorded beside params the model was not trained with
-        fail(f"{args.model} was trained with another {section} section than {args.params} ({'; '.join(other[:3])}"
+        what = "model family" if model.FAMILY != params.model.family else f"{section} section"
+        fail(f"{args.model} was trained with another {what} than {args.params} ({'; '.join(other[:3])}"
              f"{f'; and {len(other) - 3} more' if len(other) > 3 else ''}): train it with these params first "
              f"(`dvc repro`), or evaluate it with the params.yaml it was trained with")
         return

@@ -32,6 +32,16 @@ def refusal(message: str, params_path: str) -> str:
     return f"{message}\n{hint}" if hint else message
 
 
+def removed_model(model: str) -> str:
+    """How to get back the model file of the last successful training when it is gone and dvc.lock
+    records it: DVC removes a stage's outputs before it runs the stage (`dvc repro -f -s train`), so a
+    training that fails leaves none; an empty string when it is there or dvc.lock records none."""
+    if Path(model).exists() or lineage.dvc_hash(model) is None:
+        return ""
+    return (f"; {model} is gone because DVC removes a stage's outputs before running it: `dvc checkout {model}` "
+            "brings back the one dvc.lock records")
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--cache", required=True, help="augmentation cache (stage augment)")
@@ -66,15 +76,15 @@ def main() -> None:
     try:
         final = train(params, arc.read_raw(Path(args.raw) / "pairs.parquet"), paths, tracker, world)
     except PreflightError as err:  # the run would not finish on this machine: say why, no traceback
-        fail(refusal(str(err), args.params))
+        fail(refusal(str(err) + removed_model(args.model), args.params))
         return
     except (ModelFileError, IntegrityError, FileNotFoundError) as err:  # damaged or missing inputs: one line
         tracker.end("FAILED")
-        fail(str(err))
+        fail(str(err) + removed_model(args.model))
         return
     except tracking.Terminated as err:  # SIGINT or SIGTERM: where it stopped and resumes, no traceback
         tracker.end("KILLED")
-        fail(f"train: {err}", err.code)
+        fail(f"train: {err}{removed_model(args.model)}", err.code)
         return
     except BaseException as err:
         tracker.end(tracking.end_status(err))

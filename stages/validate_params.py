@@ -60,8 +60,11 @@ def main() -> None:
     ap.add_argument("--stamp", required=True, help="written only when validation passes")
     args = ap.parse_args()
     setup_logging()
-    changes = changes_from_head(args.params)
-    log.info("%s", describe_changes(changes))  # an inherited override shows here, at the start of every run
+    try:
+        changes = changes_from_head(args.params)
+        log.info("%s", describe_changes(changes))  # an inherited override shows here, at the start of every run
+    except ParamsError:  # not a params file: load_params below says why, in one line
+        changes = None
     differs = {"keys_differing_from_head": len(changes or {})}  # a number: DVC's metrics views take no text
 
     try:

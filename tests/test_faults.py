@@ -120,6 +120,26 @@ def test_damaged_cache_stops_training_in_one_line(ws, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_failed_training_says_how_to_get_back_the_model_dvc_removed(ws, tmp_path):
+    """`dvc repro -f -s train` removes models/model.pt before the stage runs; a training that then fails
+    says how to restore the one dvc.lock records."""
+    import shutil
+
+    cache = shutil.copytree(ws["cache"], tmp_path / "cache")
+    (cache / "cells.npy").write_bytes((cache / "cells.npy").read_bytes()[:-8])  # truncated: the training fails
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: x\n    outs:\n"
+                                       "    - path: out/model.pt\n      md5: 0123456789abcdef0123456789abcdef\n")
+    cmd = train_cmd({**ws, "cache": cache}, tmp_path / "out")
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**tool_env(), "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=600)
+    line = one_error_line(proc)
+    assert line.endswith(f"; {tmp_path / 'out' / 'model.pt'} is gone because DVC removes a stage's outputs before "
+                         f"running it: `dvc checkout {tmp_path / 'out' / 'model.pt'}` brings back the one dvc.lock "
+                         "records"), line
+
+
+@pytest.mark.slow
 def test_non_utf8_input_file_is_bad_input(tmp_path):
     (tmp_path / "tasks.json").write_bytes(b'{"train": {"t1": "\xe9t\xe9"}}')  # Latin-1, not UTF-8
     params = tmp_path / "params.yaml"

@@ -1,7 +1,9 @@
-"""`make run` on a fresh clone with no git identity, twice: the second trains nothing."""
+"""`make run` on a fresh clone with no git identity, twice: the second trains nothing; `make run` ended
+by SIGTERM."""
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import subprocess
 
@@ -14,6 +16,7 @@ from tests.test_experiments_e2e import (
     assert_stable_versus_fixed,
     runs_by_fingerprint,
 )
+from tests.test_queue_e2e import processes_under, queue_rows, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -55,3 +58,24 @@ def test_make_run_on_a_fresh_clone_without_git_identity(repo, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (clone / "checkpoints").glob("*/last.pt")} == checkpoints
     assert runs_by_fingerprint(clone) == runs  # each training's finished run, continued
     assert_stable_versus_fixed(clone)
+
+
+@pytest.mark.long
+def test_make_run_ended_by_sigterm_stops_the_queue(repo, tmp_path):
+    """SIGTERM to make alone (a batch scheduler's end; make passes it on to its child): the runner stops
+    the queue's experiments as Ctrl-C does, and nothing is left running."""
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    (clone / ".venv").symlink_to(REPO / ".venv")
+    env = {k: v for k, v in tool_env().items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = tmp_path / "make.log"
+    proc = subprocess.Popen(["make", "-o", ".venv/.installed", "run", "SCALE=tiny"], cwd=clone, env=env,
+                            stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_until(lambda: "Running stage 'train'" in out.read_text(), what="a training")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)  # make ends by the signal once its child has ended
+    text = out.read_text()
+    assert "stopped by SIGTERM: the same command resumes each interrupted training" in text, text
+    assert "make run: stopped by SIGTERM" in text and "Traceback" not in text
+    wait_until(lambda: not any(s == "Running" for _, s in queue_rows(clone)), timeout=120, what="the queue to stop")
+    wait_until(lambda: not processes_under(clone), timeout=60, what="every process to end")

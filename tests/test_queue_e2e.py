@@ -1,13 +1,22 @@
-"""The experiments runner from a dirty workspace with a queue of mixed scales, seeds and a sweep (the
-real dvc commands, tiny scale)."""
+"""The experiments runner from a dirty workspace with a queue of mixed scales, seeds and a sweep, and
+the queue when its runner is stopped (SIGTERM) or killed (SIGKILL) (the real dvc commands, tiny
+scale)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+
 import pytest
 
+from pipeline.experiments import supervise
 from pipeline.experiments.runner import expected_changes, experiment_revs
 from pipeline.params import SEED_KEYS
-from tests.helpers import run, write_params
+from tests.helpers import run, tool_env, write_params
 from tests.test_experiments_e2e import repo  # noqa: F401 (the fixture: a fresh copy of the repository, per module)
 from tests.test_experiments_e2e import (
     DVC,
@@ -62,3 +71,85 @@ def test_runner_from_a_dirty_workspace_with_a_queue_of_mixed_scales_seeds_and_a_
     table = run(EXPERIMENTS + ["diff", "--scale", "tiny", "stable", mine_tiny.removesuffix("_tiny")], repo).stdout
     assert f"stable_tiny (2 seed(s)) vs {mine_tiny} (2 seed(s)), scale tiny" in table and " ± " in table
     assert "EXEC_" not in run(EXPERIMENTS + ["runs"], repo).stdout
+
+
+# --- the queue when its runner is stopped or killed ------------------------------------------------
+
+
+def processes_under(root) -> list[int]:
+    """The pids of this user's processes working in `root` or below (the runner, DVC's queue workers, the
+    experiments they run in DVC's temporary copies, their stages)."""
+    root, found = str(root.resolve()), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if cwd == root or cwd.startswith(root + os.sep):
+                found.append(int(entry))
+    return found
+
+
+def start_runner(repo, out):
+    """The runner in a session of its own (as a terminal or a batch job starts it), its output in `out`."""
+    cmd = EXPERIMENTS + ["run", "--scale", "tiny", "--queue", "-j", "1", "stable"]
+    return subprocess.Popen(cmd, cwd=repo, env=tool_env(), stdout=out.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_until(predicate, timeout=900, what=""):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def training(out):
+    return lambda: "stable_tiny: Running stage 'train'" in out.read_text()
+
+
+def queue_rows(repo) -> list[tuple[str, str]]:
+    return [(t.name, t.status) for t in supervise.tasks(run(DVC + ["queue", "status"], repo).stdout)]
+
+
+@pytest.mark.long
+def test_a_stopped_or_killed_runner_leaves_no_queue_running_and_its_rerun_ends(repo, tmp_path):
+    # SIGTERM to the runner alone (as `make` passes it on, or a batch scheduler's end): the queue stops too
+    out = tmp_path / "first.log"
+    proc = start_runner(repo, out)
+    wait_until(training(out), what="the training")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, out.read_text()
+    assert "stopped by SIGTERM: the same command resumes each interrupted training" in out.read_text()
+    assert "Traceback" not in out.read_text()
+    wait_until(lambda: ("stable_tiny", "Running") not in queue_rows(repo), timeout=120, what="the queue to stop")
+
+    # SIGKILL of the runner's process group: DVC's worker goes on; the next run stops it, never runs it twice
+    out = tmp_path / "second.log"
+    proc = start_runner(repo, out)
+    wait_until(training(out), what="the training")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ("stable_tiny", "Running") in queue_rows(repo)  # an orphan: the worker still trains
+    again = run(EXPERIMENTS + ["run", "--scale", "tiny", "--queue", "-j", "1", "stable"], repo, timeout=1200)
+    assert "the queue is still running stable_tiny, started by an earlier run that was killed" in again.stderr
+    rows = queue_rows(repo)
+    assert [s for n, s in rows if n == "stable_tiny"].count("Success") == 1 and ("stable_tiny", "Running") not in rows
+
+    # SIGKILL of every process, the queue's too: its task stays `Running` for DVC; the next run ends
+    out = tmp_path / "third.log"
+    shutil.rmtree(repo / "checkpoints")  # train afresh, so that there is a training to kill
+    proc = start_runner(repo, out)
+    wait_until(training(out), what="the training")
+    for pid in processes_under(repo):
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert ("stable_tiny", "Running") in queue_rows(repo)  # for DVC; its process is gone
+    t0 = time.time()
+    again = run(EXPERIMENTS + ["run", "--scale", "tiny", "--queue", "-j", "1", "stable"], repo, timeout=1200)
+    assert "queued experiment stable_tiny (task " in again.stderr and ") is dead: its process (pid " in again.stderr
+    assert ("stable_tiny", "Running") not in queue_rows(repo) and time.time() - t0 < 900
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        assert db.execute("select count(*) from runs where status = 'RUNNING'").fetchone() == (0,)
+    assert "stable_tiny" in experiment_revs(repo)

@@ -126,3 +126,18 @@ def test_evaluate_refuses_a_model_trained_with_another_model_section(tmp_path):
     assert f"{tmp_path / 'model.pt'} was trained with another model section than {ws['params']}" in line
     assert f"model.hidden_dim: the model has 24, params.yaml {TINY_MODEL['model__hidden_dim']}" in line
     assert "model.max_clues: the model has 3, params.yaml 2" in line and not out.exists()
+
+
+@pytest.mark.slow
+def test_evaluate_names_the_model_family_when_the_families_differ(tmp_path):
+    """A TRM model evaluated with RLAN params: the family differs, not a trm section the params use."""
+    from pipeline.model.trm import TRM
+
+    ws = tiny_workspace(tmp_path / "ws", tracking__timeout_s=2, tracking__required=False)
+    params = load_params(ws["params"])
+    save_model(tmp_path / "model.pt", TRM(params.trm, num_puzzles=2), {"epochs": 1})
+    cmd = other_stages(ws, tmp_path / "out")[0]
+    cmd[cmd.index("--model") + 1] = str(tmp_path / "model.pt")
+    line = one_error_line(stage(cmd, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}))
+    assert f"{tmp_path / 'model.pt'} was trained with another model family than {ws['params']}" in line
+    assert "model.family: the model has 'trm', params.yaml 'rlan'" in line

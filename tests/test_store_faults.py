@@ -205,3 +205,22 @@ def test_a_server_killed_after_the_first_epoch(tmp_path):
         assert load_params(ws["params"]).tracking.retry_s == 3
     finally:
         _kill(server)
+
+
+# --- a deleted store -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_deleted_store_is_replaced_with_a_warning_naming_the_earlier_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prepare = [sys.executable, "-c", f"from pipeline import tracking; tracking.prepare_store({uri!r}, 'rlan')"]
+    first = subprocess.run(prepare, cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "deleted or replaced" not in first.stderr  # a first store: nothing to say
+    run_id = mlflow.MlflowClient(uri).create_run(tracking.prepare_store(uri, "rlan")).info.run_id
+    mlflow.MlflowClient(uri).log_artifact(run_id, str(REPO / "params.yaml"))
+    (tmp_path / "mlflow.db").unlink()  # another process (MLflow keeps this one's database open)
+    again = subprocess.run(prepare, cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert (f"MLflow store {tmp_path / 'mlflow.db'} has no experiment rlan, but its artifact folder "
+            f"{tmp_path / 'mlruns' / 'rlan'} holds the artifacts of 1 earlier run(s): the store was deleted or replaced"
+            in again.stderr.replace("\n", " ")), again.stderr

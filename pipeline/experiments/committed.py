@@ -62,16 +62,13 @@ def differences(committed: str, current: str) -> list[str]:
 
 def changes_from_head(path: str | Path) -> dict[str, tuple[Any, Any]] | None:
     """`changed_values` of the file against its committed version; None when it is not committed (or
-    not in a git repository) or either version is not YAML."""
+    not in a git repository); params.ParamsError when the file cannot be read or either version is
+    not a params file (the defensive loader's one line, `params.read_yaml`)."""
     committed = committed_text(path)
     if committed is None:
         return None
-    try:
-        if Path(path).stat().st_size > params.MAX_PARAMS_BYTES:
-            return None
-        return changed_values(committed, Path(path).read_bytes().decode("utf-8", errors="replace"))
-    except (OSError, params.ParamsError):
-        return None
+    params.read_yaml(path)  # size, encoding, depth, aliases, repeated keys: the file's own problem first
+    return changed_values(committed, Path(path).read_text(encoding="utf-8"))
 
 
 def yaml_value(value: Any) -> str:

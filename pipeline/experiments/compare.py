@@ -32,15 +32,15 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from pipeline.experiments.committed import changed_values, yaml_value
 from pipeline.io import atomic_path
 from pipeline.monitor import STATUS_CODE
-from pipeline.params import SEED_KEYS, flatten
+from pipeline.params import SEED_KEYS, flatten, parse_yaml
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 GAP_MEASURES = ("exact_match_gap", "exact_match_relative_gap", "attention_entropy_ratio", "stop_value_gap",
                 "loss_ratio")
@@ -175,6 +175,8 @@ def numbers(tree: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def read_outputs(rev: str, cwd: Path) -> Outputs:
+    import pandas as pd  # here: the runner refuses bad input before pandas would have loaded (2 s)
+
     files = {name: json.loads(read_at(rev, path, cwd)) for name, path in METRICS.items()}
     text = read_at(rev, "params.yaml", cwd)
     base = subprocess.run(["git", "show", f"{rev}^:params.yaml"], cwd=cwd, capture_output=True, text=True)
@@ -183,7 +185,7 @@ def read_outputs(rev: str, cwd: Path) -> Outputs:
     return Outputs(rev, {k: v for k, v in found.items() if not is_status(k)},
                    {k: STATUS[int(v)] for k, v in found.items() if is_status(k)}, files["gap"],
                    pd.read_csv(io.StringIO(read_at(rev, "metrics/train/epochs.tsv", cwd)), sep="\t"),
-                   flatten(yaml.safe_load(text)), changes)
+                   flatten(parse_yaml(text, f"params.yaml of {rev[:7]}") or {}), changes)
 
 
 def spread(runs: list[Outputs], key: str) -> Spread | None:
@@ -353,6 +355,8 @@ def metrics_table(a: Group, b: Group, cwd: Path) -> str:
 
 
 def mean_series(runs: list[Outputs]) -> pd.DataFrame:
+    import pandas as pd
+
     """The per-epoch series averaged over the repeats."""
     if len(runs) == 1:
         return runs[0].series

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.experiments.runner import DEFAULT, SCALES, child_env, name_of, report_dir
-from pipeline.stage import INTERRUPTED, run_foreground
+from pipeline.stage import INTERRUPTED, TERMINATED, Stopped, run_foreground, sigterm_stops
 
 
 def shown(cmd: list[str]) -> str:
@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     for cmd in cmds:
         print(f"$ {shown(cmd)}", flush=True)
         try:
-            code = run_foreground([sys.executable, "-m", *cmd], env=env).returncode
+            with sigterm_stops():  # SIGTERM (make passes it on) reaches the runner, which stops its queue
+                code = run_foreground([sys.executable, "-m", *cmd], env=env).returncode
+        except Stopped:
+            print("make run: stopped by SIGTERM; `make run` again resumes each interrupted training from its "
+                  "checkpoint", file=sys.stderr)
+            sys.exit(TERMINATED)
         except KeyboardInterrupt:
             print("make run: interrupted (Ctrl-C); `make run` again resumes each interrupted training from its "
                   "checkpoint", file=sys.stderr)

@@ -35,13 +35,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.experiments import reuse, runlock
+from pipeline.experiments import prevalidate, reuse, runlock, supervise
 from pipeline.experiments.committed import (
     committed_text,
     differences,
@@ -50,8 +49,27 @@ from pipeline.experiments.committed import (
 )
 from pipeline.experiments.compare import CompareError, Group, compare, metrics_table
 from pipeline.experiments.dvc_cli import MODULE as DVC_CLI
-from pipeline.params import SEED_KEYS, ParamsError, did_you_mean, flatten, parse_yaml
-from pipeline.stage import EXPERIMENT_ENV, INTERRUPTED, fail, run_foreground, setup_logging
+from pipeline.params import (
+    MAX_PARAMS_BYTES,
+    SEED_KEYS,
+    ParamsError,
+    did_you_mean,
+    flatten,
+    parse_params,
+    parse_yaml,
+    schema_keys,
+    shorten,
+)
+from pipeline.stage import (
+    EXPERIMENT_ENV,
+    INTERRUPTED,
+    TERMINATED,
+    Stopped,
+    fail,
+    run_foreground,
+    setup_logging,
+    sigterm_stops,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +202,8 @@ def _comparable(v: Any) -> Any:
 
 
 def _parse_value(text: str) -> Any:
-    """A -S value as DVC reads it (YAML, where `1e-5` is a number too)."""
-    value = yaml.safe_load(text)
+    """A -S value as DVC reads it (YAML, where `1e-5` is a number too), read by the params files' loader."""
+    value = parse_yaml(text, "-S value")
     if isinstance(value, str):
         try:
             return float(value)
@@ -205,16 +223,37 @@ def parse_sets(sets: list[str], base: dict[str, Any]) -> list[dict[str, Any]]:
         if key not in base:
             raise ExperimentError(f"-S {arg}: {key} is not a key of params.yaml{did_you_mean(key, list(base))}")
         pieces = [text] if text.lstrip().startswith("[") else text.split(",")
-        swept[key] = [_parse_value(p) for p in pieces]
+        try:
+            swept[key] = [_parse_value(p) for p in pieces]
+        except ParamsError as err:
+            raise ExperimentError(f"-S {shorten(arg)}: {err.problems[0]}") from None
     return [dict(zip(swept, combo)) for combo in itertools.product(*swept.values())] if swept else []
 
 
-def label_of(changes: dict[str, Any]) -> str:
-    """A name for the user's own experiment from its overrides: `hyperlora_init_scale=0.05`."""
-    def word(v: Any) -> str:
-        return re.sub(r"[^\w.-]+", "-", yaml_value(v)).strip("-.") or "null"
+_KEYS = schema_keys()
 
-    return "+".join(f"{k.rsplit('.', 1)[-1]}={word(v)}" for k, v in changes.items())
+
+def _key_word(key: str) -> str:
+    """A key in a name: its last part where no other key of params.yaml ends so (`hyperlora_init_scale`),
+    else the whole dotted key (`train.learning_rate`, as `trm.learning_rate` exists too)."""
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in _KEYS) <= 1 else key
+
+
+def _value_word(value: Any) -> str:
+    """A value in a name: as written (`-3`, `0.05`) when that is a valid name; else its characters
+    that are, and a digest of the value, so that two values never give one word (`a/b`, `a b`)."""
+    text = yaml_value(value)
+    safe = re.sub(r"[^\w.-]+|\.{2,}", "-", text).rstrip(".")
+    if safe == text and text:
+        return text
+    return f"{safe.strip('-.') or 'value'}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+
+
+def label_of(changes: dict[str, Any]) -> str:
+    """A name for the user's own experiment from its overrides, one to one: `hyperlora_init_scale=0.05`,
+    `epochs=-3`, `train.learning_rate=0.001`, `source=a-b-<digest>` (`_key_word`, `_value_word`)."""
+    return "+".join(f"{_key_word(k)}={_value_word(v)}" for k, v in changes.items())
 
 
 def is_baseline(variant: dict[str, Any], scale: str, base: dict[str, Any]) -> bool:
@@ -253,9 +292,14 @@ def plan(names: list[str], scale: str, seeds: list[int | None], variants: list[d
             raise ExperimentError(f"experiment name {base!r}: " + ("a named experiment's name" if base in EXPERIMENTS
                                   else "use letters, digits and _ . = + - (starting with a letter or digit)"))
         configs.append((base, v))
-    return [Planned(name_of(base, scale, seed), name_of(base, scale), {**SCALES[scale].overrides, **own,
-                                                                       **seed_changes(seed)})
-            for base, own in configs for seed in seeds]
+    planned = [Planned(name_of(base, scale, seed), name_of(base, scale), {**SCALES[scale].overrides, **own,
+                                                                          **seed_changes(seed)})
+               for base, own in configs for seed in seeds]
+    clashes = sorted(n for n, count in Counter(p.name for p in planned).items() if count > 1)
+    if clashes:
+        raise ExperimentError(f"refused: two planned experiments would both be named {', '.join(clashes)} "
+                              "(the same overrides twice?); each experiment needs a name of its own")
+    return planned
 
 
 def expected_changes(changes: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -317,15 +361,18 @@ def restore_params(cwd: Path, announce: bool = False,
     committed, path = committed_text(cwd / "params.yaml"), cwd / "params.yaml"
     if committed is None:
         raise ExperimentError("params.yaml is not committed: commit the baseline before running experiments")
-    current = path.read_text() if path.exists() else ""
-    if current == committed:
+    size = path.stat().st_size if path.exists() else 0
+    current = path.read_bytes().decode(errors="replace") if path.exists() and size <= MAX_PARAMS_BYTES else ""
+    if size <= MAX_PARAMS_BYTES and current == committed:
         return
     if announce and path.exists():
         backup = cwd / ".dvc" / "tmp" / f"params.yaml.{time.strftime('%Y%m%d-%H%M%S')}"
         backup.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, backup)
+        lines = (differences(committed, current) if size <= MAX_PARAMS_BYTES else
+                 [f"(the file has {size:,} bytes, more than the {MAX_PARAMS_BYTES:,} a params file may have: not read)"])
         log.warning("params.yaml differs from HEAD; %s, so HEAD's is restored (yours is kept in %s):\n%s", why,
-                    backup.relative_to(cwd), "\n".join(f"  {line}" for line in differences(committed, current)))
+                    backup.relative_to(cwd), "\n".join(f"  {line}" for line in lines))
     path.write_text(committed)
 
 
@@ -339,7 +386,10 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
     seconds), so each has its own MLflow run. They run outside the workspace, in
     DVC's temporary copies: one after the other (`--temp`), or with `queue` (always for a sweep) in the
     DVC queue, `jobs` at a time. The workspace keeps its dvc.lock and outputs and ends on HEAD's
-    params.yaml, also when a run fails. Returns the groups (configuration at the scale) that ran."""
+    params.yaml, also when a run fails. Before anything runs, every experiment's params are checked
+    (pipeline.experiments.prevalidate), and what an earlier, killed run left in the queue under these
+    names is stopped or removed (pipeline.experiments.supervise). Returns the groups (configuration at
+    the scale) that ran."""
     rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                          check=True).stdout.strip()
     restore_params(cwd, announce=True)
@@ -357,8 +407,12 @@ def run(names: list[str], cwd: Path, scale: str = "full", queue: bool = False, j
                     "%s stable` runs the baseline, %s)", scale, name_of("stable", scale))
         return []
     planned = plan(resolve(names), scale, seeds_of(seeds, seed, base), variants, own_name)
+    prevalidate.check({p.name: p.changes for p in planned},
+                      parse_params(parse_yaml(committed_text(cwd / "params.yaml") or "{}")))
     kept = reused(planned, base, cwd) if variants else set()
     try:
+        supervise.orphans(cwd, [p.name for p in planned], _dvc(["queue", "status"], cwd).stdout,
+                          lambda args: _dvc(args, cwd).stdout)  # an earlier, killed run's: never queued twice
         stale = sorted({p.name for p in planned if p.name not in kept} & set(experiment_revs(cwd)))
         if stale:
             log.info("replacing the earlier experiments %s", ", ".join(stale))
@@ -482,23 +536,34 @@ def stalled(status: str) -> bool:
     return workers is not None and workers.groups() == ("0", "0") and "Queued" in rows and "Running" not in rows
 
 
+HEARTBEAT_S = 60.0  # the longest the queue's wait stays silent
+
+
 def wait_for_queue(cwd: Path, jobs: int = 1, poll: float = 5.0, timeout: float = 7 * 24 * 3600) -> None:
     """Until no queued experiment is queued or running; logs the queue's table whenever it changes and
-    each experiment's stages and epochs as they come; starts the workers again when they stopped with
-    experiments still queued."""
+    each experiment's stages and epochs as they come, and a line at least every HEARTBEAT_S; starts
+    the workers again when they stopped with experiments still queued; marks a running task whose
+    worker is dead failed (pipeline.experiments.supervise) instead of waiting for it."""
     deadline, shown, t0, read, idle = time.time() + timeout, "", time.time(), {}, 0
+    watch, said = supervise.Watch(cwd), time.time()
     log.info("the queue runs; its experiments' stages and epochs follow (`dvc queue logs -f NAME` shows one's "
              "whole log)")
     while time.time() < deadline:
         status = _dvc(["queue", "status"], cwd).stdout
         for line in progress(cwd, status, read):
             log.info("%s", line)
+            said = time.time()
         table = "\n".join(line for line in status.splitlines() if line.strip() and not line.startswith("Worker"))
         if table != shown:
             log.info("queue after %.0f s:\n%s", time.time() - t0, table)
-            shown = table
+            shown, said = table, time.time()
         if not any(word in status for word in ("Queued", "Running")):
             return
+        for task in watch.dead(status):
+            supervise.bury(cwd, task, lambda args: _dvc(args, cwd).stdout)
+        if time.time() - said >= HEARTBEAT_S:
+            log.info("%s", heartbeat(status, time.time() - t0, time.time() - said))
+            said = time.time()
         idle = idle + 1 if stalled(status) else 0
         if idle == 3:  # three polls in a row: not a worker between two tasks
             log.warning("the queue's workers stopped with experiments still queued (see "
@@ -507,6 +572,16 @@ def wait_for_queue(cwd: Path, jobs: int = 1, poll: float = 5.0, timeout: float =
             idle = 0
         time.sleep(poll)
     raise TimeoutError("the experiment queue did not finish")
+
+
+def heartbeat(status: str, waited: float, silent: float) -> str:
+    """The line that says the queue's wait goes on: what runs and is queued, how long nothing came."""
+    rows = supervise.tasks(status)
+    running = [t.name for t in rows if t.status == "Running"]
+    queued = [t.name for t in rows if t.status == "Queued"]
+    return (f"still waiting for the queue after {waited:.0f} s (nothing new for {silent:.0f} s): running "
+            f"{', '.join(running) or 'none'}; queued {', '.join(queued) or 'none'}; "
+            f"{supervise.active_workers(status)} active worker(s)")
 
 
 def check_params(planned: list[Planned], rev: str, cwd: Path) -> None:
@@ -621,6 +696,17 @@ def report_dir(labels: list[str]) -> str:
     return f"{labels[0]}-vs-{len(labels) - 1}-others-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: an integer of 1 or more (`--seeds 0` would run nothing and succeed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -629,7 +715,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("names", nargs="*", help=f"experiments or groups ({', '.join(GROUPS)}); default: "
                                             f"{' '.join(DEFAULT)}, or stable with -S")
     r.add_argument("--scale", choices=sorted(SCALES), default="full", help="overrides applied to every experiment")
-    r.add_argument("--seeds", type=int, default=1, help="repeats of each, at seeds train.seed, +1, ...")
+    r.add_argument("--seeds", type=at_least_one, default=1, help="repeats of each, at seeds train.seed, +1, ...")
     r.add_argument("--seed", type=int, default=None, help="one seed for every random choice (all of "
                                                           f"{', '.join(SEED_KEYS)})")
     r.add_argument("-S", "--set-param", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -666,7 +752,8 @@ def main(argv: list[str] | None = None) -> None:
     cwd = Path(os.getcwd())
     try:
         if args.cmd == "run":  # one run of experiments at a time in a workspace (pipeline.experiments.runlock)
-            with runlock.hold(cwd, " ".join(["python -m pipeline.experiments", *argv])):
+            # SIGTERM stops what it started as Ctrl-C does (pipeline.stage.Stopped)
+            with runlock.hold(cwd, " ".join(["python -m pipeline.experiments", *argv])), sigterm_stops():
                 names = args.names or ([] if args.sets else DEFAULT)
                 labels = run(names, cwd, args.scale, args.queue, args.jobs, args.seeds, args.seed, args.sets,
                              args.name)
@@ -693,8 +780,11 @@ def main(argv: list[str] | None = None) -> None:
             restore_params(cwd, announce=True, why="`dvc exp run` with these arguments gives HEAD's params.yaml "
                                                    "plus them only from HEAD's params.yaml")
             print(" ".join(set_args(overrides(args.name, args.scale, args.seed))))
-    except (ExperimentError, CompareError, ParamsError, runlock.WorkspaceError) as err:
+    except (ExperimentError, CompareError, ParamsError, runlock.WorkspaceError, supervise.QueueError) as err:
         fail(str(err))
+    except Stopped:
+        fail("stopped by SIGTERM: the same command resumes each interrupted training from its checkpoint",
+             TERMINATED)
     except KeyboardInterrupt:
         fail("interrupted (Ctrl-C): the same command resumes each interrupted training from its checkpoint",
              INTERRUPTED)

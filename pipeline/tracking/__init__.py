@@ -278,6 +278,19 @@ def _default_beside_store(uri: str) -> None:
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
+def orphaned_artifacts(uri: str, experiment: str) -> list[Path]:
+    """The run folders an experiment's artifact folder holds while the store has no such experiment:
+    the store was deleted or replaced (its runs and the models' lineage are gone), said in a warning."""
+    folder = artifact_location(uri, experiment)
+    runs = sorted(p for p in Path(folder).iterdir() if p.is_dir()) if folder and Path(folder).is_dir() else []
+    if runs:
+        log.warning("MLflow store %s has no experiment %s, but its artifact folder %s holds the artifacts of %d "
+                    "earlier run(s): the store was deleted or replaced, and those runs, their metrics and the models' "
+                    "lineage are not in it; restore it from a backup (and stop this run) to keep them, else a new "
+                    "experiment starts here", _sqlite_path(uri), experiment, folder, len(runs))
+    return runs
+
+
 def prepare_store(uri: str, experiment: str, client: Any = None) -> str:
     """Create the database and the experiment (artifacts at `artifact_location`, kind model training)
     once, under the store lock; an experiment of an older store, or one whose kind the UI guessed,
@@ -289,6 +302,7 @@ def prepare_store(uri: str, experiment: str, client: Any = None) -> str:
         found = client.get_experiment_by_name(experiment)
         _default_beside_store(uri)
         if found is None:
+            orphaned_artifacts(uri, experiment)
             return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment),
                                             tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         if found.tags.get(EXPERIMENT_KIND_TAG, "_inferred").endswith("_inferred"):  # not one a person chose
