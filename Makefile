@@ -23,10 +23,10 @@ $(STAMP): requirements.txt requirements.lock
 
 ## run: with CUDA the whole pipeline (dvc repro); without, stable vs fixed at the cpu scale
 ## (pipeline/experiments/launch.py decides and says so first); SCALE=tiny|cpu|full runs that scale instead.
-## Interrupted (status 130), make stops by SIGINT too, so that its status is 130 as well (not make's 2)
+## Interrupted (status 130), make stops by SIGINT too, so that its status is 130 as well (not make's 2); it waits for that signal (make, signalled while its job still runs, ends by it)
 run: setup
 	@python -m pipeline.experiments.launch $(if $(SCALE),--scale $(SCALE)); status=$$?; \
-	if [ $$status -eq 130 ]; then kill -INT $$PPID; fi; exit $$status
+	if [ $$status -eq 130 ]; then kill -INT $$PPID; sleep 2; fi; exit $$status
 
 ## test: what CI runs: every test but the longest end-to-end scenarios (marker `long`), in 4 workers
 ## that take whole modules (the end-to-end tests mostly wait on DVC and subprocesses), then its duration

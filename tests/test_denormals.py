@@ -63,7 +63,7 @@ def test_evaluation_stage_flushes_denormals_on_the_cpu_unless_turned_off(workspa
     params_file.write_text(text.replace("flush_denormals: true", f"flush_denormals: {str(flush).lower()}"))
     seen = []
 
-    def load_model(path, device):  # the first computation of the stage: what torch does by then
+    def load_model(path, device, forms=None):  # the first computation of the stage: what torch does by then
         seen.append(flushing())
         raise ModelFileError(f"{path}: not a model (the test stops here)")
 
