@@ -93,13 +93,9 @@ def runs_task(pid: int) -> bool:
     except FileNotFoundError:
         return False
     except OSError:  # no /proc here: whether the pid exists is all that can be told
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
+        from pipeline.tracking import pid_exists  # here: the tracking package loads MLflow
+
+        return pid_exists(pid)
     return b"exec-run" in cmdline or not cmdline  # empty while a process is being started: cannot tell
 
 

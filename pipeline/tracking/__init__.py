@@ -330,17 +330,24 @@ def process_tags() -> dict[str, str]:
     return {"host": socket.gethostname(), "pid": str(pid), "pid_start": _process_start(pid)}
 
 
-def process_alive(tags: dict[str, str]) -> bool | None:
-    """Whether the process that a run's tags record still runs; None when this host cannot tell."""
-    if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
-        return None
-    pid = int(tags["pid"])
+def pid_exists(pid: int) -> bool:
+    """Whether a process of this id exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
+    return True
+
+
+def process_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process that a run's tags record still runs; None when this host cannot tell."""
+    if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
+        return None
+    pid = int(tags["pid"])
+    if not pid_exists(pid):
+        return False
     return not tags.get("pid_start") or _process_start(pid) in ("", tags["pid_start"])
 
 
