@@ -20,6 +20,7 @@ command; `--write` replaces the file whole (written to a temporary path, then re
 from __future__ import annotations
 
 import math
+import subprocess
 from pathlib import Path
 import pandas as pd
 
@@ -81,7 +82,10 @@ def _cell(s: Spread | None, fmt: str = ".3g") -> str:
     return "—" if s is None else s.text(fmt)
 
 
-def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]], command: str) -> str:
+def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]], command: str,
+           bases: list[str] | None = None) -> str:
+    """The page; `bases`: the commits the experiments ran from (their parents)."""
+    bases = bases or ["unknown"]
     names = list(groups)
     tables = {g: [epoch_table(r) for r in runs] for g, runs in outputs.items()}
     seeds = {g: [r.seed for r in runs] for g, runs in outputs.items()}
@@ -94,9 +98,9 @@ def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]], command:
         "",
         f"Written by `{command}` from the experiments' outputs. Scale `{scale}`; seeds "
         + "; ".join(f"{g}: {', '.join(s)}" for g, s in seeds.items())
-        + "; experiment commits " + "; ".join(f"{g}: {', '.join(r.rev[:7] for r in runs)}"
-                                             for g, runs in outputs.items())
-        + ". Every value is the mean ± sd over the seeds.",
+        + f"; the experiments ran from commit {', '.join(bases)} (their own commits: "
+        + "; ".join(f"{g}: {', '.join(r.rev[:7] for r in runs)}" for g, runs in outputs.items())
+        + "). Every value is the mean ± sd over the seeds.",
         "",
         "## Per epoch",
         "",
@@ -176,7 +180,10 @@ def study(groups: dict[str, Group], cwd: Path, out: Path | None) -> str:
             command = COMMAND.format(names=names, scale=scale, out=out.relative_to(cwd))
         except ValueError:
             pass
-    text = render(groups, read_groups(groups, cwd), command)
+    outputs = read_groups(groups, cwd)
+    parents = [subprocess.run(["git", "rev-parse", "--short=7", f"{r.rev}^"], cwd=cwd, capture_output=True,
+                              text=True).stdout.strip() or "unknown" for runs in outputs.values() for r in runs]
+    text = render(groups, outputs, command, sorted(set(parents)))
     if out is not None:
         write_text(out, text)
     return text
