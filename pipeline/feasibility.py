@@ -93,13 +93,13 @@ def step_flops(params: Params) -> tuple[float, int, float, int]:
         return counter.get_total_flops() / n, run.micro_batch, run.items / len(cache), run.items
 
 
-def matmul_flops_per_s(threads: int, seconds: float = 0.3) -> float:
-    """This CPU's float32 matrix-product speed on `threads` threads, now."""
+def matmul_flops_per_s(threads: int, seconds: float = 0.3, flush_denormals: bool = True) -> float:
+    """This CPU's float32 matrix-product speed on `threads` threads, now (as training computes there)."""
     import torch
 
-    from pipeline.runtime import use_cpu_threads
+    from pipeline.runtime import use_cpu
 
-    use_cpu_threads(threads)
+    use_cpu(threads, flush_denormals)
     a = torch.randn(512, 512)
     a @ a  # warm-up
     count, start = 0, time.perf_counter()
@@ -120,7 +120,7 @@ def refusal(params: Params) -> str | None:
         return None
     flops, micro_batch, per_sample, _ = step_flops(params)
     samples = planned_samples(params, per_sample, micro_batch)
-    speed = matmul_flops_per_s(tp.cpu_threads)
+    speed = matmul_flops_per_s(tp.cpu_threads, flush_denormals=tp.flush_denormals)
     hours = samples * flops / speed / processes / 3600
     log.info("pre-flight before any data is prepared: %s samples of %.1f GFLOP each (forward and backward, counted), "
              "at this CPU's %.1f GFLOP/s (a matrix product on %d threads): at least %s", f"{samples:,}", flops / 1e9,

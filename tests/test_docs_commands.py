@@ -198,7 +198,11 @@ def test_make_run_interrupted_exits_by_sigint(tmp_path):
     stamp = tmp_path / ".venv" / ".installed"
     stamp.write_text("")
     os.utime(stamp, (2**31 - 1, 2**31 - 1))  # set up already
-    proc = subprocess.run(["make", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    # as from a user's shell: not a sub-make of `make test`, and with SIGINT's default action (a pytest-xdist
+    # worker ignores SIGINT, and an ignored signal stays ignored in the processes it starts)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == -signal.SIGINT, (proc.returncode, proc.stdout, proc.stderr)
 
 

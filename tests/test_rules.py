@@ -121,8 +121,14 @@ def test_report_lists_every_rule_and_the_counts():
     assert summary(violations)["errors"] == 1
 
 
+NO_CPU_LIMIT = {"train__max_cpu_hours": 1.0e12}
+
+
 def _stage(tmp_path, **overrides) -> tuple[subprocess.CompletedProcess, dict]:
-    write_params(tmp_path, **overrides)
+    """The stage on the committed configuration plus `overrides`, with no limit on a CPU run's hours,
+    so that the early refusal of a run this CPU cannot finish does not apply (tests/test_early_refusal.py
+    tests it): these tests are about the rules."""
+    write_params(tmp_path, **{**NO_CPU_LIMIT, **overrides})
     out = {k: tmp_path / f for k, f in (("metrics", "v.json"), ("report", "v.md"), ("stamp", "ok"))}
     cmd = [sys.executable, "-m", "stages.validate_params", "--params", str(tmp_path / "params.yaml")]
     cmd += [a for k, f in out.items() for a in (f"--{k}", str(f))]
@@ -227,7 +233,7 @@ def test_training_run_is_tagged_with_the_accepted_rules(tmp_path):
                                                   ("model.hyperlora_init_scale", 0.01, "breaks 1 rule")])
 def test_stage_error_names_the_override_left_in_params_yaml(tmp_path, key, value, fragment):
     """A failed `dvc exp run -S` leaves its override in params.yaml: the error says so and how to restore."""
-    write_params(tmp_path)
+    write_params(tmp_path, **NO_CPU_LIMIT)  # the baseline as the stage runs it
     for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "baseline"]):
         run(cmd, tmp_path)
     committed = params_with().flat()[key]
@@ -248,7 +254,7 @@ def test_stage_error_names_the_override_left_in_params_yaml(tmp_path, key, value
 
 @pytest.mark.slow
 def test_stage_says_when_the_run_is_heads_params(tmp_path):
-    write_params(tmp_path)
+    write_params(tmp_path, **NO_CPU_LIMIT)  # the baseline as the stage runs it
     for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "baseline"]):
         run(cmd, tmp_path)
     proc, out = _stage(tmp_path)
