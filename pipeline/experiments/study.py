@@ -156,16 +156,17 @@ def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]], command:
     for m in RANGES:
         cells = []
         for g in names:
-            values = [v for r in outputs[g] for v in _column(r, m)]
+            values = [v for r, t in zip(outputs[g], tables[g]) for v in _column(r, t, m)]
             cells.append(f"{min(values):.3g} to {max(values):.3g}" if values else "—")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
 
 
-def _column(run: Outputs, name: str) -> list[float]:
+def _column(run: Outputs, table: pd.DataFrame, name: str) -> list[float]:
+    """A measure's values over the run's epochs (`table`: its epoch_table; growth after the first)."""
     if name == "lora_growth":
-        return [v for v in epoch_table(run)["lora_growth"].tolist()[1:] if v is not None and math.isfinite(v)]
+        return [v for v in table["lora_growth"].tolist()[1:] if v is not None and math.isfinite(v)]
     if name not in run.series:
         return []
     return [float(v) for v in run.series[name].tolist() if v == v]  # NaN: not logged that epoch
