@@ -145,14 +145,12 @@ def turned_contexts(model: RLAN, tb: TrainBatch, tokens: torch.Tensor, how: str)
 
 
 def equivariance(model: RLAN, tb: TrainBatch, pooled: torch.Tensor, tokens: torch.Tensor,
-                 eq: EquivarianceParams, own: LoRA | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 eq: EquivarianceParams) -> tuple[torch.Tensor, torch.Tensor]:
     """The equivariance term of a micro-batch: HyperLoRA's deltas for each sample's transformed
     contexts against those of its own context (`pooled` (B, H)), both with HyperLoRA's dropout off
-    (like is compared with like) and both with gradient. `own`: the samples' deltas already made
-    without dropout (the main pass's when HyperLoRA has none), else computed here."""
+    (like is compared with like) and both with gradient."""
     B, A = tb.size, tb.n_equiv
-    own = own if own is not None else model.hyperlora(pooled, dropout=False)
-    own = own.rows(torch.arange(B, device=pooled.device).repeat(A))
+    own = model.hyperlora(pooled, dropout=False).rows(torch.arange(B, device=pooled.device).repeat(A))
     turned = model.hyperlora(turned_contexts(model, tb, tokens, eq.context), dropout=False)
     return equivariance_penalty(own, turned, eq.compare)
 
@@ -223,9 +221,7 @@ def training_losses(model: RLAN, tb: TrainBatch, temperature: float, tp: TrainPa
         logs.update({f"lora_magnitude_{t}": _mean(v) for t, v in lora.magnitudes().items()})
         logs["lora_diversity"] = lora.diversity()
         if tb.n_equiv:
-            no_dropout = model.hyperlora.dropout == 0 or not model.training  # the main pass's deltas are those
-            penalty, delta = equivariance(model, tb, context.pooled[:B], tokens, tp.equivariance_training,
-                                          own=lora if no_dropout else None)
+            penalty, delta = equivariance(model, tb, context.pooled[:B], tokens, tp.equivariance_training)
             total = total + tp.equivariance_training.loss_weight * penalty
             logs.update(loss_equiv=_mean(penalty), equiv_delta_norm=delta)
     logs["loss_total"] = _mean(total)
