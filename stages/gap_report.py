@@ -12,6 +12,7 @@ from pipeline.io import atomic_path, read_json, write_json
 from pipeline.params import flatten
 from pipeline.report import plot_curves, read_series, task_picture
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
+from pipeline.summary import summarize
 from pipeline.tracking import Tracker
 from pipeline.tracking.client import unless_required
 
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--raw", required=True, help="raw tasks (stage prepare), for the pictures")
     ap.add_argument("--model", required=True, help="the model file, to find its training's MLflow run")
     ap.add_argument("--metrics", required=True, help="gap metrics (JSON)")
+    ap.add_argument("--summary", required=True, help="the headline metrics DVC shows (JSON)")
     ap.add_argument("--report", required=True, help="report directory (Markdown and PNG)")
     args = ap.parse_args()
     setup_logging()
@@ -89,6 +91,7 @@ def main() -> None:
             pictures.append(name)
         (tmp / "report.md").write_text(render_markdown(groups, evaluation, training, figures, pictures))
     write_json(args.metrics, metrics)
+    write_json(args.summary, summarize({"eval": evaluation, "gap": metrics}))
 
     tracker = Tracker(params, enabled=tracked)
     with unless_required(params.tracking):  # a store lost for good: one line, or a warning
@@ -98,6 +101,7 @@ def main() -> None:
                                  if not k.startswith("training.") or k.endswith("status")}, step=0)
             tracker.set_tags({"gap.overall_status": monitor.overall([c for cs in groups.values() for c in cs])})
             tracker.log_artifact(args.metrics, "gap_report")
+            tracker.log_artifact(args.summary, "gap_report")
             for f in sorted(Path(args.report).iterdir()):
                 tracker.log_artifact(f, "gap_report")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from pipeline.arc import Task
 from pipeline.experiments.compare import distance
 from pipeline.gap import gap_checks, gap_metrics
+from pipeline.summary import FIELDS, summarize
 from pipeline.report import CURVES, OVERLAID, curve_figure, plot_curves, task_picture
 from stages.gap_report import pick_pictures
 from tests.helpers import params_with
@@ -37,6 +41,43 @@ def test_both_views_graded_and_flattened_for_dvc():
     assert m["evaluation"]["status"] == 0 and m["evaluation"]["exact_match_gap"] == pytest.approx(0.02)
     assert m["overall_status"] == 2
     assert all(isinstance(v, (int, float)) for g in ("training", "evaluation") for v in m[g].values())
+
+
+def test_summary_is_the_headline_of_the_stage_outputs():
+    evaluation = {"train": {**_side(0.3, 2.0, 0.5, 0.4), "pass@2": 0.5},
+                  "eval": {**_side(0.28, 2.1, 0.5, 0.45), "pass@2": 0.25}}
+    gap = gap_metrics(gap_checks(SEED_TRAINING, evaluation, M))
+    summary = summarize({"eval": evaluation, "gap": gap})
+    assert summary == {"pass@2": 0.25, "train@2": 0.5, "em_gap": pytest.approx(0.02),
+                       "entropy_ratio": pytest.approx(191.0), "stop_gap": pytest.approx(0.232),
+                       "loss_ratio": pytest.approx(1.125), "status": 2}
+    assert list(summary) == [f.key for f in FIELDS]  # every field found where it says: none renamed away
+
+
+def test_summary_leaves_out_what_the_model_does_not_measure():
+    """TRM: no DSC (no entropy, no stop value); a non-finite value is no number either."""
+    evaluation = {"train": {**_side(0.3, None, None, 0.4), "pass@2": 0.5},
+                  "eval": {**_side(0.3, None, None, 0.4), "pass@2": float("nan")}}
+    training = {k: v for k, v in SEED_TRAINING.items() if "entropy" not in k and "stop" not in k}
+    gap = gap_metrics(gap_checks(training, evaluation, M))
+    summary = summarize({"eval": evaluation, "gap": gap})
+    assert set(summary) == {"train@2", "em_gap", "loss_ratio", "status"}
+    assert all(isinstance(v, (int, float)) for v in summary.values())
+
+
+def test_summary_fits_dvc_metrics_show_at_its_widest():
+    """DVC's own table (one row, a column per name, five significant digits) with the widest values."""
+    from dvc.compare import metrics_table
+
+    widest = {f.key: -0.33333333 if f.key.endswith("gap") else (2 if f.key == "status" else 191.03456) for f in FIELDS}
+    table = metrics_table({"workspace": {"data": {"metrics/summary.json": {"data": widest}}}}, precision=5,
+                          round_digits=True)
+    for markdown in (False, True):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            table.render(markdown=markdown)
+        lines = out.getvalue().splitlines()
+        assert len(lines) >= 2 and max(map(len, lines)) <= 120, (markdown, lines)
 
 
 def test_training_view_needs_a_held_out_measurement():

@@ -2,8 +2,9 @@
 
 `dvc exp show` has every param and metric in a column of its own: at 100 columns it cuts every one,
 the names included, to `…`. This table keeps what a reader compares first: the experiment, its scale
-and seed, pass@2 on the evaluation and the training tasks, the key gaps (metrics/gap.json) and the
-experiment's own status over them, one line each, sorted by name so that seed repeats stand together.
+and seed, then its headline (`metrics/summary.json`, pipeline/summary.py): pass@2 on the evaluation
+and the training tasks, the key gaps and the experiment's own status over them, one line each, sorted
+by name so that seed repeats stand together.
 A measure the experiment's model does not have (TRM has no DSC: no attention entropy, no stop value)
 reads `n/m`, not measured. A name longer than its column gets a line of its own, the values below it.
 The values are read from `dvc exp show --json` (finished experiments of HEAD).
@@ -23,31 +24,26 @@ from pipeline.experiments.compare import STATUS
 from pipeline.experiments.runner import ExperimentError, _dvc, finished, infer_scale
 from pipeline.params import SEED_KEYS, flatten
 from pipeline.stage import fail, setup_logging
+from pipeline.summary import FIELDS
 
 WIDTH = 100
 NOT_MEASURED = "n/m"
 
 
+SUMMARY = "metrics/summary.json"  # the metrics file of dvc.yaml
+
+
 @dataclass(frozen=True)
 class Column:
     header: str
-    file: str  # a metrics file of dvc.yaml
-    key: str  # dotted key in it
+    key: str  # its name in the summary (pipeline/summary.py, whose description the legend gives)
     width: int
-    about: str  # for the legend under the table
 
 
-COLUMNS = (
-    Column("pass@2", "metrics/eval.json", "eval.pass@2", 6, "pass@2 on the evaluation tasks"),
-    Column("train@2", "metrics/eval.json", "train.pass@2", 7, "pass@2 on the training tasks' test pairs"),
-    Column("em gap", "metrics/gap.json", "evaluation.exact_match_gap", 6, "evaluation exact match gap"),
-    Column("H ratio", "metrics/gap.json", "training.attention_entropy_ratio", 7,
-           "training attention entropy ratio, eval/train (1: none)"),
-    Column("stop gap", "metrics/gap.json", "training.stop_value_gap", 8, "training stop value gap"),
-    Column("loss ratio", "metrics/gap.json", "evaluation.loss_ratio", 10, "evaluation loss ratio (1: none)"),
-    Column("status", "metrics/gap.json", "overall_status", 8,
-           "over the experiment's own gaps (a TRM has not the DSC's: `compare` grades the shared ones)"),
-)
+COLUMNS = (Column("pass@2", "pass@2", 6), Column("train@2", "train@2", 7), Column("em gap", "em_gap", 6),
+           Column("H ratio", "entropy_ratio", 7), Column("stop gap", "stop_gap", 8),
+           Column("loss ratio", "loss_ratio", 10), Column("status", "status", 8))
+ABOUT = {f.key: f.about for f in FIELDS}
 FIXED = (("scale", 5), ("seed", 4))
 
 
@@ -57,15 +53,14 @@ def _number(value: Any) -> str:
     return f"{value:.3f}"
 
 
-def cells(params: dict[str, Any], metrics: dict[str, dict[str, Any]], base: dict[str, Any]) -> list[str]:
-    """One experiment's values (scale, seed, then COLUMNS) from its flat params and its metrics files
-    (path -> flat dict)."""
+def cells(params: dict[str, Any], summary: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """One experiment's values (scale, seed, then COLUMNS) from its flat params and its summary."""
     seeds = {str(params.get(k)) for k in SEED_KEYS}
     seed = seeds.pop() if len(seeds) == 1 else "/".join(str(params.get(k)) for k in SEED_KEYS)
     out = [infer_scale(params, base) or "?", seed]
     for c in COLUMNS:
-        value = metrics.get(c.file, {}).get(c.key)
-        if c.key.endswith("status"):
+        value = summary.get(c.key)
+        if c.key == "status":
             out.append(STATUS.get(value, NOT_MEASURED) if isinstance(value, int) else NOT_MEASURED)
         else:
             out.append(_number(value))
@@ -89,7 +84,7 @@ def render(rows: dict[str, list[str]]) -> str:
             lines += [name, line("", values)]
         else:
             lines.append(line(name, values))
-    legend = "; ".join(f"{c.header}: {c.about}" for c in COLUMNS)
+    legend = "; ".join(f"{c.header}: {ABOUT[c.key]}" for c in COLUMNS)
     lines += ["", f"{NOT_MEASURED}: not measured by the experiment's model. " + legend + "."]
     return "\n".join(_wrap(x) for x in lines) + "\n"
 
@@ -112,8 +107,8 @@ def rows_of(shown: list[dict[str, Any]]) -> dict[str, list[str]]:
                 continue
             data = exp["revs"][0].get("data") or {}
             params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data") or {})
-            metrics = {path: flatten(m.get("data") or {}) for path, m in (data.get("metrics") or {}).items()}
-            found[exp["name"]] = cells(params, metrics, base)
+            summary = ((data.get("metrics") or {}).get(SUMMARY) or {}).get("data") or {}
+            found[exp["name"]] = cells(params, summary, base)
     return dict(sorted(found.items()))
 
 
