@@ -48,7 +48,8 @@ def other_stages(ws, out):
          "--tasks-table", str(out / "t.csv"), "--submission", str(out / "s.json"), "--candidates", str(out / "c.json")],
         [sys.executable, "-m", "stages.gap_report", *common, "--eval-metrics", str(out / "eval.json"),
          "--candidates", str(out / "c.json"), "--train-metrics", str(out / "train.json"),
-         "--series", str(out / "epochs.tsv"), "--metrics", str(out / "gap.json"), "--report", str(out / "report")],
+         "--series", str(out / "epochs.tsv"), "--metrics", str(out / "gap.json"), "--summary", str(out / "summary.json"),
+         "--report", str(out / "report")],
     ]
 
 

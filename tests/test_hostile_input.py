@@ -68,7 +68,7 @@ def stage_commands(params, tmp_path) -> dict[str, list[str]]:
         "gap_report": ["stages.gap_report", *common, "--eval-metrics", str(out / "e.json"), "--candidates",
                        str(out / "c.json"), "--train-metrics", str(out / "t.json"), "--series", str(out / "s.tsv"),
                        "--raw", str(out / "raw"), "--model", str(out / "m.pt"), "--metrics", str(out / "g.json"),
-                       "--report", str(out / "report")],
+                       "--summary", str(out / "summary.json"), "--report", str(out / "report")],
     }
 
 
