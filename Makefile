@@ -24,8 +24,12 @@ $(STAMP): requirements.txt requirements.lock
 ## run: with CUDA the whole pipeline (dvc repro); without, stable vs fixed at the cpu scale
 ## (pipeline/experiments/launch.py decides and says so first); SCALE=tiny|cpu|full runs that scale instead.
 ## Interrupted (status 130), make stops by SIGINT too, so that its status is 130 as well (not make's 2); it waits for that signal (make, signalled while its job still runs, ends by it)
+## SIGTERM to make reaches this recipe's shell alone: the shell passes it on to the launcher and waits for it to stop
+## (the launcher runs as the shell's job so that the trap runs at once; Ctrl-C reaches it from the terminal)
 run: setup
-	@python -m pipeline.experiments.launch $(if $(SCALE),--scale $(SCALE)); status=$$?; \
+	@trap '' INT; trap 'kill -TERM $$pid 2>/dev/null' TERM; \
+	python -m pipeline.experiments.launch $(if $(SCALE),--scale $(SCALE)) & pid=$$!; \
+	wait $$pid; status=$$?; while kill -0 $$pid 2>/dev/null; do wait $$pid; status=$$?; done; \
 	if [ $$status -eq 130 ]; then kill -INT $$PPID; sleep 2; fi; exit $$status
 
 ## test: what CI runs: every test but the longest end-to-end scenarios (marker `long`), in 4 workers

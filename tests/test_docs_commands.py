@@ -26,6 +26,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +205,33 @@ def test_make_run_interrupted_exits_by_sigint(tmp_path):
     proc = subprocess.run(["make", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == -signal.SIGINT, (proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_make_run_passes_sigterm_on_and_waits_for_the_launcher(tmp_path):
+    """SIGTERM to make alone (a batch scheduler's end): make passes it to its recipe's shell only; the
+    recipe passes it on to the launcher, which stops (in the real one: the queue) while make waits."""
+    (tmp_path / "Makefile").write_text((REPO / "Makefile").read_text())
+    for name in ("requirements.txt", "requirements.lock"):
+        (tmp_path / name).write_text("")
+    fake = tmp_path / ".venv" / "bin" / "python"  # the recipe's `python`: stops a second after SIGTERM
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\ntrap 'sleep 1; echo launcher: stopped by SIGTERM; exit 143' TERM\n"
+                    "echo launcher: running\nwhile :; do sleep 0.1; done\n")
+    fake.chmod(0o755)
+    stamp = tmp_path / ".venv" / ".installed"
+    stamp.write_text("")
+    os.utime(stamp, (2**31 - 1, 2**31 - 1))  # set up already
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    log = tmp_path / "make.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["make", "run"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    deadline = time.monotonic() + 30
+    while "launcher: running" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM, log.read_text()
+    assert "launcher: stopped by SIGTERM" in log.read_text()  # make ended after the launcher stopped
 
 
 TINY_WORDS = [("--scale cpu", "--scale tiny"), ("_cpu", "_tiny")]

@@ -44,7 +44,8 @@ def test_runner_from_a_dirty_workspace_with_a_queue_of_mixed_scales_seeds_and_a_
                              "-S", "model.hyperlora_init_scale=0.05,0.1"], repo, timeout=3600)
     log = out.stderr
     assert "train.learning_rate: committed 0.0005, now 0.001" in log  # restored, and kept in .dvc/tmp
-    assert "-S model.hyperlora_init_scale=0.1 is the committed value (HEAD) already" in log and "not run twice" in log
+    assert "-S model.hyperlora_init_scale=0.1 is the committed value (HEAD) already" in log
+    assert "hyperlora_init_scale=0.1 is the baseline at the tiny scale, stable_tiny: not an experiment of its own" in log
     assert "dvc queue logs -f NAME" in log and "stable_tiny_s43: epoch 3/3: loss" in log  # progress while queued
     revs = experiment_revs(repo)
     mine_tiny = "hyperlora_init_scale=0.05_tiny"

@@ -10,6 +10,7 @@ pipeline would train for months.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), help="run the stable-versus-fixed workflow at this scale")
     args = ap.parse_args(argv)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started as a job of make's shell: Ctrl-C is ours again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
 
     say, cmds = plan(torch.cuda.is_available(), args.scale)
