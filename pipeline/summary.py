@@ -8,9 +8,8 @@ first, each under a short name; every stage's own numbers stay in its JSON outpu
 
 `dvc metrics show` lays the file out as one row: with these names and five significant digits it is
 at most 102 characters wide (`--md` 115; a test renders it with DVC's own table), and one name more
-would pass 120. A measure the experiment's
-model does not have (TRM has no DSC: no attention entropy, no stop value) is left out of the file:
-DVC shows `-`, never a made-up number.
+would pass 120. A measure the experiment's model does not have (TRM has no DSC: no attention
+entropy, no stop value) is left out of the file: DVC shows `-`, never a made-up number.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.params import flatten
+
+PATH = "metrics/summary.json"  # as dvc.yaml declares it
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,10 @@ from pipeline.experiments.runner import ExperimentError, _dvc, finished, infer_s
 from pipeline.params import SEED_KEYS, flatten
 from pipeline.stage import fail, setup_logging
 from pipeline.summary import FIELDS
+from pipeline.summary import PATH as SUMMARY
 
 WIDTH = 100
 NOT_MEASURED = "n/m"
-
-
-SUMMARY = "metrics/summary.json"  # the metrics file of dvc.yaml
-
 
 @dataclass(frozen=True)
 class Column:
