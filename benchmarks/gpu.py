@@ -264,7 +264,8 @@ def short_training(ctx: Context) -> dict:
     rate_meta = loop_rate(ctx.measured("eager", "meta"), tp.batch_size)
     rate_task = loop_rate(ctx.measured("eager", "task"), tp.batch_size) or rate_meta
     views_per_s = ctx.measured("evaluate", "views_per_s")
-    n_heldout = len(heldout_examples(tasks, tp.heldout_tasks, tp.seed))
+    # each side's examples measured twice: with their own and with borrowed demonstrations
+    n_heldout = 2 * sum(map(len, heldout_examples(tasks, tp.heldout_tasks, tp.seed).values()))
     per_epoch_s = n_heldout / views_per_s if views_per_s else 1.0
     if rate_meta:
         # the loop's set-up and pre-flight (steps of 2, 4 and a full micro-batch) before the first epoch

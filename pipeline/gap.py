@@ -8,11 +8,16 @@
   voting): the training tasks' test pairs against the evaluation tasks. This is the generalisation
   gap of the final model. Exact match is pass@1 after voting.
 
+A third view, `context`, grades the context gain of the last epoch on each side (pipeline.train.context_gain:
+the held-out test inputs again with another task's demonstrations): a model that does not read the
+demonstrations gains nothing, and the check warns at or below `monitoring.context_gain_min`.
+
 Training's per-epoch checks use `training_checks` too: one implementation.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pipeline import monitor
@@ -31,6 +36,21 @@ def training_checks(row: dict[str, Any], m: MonitoringParams) -> list[monitor.Ch
     return monitor.gap_checks(monitor.Side(*train), monitor.Side(*held), m)
 
 
+def context_checks(row: dict[str, Any], m: MonitoringParams) -> list[monitor.Check]:
+    """The context gain (loss, nats per cell) of each side the training measured; none for a family
+    that reads no demonstrations (TRM)."""
+    checks = []
+    for side, what in (("train", "training tasks' test pairs"), ("eval", "held-out evaluation tasks")):
+        loss, exact = row.get(f"context_gain_loss_{side}"), row.get(f"context_gain_exact_{side}")
+        if loss is None:
+            continue
+        status = "critical" if not math.isfinite(loss) else "ok" if loss > m.context_gain_min else "warning"
+        detail = f"{what}: loss with another task's demonstrations minus with their own" + (
+            f"; exact match {exact:+.4f}" if exact is not None else "")
+        checks.append(monitor.Check(f"context_gain_{side}", loss, status, detail))
+    return checks
+
+
 def evaluation_checks(evaluation: dict[str, dict[str, Any]], m: MonitoringParams) -> list[monitor.Check]:
     def side(x: dict[str, Any]) -> monitor.Side:
         return monitor.Side(x["pass@1"], x.get("attention_entropy"), x.get("stop_value"), x["loss"])
@@ -40,7 +60,8 @@ def evaluation_checks(evaluation: dict[str, dict[str, Any]], m: MonitoringParams
 
 def gap_checks(training: dict[str, Any], evaluation: dict[str, dict[str, Any]],
                m: MonitoringParams) -> dict[str, list[monitor.Check]]:
-    groups = {"training": training_checks(training, m), "evaluation": evaluation_checks(evaluation, m)}
+    groups = {"training": training_checks(training, m), "evaluation": evaluation_checks(evaluation, m),
+              "context": context_checks(training, m)}
     return {k: v for k, v in groups.items() if v}
 
 

@@ -258,6 +258,7 @@ class MonitoringParams(_Section):
     loo_accuracy_min: float = _prob()
     loo_skipped_ratio_max: float = _prob()
     equiv_delta_norm_max: float = Field(gt=0.0)
+    context_gain_min: float = Field(ge=-10.0, le=10.0)
     num_task_pictures: int = Field(ge=0, le=100)
 
 

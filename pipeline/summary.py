@@ -7,8 +7,8 @@ first, each under a short name; every stage's own numbers stay in its JSON outpu
 (`metrics/train.json`, `eval.json`, `gap.json`, ...), which the compare reports read and MLflow logs.
 
 `dvc metrics show` lays the file out as one row: with these names and five significant digits it is
-at most 102 characters wide (`--md` 115; a test renders it with DVC's own table), and one name more
-would pass 120. A measure the experiment's model does not have (TRM has no DSC: no attention
+at most 102 characters wide (`--md` 115; a test renders it with DVC's own table at its widest values:
+120 at most), and one name more would pass 120: the evaluation's loss ratio stays in `gap.json`. A measure the experiment's model does not have (TRM has no DSC: no attention
 entropy, no stop value) is left out of the file: DVC shows `-`, never a made-up number.
 """
 
@@ -40,8 +40,9 @@ FIELDS = (
           "attention entropy in eval mode (held-out tasks) over train mode, last epoch (1: no gap)"),
     Field("stop_gap", "gap", "training.stop_value_gap",
           "stop value, train mode against eval mode (held-out tasks), last epoch, absolute (0: no gap)"),
-    Field("loss_ratio", "gap", "evaluation.loss_ratio",
-          "loss on the evaluation tasks over the training tasks' test pairs (1: no gap)"),
+    Field("ctx_gain", "gap", "context.context_gain_train",
+          "context gain on the training tasks' test pairs, last epoch: task loss with another task's "
+          "demonstrations minus with their own (0: the demonstrations are not read)"),
     Field("status", "gap", "overall_status",
           "over the experiment's own gaps, 0 ok, 1 warning, 2 critical (a TRM has not the DSC's: `compare` "
           "grades the shared ones)"),

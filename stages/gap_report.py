@@ -30,6 +30,9 @@ VIEWS = {
                 "held-out evaluation tasks, last epoch.",
     "evaluation": "Evaluation stage: the training tasks' test pairs vs the evaluation tasks, both in eval mode "
                   "with the same protocol (voting over augmented views).",
+    "context": "In-context learning, last epoch: the held-out test inputs measured again with another task's "
+               "demonstrations; the value is the task loss with those minus with their own (0: the model ignores "
+               "its demonstrations).",
 }
 
 

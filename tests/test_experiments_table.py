@@ -26,9 +26,9 @@ def experiment(name: str, seed: int = 42, scale: str = "tiny", trm: bool = False
     """One experiment as `dvc exp show --json` lists it."""
     params = {**flatten(raw_params()), **SCALES[scale].overrides, "train.seed": seed, "augment.seed": seed,
               "evaluate.seed": seed}
-    summary = {"pass@2": 0.125, "train@2": 0.5, "em_gap": 0.25, "loss_ratio": 1.5, "status": 1}
-    if not trm:
-        summary.update({"entropy_ratio": 3.0759, "stop_gap": 0.0136})
+    summary = {"pass@2": 0.125, "train@2": 0.5, "em_gap": 0.25, "status": 1}
+    if not trm:  # TRM reads no demonstrations and has no DSC
+        summary.update({"entropy_ratio": 3.0759, "stop_gap": 0.0136, "ctx_gain": 1.5})
     metrics = {"metrics/summary.json": {"data": summary}}
     return {"name": name, "executor": {"state": state},
             "revs": [{"rev": "a" * 40, "name": name, "data": {"params": {"params.yaml": {"data": unflatten(params)}},
@@ -47,10 +47,10 @@ def test_one_line_per_finished_experiment_sorted_and_not_measured_marked():
     assert list(rows) == ["stable_tiny", "stable_tiny_s43", "trm_tiny"]  # the queued one has no outputs yet
     assert rows["stable_tiny"] == ["tiny", "42", "0.125", "0.500", "0.250", "3.076", "0.014", "1.500", "warning"]
     assert rows["stable_tiny_s43"][:2] == ["tiny", "43"]
-    assert rows["trm_tiny"][5:7] == ["n/m", "n/m"]  # TRM has no DSC: not measured, not a number
+    assert rows["trm_tiny"][5:8] == ["n/m", "n/m", "n/m"]  # not measured, not a number
     text = render(rows)
     [line] = [x for x in text.splitlines() if x.startswith("trm_tiny ")]
-    assert line.split() == ["trm_tiny", "tiny", "42", "0.125", "0.500", "0.250", "n/m", "n/m", "1.500", "warning"]
+    assert line.split() == ["trm_tiny", "tiny", "42", "0.125", "0.500", "0.250", "n/m", "n/m", "n/m", "warning"]
 
 
 @pytest.mark.parametrize("name", ["stable_cpu", "hyperlora_init_scale=0.05_model.hidden_dim=64_cpu_s43"])

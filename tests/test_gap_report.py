@@ -27,7 +27,9 @@ def _side(pass1, ent, stop, loss):
 # the gap analysis's numbers (docs/sources.md): 20.7% train vs 0.2% eval exact match, entropy 0.02 vs 3.82, stop 0.574 vs 0.342
 SEED_TRAINING = {"train_exact_match": 0.207, "heldout_exact_match": 0.002, "attention_entropy_train": 0.02,
                  "attention_entropy_eval": 3.82, "stop_value_train": 0.574, "stop_value_eval": 0.342,
-                 "loss_task": 0.5, "heldout_loss": 0.6}
+                 "loss_task": 0.5, "heldout_loss": 0.6,
+                 "context_gain_loss_train": 0.8, "context_gain_exact_train": 0.25,
+                 "context_gain_loss_eval": -0.01, "context_gain_exact_eval": 0.0}
 
 
 def test_both_views_graded_and_flattened_for_dvc():
@@ -40,7 +42,14 @@ def test_both_views_graded_and_flattened_for_dvc():
     assert t["stop_value_gap_status"] == 1 and t["loss_ratio_status"] == 0 and t["status"] == 2
     assert m["evaluation"]["status"] == 0 and m["evaluation"]["exact_match_gap"] == pytest.approx(0.02)
     assert m["overall_status"] == 2
-    assert all(isinstance(v, (int, float)) for g in ("training", "evaluation") for v in m[g].values())
+    c = m["context"]  # the demonstrations help on the training side, not on the evaluation side
+    assert c["context_gain_train"] == 0.8 and c["context_gain_train_status"] == 0
+    assert c["context_gain_eval"] == -0.01 and c["context_gain_eval_status"] == 1 and c["status"] == 1
+    assert all(isinstance(v, (int, float)) for g in ("training", "evaluation", "context") for v in m[g].values())
+    edge = gap_metrics(gap_checks({**SEED_TRAINING, "context_gain_loss_eval": M.context_gain_min}, evaluation, M))
+    assert edge["context"]["context_gain_eval_status"] == 1  # at the threshold: not read
+    nan = gap_metrics(gap_checks({**SEED_TRAINING, "context_gain_loss_train": float("nan")}, evaluation, M))
+    assert nan["context"]["context_gain_train_status"] == 2
 
 
 def test_summary_is_the_headline_of_the_stage_outputs():
@@ -50,7 +59,7 @@ def test_summary_is_the_headline_of_the_stage_outputs():
     summary = summarize({"eval": evaluation, "gap": gap})
     assert summary == {"pass@2": 0.25, "train@2": 0.5, "em_gap": pytest.approx(0.02),
                        "entropy_ratio": pytest.approx(191.0), "stop_gap": pytest.approx(0.232),
-                       "loss_ratio": pytest.approx(1.125), "status": 2}
+                       "ctx_gain": 0.8, "status": 2}
     assert list(summary) == [f.key for f in FIELDS]  # every field found where it says: none renamed away
 
 
@@ -58,10 +67,10 @@ def test_summary_leaves_out_what_the_model_does_not_measure():
     """TRM: no DSC (no entropy, no stop value); a non-finite value is no number either."""
     evaluation = {"train": {**_side(0.3, None, None, 0.4), "pass@2": 0.5},
                   "eval": {**_side(0.3, None, None, 0.4), "pass@2": float("nan")}}
-    training = {k: v for k, v in SEED_TRAINING.items() if "entropy" not in k and "stop" not in k}
+    training = {k: v for k, v in SEED_TRAINING.items() if not any(w in k for w in ("entropy", "stop", "context"))}
     gap = gap_metrics(gap_checks(training, evaluation, M))
     summary = summarize({"eval": evaluation, "gap": gap})
-    assert set(summary) == {"train@2", "em_gap", "loss_ratio", "status"}
+    assert set(summary) == {"train@2", "em_gap", "status"}
     assert all(isinstance(v, (int, float)) for v in summary.values())
 
 
@@ -69,7 +78,7 @@ def test_summary_fits_dvc_metrics_show_at_its_widest():
     """DVC's own table (one row, a column per name, five significant digits) with the widest values."""
     from dvc.compare import metrics_table
 
-    widest = {f.key: -0.33333333 if f.key.endswith("gap") else (2 if f.key == "status" else 191.03456) for f in FIELDS}
+    widest = {f.key: -0.33333333 if f.key.endswith(("gap", "gain")) else (2 if f.key == "status" else 191.03456) for f in FIELDS}
     table = metrics_table({"workspace": {"data": {"metrics/summary.json": {"data": widest}}}}, precision=5,
                           round_digits=True)
     for markdown in (False, True):
@@ -83,7 +92,7 @@ def test_summary_fits_dvc_metrics_show_at_its_widest():
 def test_training_view_needs_a_held_out_measurement():
     evaluation = {"train": _side(0.3, 2.0, 0.5, 0.4), "eval": _side(0.3, 2.0, 0.5, 0.4)}
     groups = gap_checks({**SEED_TRAINING, "heldout_exact_match": None}, evaluation, M)
-    assert set(groups) == {"evaluation"}
+    assert set(groups) == {"evaluation", "context"}
 
 
 def _series(epochs: int, scale: float = 1.0, **cols) -> pd.DataFrame:

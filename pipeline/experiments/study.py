@@ -8,8 +8,9 @@ For each group (a configuration at a scale, one experiment per seed, as `compare
 - per epoch, from each run's `metrics/train/epochs.tsv`: the LoRA growth (the largest ratio of a LoRA
   magnitude to its first-epoch value: what the collapse and explosion checks grade), the equivariance
   share of the objective (its weighted term over `loss_total`), `loss_total` and `loss_task`;
-- the training view's gaps at the last epoch (attention entropy ratio, stop-value gap, loss ratio),
-  and the evaluation's pass@2 on both sides (`metrics/eval.json`);
+- the training view's gaps at the last epoch (exact-match gap, attention entropy ratio, stop-value
+  gap, loss ratio), the context gain on both sides there (pipeline.train.context_gain: whether the
+  model reads the demonstrations), and the evaluation's pass@2 on both sides (`metrics/eval.json`);
 - the health checks each run tripped while training (the monitor's, re-graded from the series with the
   run's own thresholds): how many seeds, from which epoch.
 
@@ -30,7 +31,8 @@ from pipeline.io import write_text
 from pipeline.params import Params, parse_params
 
 COMMAND = "python -m pipeline.experiments study {names} --scale {scale} --write {out}"
-GAPS = ("attention_entropy_ratio", "stop_value_gap", "loss_ratio")
+GAPS = ("exact_match_gap", "attention_entropy_ratio", "stop_value_gap", "loss_ratio")
+CONTEXT = ("context_gain_loss_train", "context_gain_exact_train", "context_gain_loss_eval", "context_gain_exact_eval")
 RANGES = ("lora_growth", "lora_diversity", "loo_accuracy", "equiv_delta_norm")
 
 
@@ -138,11 +140,16 @@ def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]], command:
                          + ", ".join(f"{e} (seed {s})" for s, e in first.items()) + " |")
     lines += ["", "## At the end of training", "",
               "The training view's gaps at the last epoch (train mode on training batches against eval mode on "
-              "held-out tasks) and the evaluation's pass@2 on both sides.", "",
+              "held-out tasks), the context gain there (the held-out test inputs measured again with another "
+              "task's demonstrations: loss with them minus with their own, and exact match with their own "
+              "minus with them; 0 for a model that ignores its context) on the training tasks' test pairs "
+              "and on the evaluation tasks', and the evaluation's pass@2 on both sides.", "",
               "| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     finals = {g: [final_gaps(r) for r in runs] for g, runs in outputs.items()}
     for m in GAPS:
         lines.append(f"| {m} | " + " | ".join(_cell(_spread([f.get(m) for f in finals[g]])) for g in names) + " |")
+    for m in CONTEXT:
+        lines.append(f"| {m} | " + " | ".join(_cell(_spread([_last(r, m) for r in outputs[g]])) for g in names) + " |")
     for side in ("train", "eval"):
         key = f"eval.{side}.pass@2"
         lines.append(f"| pass@2, {side} tasks | "
@@ -161,6 +168,12 @@ def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]], command:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _last(run: Outputs, name: str) -> float | None:
+    """A measure's value at the run's last epoch that logged it (None if none did)."""
+    values = _column(run, pd.DataFrame(), name) if name != "lora_growth" else []
+    return values[-1] if values else None
 
 
 def _column(run: Outputs, table: pd.DataFrame, name: str) -> list[float]:

@@ -39,7 +39,7 @@ class Column:
 
 COLUMNS = (Column("pass@2", "pass@2", 6), Column("train@2", "train@2", 7), Column("em gap", "em_gap", 6),
            Column("H ratio", "entropy_ratio", 7), Column("stop gap", "stop_gap", 8),
-           Column("loss ratio", "loss_ratio", 10), Column("status", "status", 8))
+           Column("ctx gain", "ctx_gain", 8), Column("status", "status", 8))
 ABOUT = {f.key: f.about for f in FIELDS}
 FIXED = (("scale", 5), ("seed", 4))
 

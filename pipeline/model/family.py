@@ -64,10 +64,12 @@ class Training(ABC):
         for a measurement outside training (the pre-flight check): the heaviest batch, no carried state."""
 
     @abstractmethod
-    def measure_heldout(self, model: nn.Module, examples: list[tuple[str, list, np.ndarray, np.ndarray]],
+    def measure_heldout(self, model: nn.Module, heldout: dict[str, list[tuple[str, list, np.ndarray, np.ndarray]]],
                         temperature: float, device: torch.device, precision: str) -> dict[str, float]:
-        """Eval-mode measures of `model` on (task id, demonstrations, test input, test output) examples:
-        heldout_exact_match, heldout_loss, heldout_pixel_accuracy, and the family's own held-out ones."""
+        """Eval-mode measures of `model` on the held-out examples (pipeline.train.loop.heldout_examples:
+        per side, "eval" and "train", (task id, demonstrations, test input, test output)):
+        heldout_exact_match, heldout_loss, heldout_pixel_accuracy of the evaluation side, and the
+        family's own held-out ones."""
 
 
 class Family(ABC):

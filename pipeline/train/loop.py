@@ -104,14 +104,18 @@ class Meter:
             self.n[k] = state["n"][i].to(device)
 
 
-def heldout_examples(tasks: list[Task], n_tasks: int, seed: int):
-    """Test pairs of `n_tasks` evaluation tasks (a seeded choice), each as (task id, all its
-    demonstrations, test input, test output)."""
-    pool = sorted((t for t in tasks if t.split == "eval"), key=lambda t: t.id)
-    if n_tasks == 0 or not pool:
-        return []
-    pick = np.random.default_rng([seed, 1]).permutation(len(pool))[: n_tasks]
-    return [(t.id, list(t.demos), q_in, q_out) for i in sorted(pick) for t in [pool[i]] for q_in, q_out in t.tests]
+def heldout_examples(tasks: list[Task], n_tasks: int, seed: int) -> dict[str, list]:
+    """The examples measured in eval mode every eval_every epochs, per side, each as (task id, all its
+    demonstrations, test input, test output): "eval", the test pairs of `n_tasks` evaluation tasks (a
+    seeded choice, never trained on), and "train", those of `n_tasks` training tasks (whose versions
+    are trained on: the training side of the context gain, pipeline.train.context_gain)."""
+    out: dict[str, list] = {}
+    for k, split in enumerate(("eval", "train"), start=1):
+        pool = sorted((t for t in tasks if t.split == split), key=lambda t: t.id)
+        pick = np.random.default_rng([seed, k]).permutation(len(pool))[:n_tasks] if n_tasks else []
+        out[split] = [(t.id, list(t.demos), q_in, q_out) for i in sorted(pick) for t in [pool[i]]
+                      for q_in, q_out in t.tests]
+    return out
 
 
 def epoch_checks(row: dict[str, Any], params: Params, first: dict[str, Any]) -> list[monitor.Check]:
@@ -201,10 +205,10 @@ def stop_note(where: Callable[[], str]) -> Iterator[None]:
         raise Terminated(getattr(err, "signum", signal.SIGINT), where()) from None
 
 
-def training_identity(params: Params, heldout: list, cache: Path) -> checkpoint.Identity:
+def training_identity(params: Params, heldout: dict[str, list], cache: Path) -> checkpoint.Identity:
     """What this training is (pipeline.train.checkpoint): its params, code, cache and held-out slice
     (`heldout_examples`)."""
-    held = b"".join(bytes(g.shape) + g.tobytes() for _, ctx, q_in, q_out in heldout
+    held = b"".join(bytes(g.shape) + g.tobytes() for side in heldout.values() for _, ctx, q_in, q_out in side
                     for g in [q_in, q_out, *(x for pair in ctx for x in pair)])
     return checkpoint.identity(params, [cache], held)
 
@@ -230,7 +234,7 @@ def train(params: Params, tasks: list[Task], paths: TrainPaths, tracker: Tracker
         return _train(params, cache, heldout, paths, tracker, world, ident, folder)
 
 
-def _train(params: Params, cache: AugmentedCache, heldout: list, paths: TrainPaths, tracker: Tracker,
+def _train(params: Params, cache: AugmentedCache, heldout: dict[str, list], paths: TrainPaths, tracker: Tracker,
            world: distributed.World, ident: checkpoint.Identity | None, folder: Path | None) -> dict[str, Any] | None:
     tp = params.train
     device = world.device

@@ -124,8 +124,8 @@ def equivariance_penalty(original: LoRA, turned: LoRA, compare: str) -> tuple[to
 def turned_contexts(model: RLAN, tb: TrainBatch, tokens: torch.Tensor, how: str) -> torch.Tensor:
     """(A * B, H) float32 pooled contexts of the transformed tasks, row a * B + b for augmentation a of
     sample b. `reencoded`: the turned demonstration grids (`tb.equiv_in/out`) encoded anew, with
-    gradient. `rotated_features`: the validated code's construction: each pair's encoded S x S token
-    map (`tokens` (N, S*S, H)) turned by the augmentation's dihedral transform, then pooled; the mean
+    gradient. `rotated_features`: the validated code's construction: each pair's encoded square token
+    map (`tokens` (N, T, H), T = S*S) turned by the augmentation's dihedral transform, then pooled; the mean
     over the cells does not see the turn, so these are the original contexts up to rounding."""
     B, A = tb.size, tb.n_equiv
     if how == "reencoded":
@@ -159,7 +159,7 @@ def solve_examples(model: RLAN, tb: TrainBatch, temperature: float, all_steps: b
                    context_gradient: bool = True, loo_temperature: float | None = None
                    ) -> tuple[Output, torch.Tensor, torch.Tensor]:
     """The main queries (rows 0..B-1) and the leave-one-out examples (rows B..B+L-1) in one pass of
-    the solver, every context pair encoded once; (output, targets, the pairs' tokens (N, S*S, H)).
+    the solver, every context pair encoded once; (output, targets, the pairs' tokens (N, T, H)).
     The LOO rows' DSC runs at `loo_temperature` (default: `temperature`)."""
     B = tb.size
     tokens, pooled = model.context.encode_pairs(tb.pair_in, tb.pair_out)

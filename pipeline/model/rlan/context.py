@@ -42,10 +42,11 @@ class PairLayout:
 
 @dataclass
 class Support:
-    """The encoded context of B samples: S*S tokens per context slot and the pooled task vector."""
+    """The encoded context of B samples: T tokens per context slot (S*S pooled, or every canvas cell
+    at spatial_downsample 1) and the pooled task vector."""
 
-    tokens: torch.Tensor  # (B, D*S*S, H), zeros in empty slots
-    token_mask: torch.Tensor  # (B, D*S*S) bool, tokens of real pairs
+    tokens: torch.Tensor  # (B, D*T, H), zeros in empty slots
+    token_mask: torch.Tensor  # (B, D*T) bool, tokens of real pairs
     pooled: torch.Tensor  # (B, H) float32, mean over the sample's pairs of AdaptiveAvgPool2d(1) of each
     tokens_per_pair: int
 
@@ -121,10 +122,12 @@ class PairEmbedding(nn.Module):
 class ContextEncoder(nn.Module):
     """The public SpatialPairEncoder and its downsampler. Input and output grids are embedded alike,
     encoded by two towers of their own (two 3x3 convolutions each, GroupNorm, GELU), and the pair by
-    a 1x1 then a 3x3 convolution over [input, output, output - input]; the map is pooled to S x S
-    (S = spatial_downsample), refined by a 3x3 convolution and given a learned position code: the
-    pair's S*S support tokens. The pooled task vector is the mean of those tokens (HyperLoRA's
-    AdaptiveAvgPool2d(1)). No dropout: a pair's encoding is a function of the pair."""
+    a 1x1 then a 3x3 convolution over [input, output, output - input]; with S = spatial_downsample > 1
+    the map is pooled to S x S, refined by a 3x3 convolution and given a learned position code: the
+    pair's S*S support tokens. With S = 1 it is not pooled (the public encoder's "no downsampling"):
+    every cell of the canvas is a token, h*w per pair, and the cell keeps its own colours. The
+    pooled task vector is the mean of a pair's tokens (HyperLoRA's AdaptiveAvgPool2d(1)). No dropout:
+    a pair's encoding is a function of the pair."""
 
     def __init__(self, cfg: ModelParams):
         super().__init__()
@@ -133,12 +136,15 @@ class ContextEncoder(nn.Module):
         self.input_tower = nn.Sequential(*conv_norm(H, H), *conv_norm(H, H))
         self.output_tower = nn.Sequential(*conv_norm(H, H), *conv_norm(H, H))
         self.difference = nn.Sequential(*conv_norm(3 * H, H, kernel=1), *conv_norm(H, H))
-        self.downsample = nn.Sequential(nn.AdaptiveAvgPool2d(self.S), *conv_norm(H, H))
-        self.token_position = nn.Parameter(torch.randn(H, self.S, self.S) * 0.02)
+        if self.S > 1:
+            self.downsample = nn.Sequential(nn.AdaptiveAvgPool2d(self.S), *conv_norm(H, H))
+            self.token_position = nn.Parameter(torch.randn(H, self.S, self.S) * 0.02)
+        else:  # full resolution: the cells are the tokens, their positions already embedded
+            self.downsample, self.token_position = nn.Identity(), None
         self.recompute = False  # train.activation_checkpointing
 
     def encode_pairs(self, pair_in: torch.Tensor, pair_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pair_in/out (N, h, w) tokens -> tokens (N, S*S, H), pooled (N, H) float32. In chunks of at
+        """pair_in/out (N, h, w) tokens -> tokens (N, T, H) (T = S*S, or h*w unpooled), pooled (N, H) float32. In chunks of at
         most PAIR_CHUNK pairs, each recomputed on its own with activation checkpointing (and without
         gradient), so that the memory of an encoding does not grow with the number of pairs a batch
         draws (not under torch.compile, which sees one call of symbolic size)."""
@@ -154,12 +160,14 @@ class ContextEncoder(nn.Module):
         a = self.input_tower(self.embed(pair_in, table))
         b = self.output_tower(self.embed(pair_out, table))
         f = self.difference(torch.cat([a, b, b - a], 1))  # (N, H, h, w)
-        t = self.downsample(f) + self.token_position.to(f.dtype)  # (N, H, S, S)
-        return t.flatten(2).transpose(1, 2), t.float().mean(dim=(2, 3))  # tokens (N, S*S, H), pooled (N, H)
+        t = self.downsample(f)  # (N, H, S, S), or (N, H, h, w) at full resolution
+        if self.token_position is not None:
+            t = t + self.token_position.to(f.dtype)
+        return t.flatten(2).transpose(1, 2), t.float().mean(dim=(2, 3))  # tokens (N, T, H), pooled (N, H)
 
     def layout(self, tokens: torch.Tensor, pooled: torch.Tensor, where: PairLayout) -> Support:
         """Packed pair encodings -> the Support of each sample (slots in `where`)."""
-        B, D, S2 = where.n_samples, where.n_slots, self.S * self.S
+        B, D, S2 = where.n_samples, where.n_slots, tokens.shape[1]  # S2 tokens per pair
         row = where.sample * D + where.slot
         slots = tokens.new_zeros(B * D, S2, tokens.shape[-1]).index_copy(0, row, tokens)
         filled = torch.zeros(B * D, dtype=torch.bool, device=tokens.device).index_fill(0, row, True)

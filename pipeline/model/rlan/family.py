@@ -1,6 +1,6 @@
 """RLAN as a model family (pipeline.model.family): its objective and batches (pipeline.train.losses,
 pipeline.train.batches), AdamW with HyperLoRA's learning-rate multiplier, the DSC temperature and
-meta-learning schedules, and its evaluation measures (attention entropy, stop value)."""
+meta-learning schedules, and its evaluation measures (attention entropy, stop value, context gain)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pipeline.model.rlan.model import RLAN
 from pipeline.model.stablemax import log_stablemax
 from pipeline.params import EvaluateParams, Params, TrainParams
 from pipeline.runtime import autocast, to_device
-from pipeline.train import schedule
+from pipeline.train import context_gain, schedule
 from pipeline.train.batches import TrainBatch, prepare
 from pipeline.train.losses import (
     Objective,
@@ -35,6 +35,7 @@ METRICS = (
     "equiv_delta_norm",
     "attention_entropy_train", "attention_entropy_eval", "stop_value_train", "stop_value_eval",
     "temperature", "learning_rate", "nonfinite_steps", "heldout_exact_match", "heldout_pixel_accuracy", "heldout_loss",
+    "context_gain_loss_train", "context_gain_exact_train", "context_gain_loss_eval", "context_gain_exact_eval",
 )
 
 
@@ -50,11 +51,7 @@ def build_optimizer(model: RLAN, tp: TrainParams) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def measure_heldout(model: RLAN, examples, temperature: float, batch_size: int, device, precision) -> dict[str, float]:
-    """Eval-mode measures of (task id, demonstrations, test input, test output) examples."""
-    if not examples:
-        return {}
-    model.eval()
+def _means(model: RLAN, examples, temperature: float, batch_size: int, device, precision) -> dict[str, float]:
     acc: dict[str, list[torch.Tensor]] = defaultdict(list)
     for i in range(0, len(examples), batch_size):
         batch = to_device(batch_from_pairs([ex[1:] for ex in examples[i : i + batch_size]]), device)
@@ -62,10 +59,30 @@ def measure_heldout(model: RLAN, examples, temperature: float, batch_size: int, 
             m = evaluation_measures(model, batch, temperature)
         for k in ("loss", "exact", "attention_entropy", "stop_value", "pixel"):
             acc[k].append(m[k].float().cpu())
-    mean = {k: float(torch.cat(v).mean()) for k, v in acc.items()}
-    return {"heldout_exact_match": mean["exact"], "heldout_loss": mean["loss"],
-            "heldout_pixel_accuracy": mean["pixel"], "attention_entropy_eval": mean["attention_entropy"],
-            "stop_value_eval": mean["stop_value"]}
+    return {k: float(torch.cat(v).mean()) for k, v in acc.items()}
+
+
+def measure_heldout(model: RLAN, heldout: dict[str, list], temperature: float, batch_size: int, device, precision
+                    ) -> dict[str, float]:
+    """Eval-mode measures of the held-out examples (pipeline.train.loop.heldout_examples), each
+    (task id, demonstrations, test input, test output): on the evaluation side its exact match,
+    loss, pixel accuracy and the DSC's measures; on both sides the context gain
+    (pipeline.train.context_gain), the same examples measured again with another task's demonstrations."""
+    model.eval()
+    out: dict[str, float] = {}
+    for side, examples in heldout.items():
+        if not examples:
+            continue
+        own = _means(model, examples, temperature, batch_size, device, precision)
+        if side == "eval":
+            out.update({"heldout_exact_match": own["exact"], "heldout_loss": own["loss"],
+                        "heldout_pixel_accuracy": own["pixel"], "attention_entropy_eval": own["attention_entropy"],
+                        "stop_value_eval": own["stop_value"]})
+        borrowed = context_gain.borrow_demonstrations(examples)
+        if borrowed is not None:
+            other = _means(model, borrowed, temperature, batch_size, device, precision)
+            out.update({f"{k}_{side}": v for k, v in context_gain.gains(own, other).items()})
+    return out
 
 
 class RLANTraining(Training):
@@ -93,9 +110,9 @@ class RLANTraining(Training):
         meta = epoch is None or schedule.meta_learning_active(self.tp, epoch)  # the pre-flight: meta on, the heaviest
         return prepare(self.cache, mb, self.tp, meta, self.use_hyperlora, self.slots)
 
-    def measure_heldout(self, model: nn.Module, examples, temperature: float, device: torch.device,
+    def measure_heldout(self, model: nn.Module, heldout: dict[str, list], temperature: float, device: torch.device,
                         precision: str) -> dict[str, float]:
-        return measure_heldout(model, examples, temperature, self.tp.batch_size, device, precision)
+        return measure_heldout(model, heldout, temperature, self.tp.batch_size, device, precision)
 
 
 def model_predictor(model: RLAN, temperature: float, best_step: bool, device: torch.device, precision: str):

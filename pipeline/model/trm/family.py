@@ -180,9 +180,12 @@ class TRMTraining(Training):
         return TRMBatch(inputs, labels, puzzle, 0 if epoch is None else epoch, mb.index)
 
     @torch.no_grad()
-    def measure_heldout(self, model: nn.Module, examples, temperature: float, device: torch.device,
+    def measure_heldout(self, model: nn.Module, heldout: dict[str, list], temperature: float, device: torch.device,
                         precision: str) -> dict[str, float]:
-        """Each test input with its task's identity version's embedding, all halt_max_steps segments."""
+        """Each evaluation-side test input with its task's identity version's embedding, all
+        halt_max_steps segments. TRM reads no demonstrations (a task is its puzzle embedding): it has
+        no context gain, and the training side is not measured."""
+        examples = heldout.get("eval", [])
         if not examples:
             return {}
         model.eval()
