@@ -51,7 +51,7 @@ from pipeline.params import Params, load_params
 from pipeline.runtime import use_cpu
 from pipeline.train.batches import pack
 from pipeline.train.context_gain import borrow_demonstrations, gains
-from pipeline.train.losses import evaluation_measures, training_losses
+from pipeline.train.losses import evaluation_measures, stablemax_cross_entropy, training_losses
 
 TOYS: dict[str, list[dict[int, int]]] = {
     "four": [{1: 2, 3: 4}, {1: 3, 3: 1}, {5: 7}, {1: 5, 5: 1}],
@@ -219,8 +219,6 @@ def context_losses(model: RLAN, examples: list, temperature: float) -> dict[str,
     s.tokens, s.pooled = torch.zeros_like(s.tokens), torch.zeros_like(s.pooled)
     zero = model.task_context(s)
     out = model.solve(b["query_in"], zero, temperature, all_steps=False)
-    from pipeline.train.losses import stablemax_cross_entropy
-
     zeroed = float(stablemax_cross_entropy(out.logits[-1], b["query_out"]).mean())
     return {"given": given, "shuffled": shuffled, "zeroed": zeroed}
 
