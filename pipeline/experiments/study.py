@@ -171,8 +171,8 @@ def render(groups: dict[str, Group], outputs: dict[str, list[Outputs]], command:
 
 
 def _last(run: Outputs, name: str) -> float | None:
-    """A measure's value at the run's last epoch that logged it (None if none did)."""
-    values = _column(run, pd.DataFrame(), name) if name != "lora_growth" else []
+    """A logged measure's value at the run's last epoch that logged it (None if none did)."""
+    values = _column(run, pd.DataFrame(), name)
     return values[-1] if values else None
 
 
