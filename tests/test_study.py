@@ -10,13 +10,15 @@ from pipeline.params import flatten
 from tests.helpers import raw_params
 
 
-def _run(seed: int, growth: list[float], equiv: list[float | None], total: list[float], rev: str) -> Outputs:
+def _run(seed: int, growth: list[float], equiv: list[float | None], total: list[float], rev: str,
+         gain: list[float] | None = None) -> Outputs:
     params = flatten(raw_params())
     params.update({k: seed for k in ("augment.seed", "train.seed", "evaluate.seed")})
     series = pd.DataFrame({
         "epoch": range(1, len(growth) + 1), "loss_total": total, "loss_task": [1.0] * len(growth),
         "loss_equiv": equiv, **{f"lora_magnitude_{t}": [0.5 * g for g in growth]
                                  for t in ("gru_reset", "gru_update", "gru_candidate", "output_head")},
+        **({"context_gain_loss_train": gain} if gain is not None else {}),
     })
     return Outputs(rev, {"eval.train.pass@2": 0.5, "eval.eval.pass@2": 0.25}, {}, {}, series, params, {})
 
@@ -42,3 +44,11 @@ def test_render_gives_mean_and_spread_over_seeds_and_who_tripped_what():
     assert "| stable_cpu | none | 0 of 2 | — |" in text
     assert "Written by `CMD`" in text and "seeds stable_cpu: 42, 43" in text
     assert "| lora_growth | 2 to 4 | 1 to 20 |" in text  # after the first epoch, over both seeds
+    assert "| context_gain_loss_train | — | — |" in text  # not logged: no number made up
+
+
+def test_render_takes_the_context_gain_of_the_last_epoch_that_measured_it():
+    runs = [_run(42, [1.0, 2.0, 2.0], [None, 1.0, 1.0], [2.0, 2.0, 2.0], "a" * 40, gain=[0.1, 1.0, float("nan")]),
+            _run(43, [1.0, 2.0, 2.0], [None, 1.0, 1.0], [2.0, 2.0, 2.0], "b" * 40, gain=[0.2, 0.3, 2.0])]
+    text = render({"stable_cpu": Group("stable_cpu", "cpu", {})}, {"stable_cpu": runs}, "CMD")
+    assert "| context_gain_loss_train | 1.5 ± 0.707 |" in text  # seed 42: epoch 2 (3 not measured), seed 43: epoch 3
