@@ -198,11 +198,20 @@ def load_path(path: str | Path, max_bytes: int | None = None) -> tuple[list[Task
     return tasks, {"source": str(path)}
 
 
-def select(tasks: list[Task], max_tasks: int | None) -> list[Task]:
-    """The first `max_tasks` task ids of each split (sorted), or all."""
+def largest_side(task: Task) -> int:
+    """The longest side of any grid of the task, demonstrations and tests, inputs and outputs."""
+    return max(max(g.shape) for pair in (*task.demos, *task.tests) for g in pair)
+
+
+TASK_ORDERS = {"id": lambda t: t.id, "size": lambda t: (largest_side(t), t.id)}
+
+
+def select(tasks: list[Task], max_tasks: int | None, order: str = "id") -> list[Task]:
+    """The first `max_tasks` tasks of each split, or all, in `order`: "id" (task ids sorted) or
+    "size" (the smallest grids first: by the longest side of any grid, then by id)."""
     out = []
     for split in SPLITS:
-        group = sorted((t for t in tasks if t.split == split), key=lambda t: t.id)
+        group = sorted((t for t in tasks if t.split == split), key=TASK_ORDERS[order])
         out += group[:max_tasks] if max_tasks is not None else group
     return out
 

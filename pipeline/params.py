@@ -68,6 +68,7 @@ def _prob(**kw: Any) -> Any:
 class DataParams(_Section):
     source: Literal["arc-agi-1", "arc-agi-2"]
     max_tasks: int | None = Field(ge=1)
+    task_order: Literal["id", "size"]  # which max_tasks: the first ids, or the tasks of the smallest grids
     max_input_mb: int = Field(ge=1, le=100_000)  # tasks a user brings (prepare --input): larger input is refused
 
 

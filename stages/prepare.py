@@ -28,14 +28,14 @@ def main() -> None:
     except arc.TaskError as err:
         fail(f"bad ARC input: {err}")
         return
-    tasks = arc.select(tasks, p.max_tasks)
+    tasks = arc.select(tasks, p.max_tasks, p.task_order)
     counts = arc.stats(tasks)
     log.info("%s: %s", origin["source"], counts)
 
     with atomic_path(args.out) as tmp:
         tmp.mkdir(parents=True)
         arc.write_raw(tasks, tmp / "pairs.parquet")
-        write_json(tmp / "manifest.json", {**origin, "max_tasks": p.max_tasks, "counts": counts})
+        write_json(tmp / "manifest.json", {**origin, "max_tasks": p.max_tasks, "task_order": p.task_order, "counts": counts})
     write_json(args.metrics, counts)
 
 

@@ -96,6 +96,18 @@ def test_select_takes_first_ids_per_split(tiny_tasks):
     assert [t.id for t in chosen] == ["tr00", "tr01", "ev00", "ev01"]
 
 
+def test_select_by_size_takes_the_smallest_grids_per_split_then_ids():
+    def task(tid, split, side, test_side=2):
+        g, t = np.zeros((2, side), np.uint8), np.zeros((test_side, 1), np.uint8)
+        return arc.Task(tid, split, ((g, g),), ((t, t),))
+
+    tasks = [task("a", "train", 9), task("b", "train", 3), task("c", "train", 3, test_side=12), task("d", "train", 3),
+             task("e", "eval", 4), task("f", "eval", 2)]
+    assert [t.id for t in arc.select(tasks, 2, "size")] == ["b", "d", "f", "e"]  # c: its test grid is 12 long
+    assert [t.id for t in arc.select(tasks, 2, "id")] == ["a", "b", "e", "f"]
+    assert [t.id for t in arc.select(tasks, None, "size")] == ["b", "d", "a", "c", "f", "e"]
+
+
 def _write_dir(root, tasks: dict[str, dict[str, object]]):
     for split, group in tasks.items():
         (root / split).mkdir(parents=True, exist_ok=True)
