@@ -113,6 +113,9 @@ class ModelParams(_Section):
     solver_candidate: Literal["swiglu", "conv"]  # GRU candidate: SwiGLU of convolutions and the input embedding | plain conv
     context_injector: Literal["ffn", "attention"]  # cross-attention injector with its 4x feed-forward layer | without
     hyperlora_delta: Literal["dense", "factored"]  # H x H deltas on the targets' outputs | factors on the gates' inputs
+    # The pair encoder's tokens: `cells` adds to each cell's token a 1x1 projection of that cell's own
+    # input and output embeddings (docs/model.md#in-context-learning); `public` is the public encoder.
+    pair_encoder: Literal["cells", "public"]
 
 
 class TRMParams(_Section):

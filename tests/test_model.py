@@ -412,6 +412,7 @@ def test_pair_encoder_has_input_output_and_difference_branches():
     with torch.no_grad():  # the difference branch reads [input, output, output - input] of the towers
         a, o = enc.input_tower(enc.embed.reference(x)), enc.output_tower(enc.embed.reference(y))
         f = enc.difference(torch.cat([a, o, o - a], 1))
+        f = f + enc.cell(torch.cat([enc.embed.reference(x), enc.embed.reference(y)], 1))  # each cell's own pair
     assert torch.allclose(tokens, (enc.downsample(f) + enc.token_position).flatten(2).transpose(1, 2), atol=1e-5)
 
 

@@ -81,6 +81,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
         raise ModelFileError(f"{path}: built with other module forms: {', '.join(other)}")
     if obj["format"] == 2 and built:
         obj["model_params"] = {**obj["model_params"], **built}
+    if obj["family"] == "rlan" and "pair_encoder" not in obj["model_params"]:  # built before the option: public
+        obj["model_params"] = {**obj["model_params"], "pair_encoder": "public"}
     try:
         model = families.get(obj["family"]).build(obj["model_params"])
         model.load_state_dict(obj["state_dict"])

@@ -127,7 +127,13 @@ class ContextEncoder(nn.Module):
     pair's S*S support tokens. With S = 1 it is not pooled (the public encoder's "no downsampling"):
     every cell of the canvas is a token, h*w per pair, and the cell keeps its own colours. The
     pooled task vector is the mean of a pair's tokens (HyperLoRA's AdaptiveAvgPool2d(1)). No dropout:
-    a pair's encoding is a function of the pair."""
+    a pair's encoding is a function of the pair.
+
+    `pair_encoder: cells` (the default) adds to the map, before any pooling, a 1x1 convolution of
+    each cell's own input and output embeddings: the public map mixes a 7x7 neighbourhood through
+    three 3x3 convolutions with no skip, so no token says which colour became which at its own cell,
+    and tasks told apart only by that pairing were not learned (docs/model.md#in-context-learning).
+    `public` is the public encoder."""
 
     def __init__(self, cfg: ModelParams):
         super().__init__()
@@ -136,6 +142,7 @@ class ContextEncoder(nn.Module):
         self.input_tower = nn.Sequential(*conv_norm(H, H), *conv_norm(H, H))
         self.output_tower = nn.Sequential(*conv_norm(H, H), *conv_norm(H, H))
         self.difference = nn.Sequential(*conv_norm(3 * H, H, kernel=1), *conv_norm(H, H))
+        self.cell = nn.Conv2d(2 * H, H, 1) if cfg.pair_encoder == "cells" else None
         if self.S > 1:
             self.downsample = nn.Sequential(nn.AdaptiveAvgPool2d(self.S), *conv_norm(H, H))
             self.token_position = nn.Parameter(torch.randn(H, self.S, self.S) * 0.02)
@@ -157,9 +164,11 @@ class ContextEncoder(nn.Module):
 
     def _encode(self, pair_in: torch.Tensor, pair_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         table = self.embed.table(*pair_in.shape[-2:])
-        a = self.input_tower(self.embed(pair_in, table))
-        b = self.output_tower(self.embed(pair_out, table))
+        e_in, e_out = self.embed(pair_in, table), self.embed(pair_out, table)
+        a, b = self.input_tower(e_in), self.output_tower(e_out)
         f = self.difference(torch.cat([a, b, b - a], 1))  # (N, H, h, w)
+        if self.cell is not None:  # each cell's own colour pair
+            f = f + self.cell(torch.cat([e_in, e_out], 1))
         t = self.downsample(f)  # (N, H, S, S), or (N, H, h, w) at full resolution
         if self.token_position is not None:
             t = t + self.token_position.to(f.dtype)
