@@ -1,7 +1,7 @@
-"""A first pre-flight check of a training run, made before any data is prepared: the validate_params
-stage, which every other stage waits for, refuses in seconds a run that this CPU cannot finish,
-instead of after preparing and augmenting the full data set (minutes) for the train stage's own
-pre-flight (pipeline.train.preflight) to refuse it.
+"""A first pre-flight check of a training run, made by the train stage before it reads its data or
+writes anything: it refuses in seconds a run that this CPU cannot finish, instead of after loading
+the cache and timing steps on it (pipeline.train.preflight, the second pre-flight). The stages that do
+not train (validate_params, prepare, augment) never make it: they run on any machine.
 
 It bounds the run's time from below, without training anything: the FLOPs of the family's heaviest
 training step (forward and backward, meta-learning on), counted on torch's meta device for a cache
@@ -122,14 +122,14 @@ def refusal(params: Params) -> str | None:
     samples = planned_samples(params, per_sample, micro_batch)
     speed = matmul_flops_per_s(tp.cpu_threads, flush_denormals=tp.flush_denormals)
     hours = samples * flops / speed / processes / 3600
-    log.info("pre-flight before any data is prepared: %s samples of %.1f GFLOP each (forward and backward, counted), "
+    log.info("pre-flight before training starts: %s samples of %.1f GFLOP each (forward and backward, counted), "
              "at this CPU's %.1f GFLOP/s (a matrix product on %d threads): at least %s", f"{samples:,}", flops / 1e9,
              speed / 1e9, tp.cpu_threads, _hours(hours))
     if hours <= limit_h:
         return None
     from pipeline.train import preflight
 
-    return (f"training refused before any data is prepared: at least {_hours(hours)} for {samples:,} samples on the "
+    return (f"training refused before it starts: at least {_hours(hours)} for {samples:,} samples on the "
             f"CPU ({flops / 1e9:.1f} GFLOP each, at most {speed / 1e9:.1f} GFLOP/s here), more than "
             f"train.max_cpu_hours={limit_h:g}. To go on: train on a GPU, run it at the CPU scale instead "
             f"({preflight.CPU_RUN}), or raise train.max_cpu_hours")

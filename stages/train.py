@@ -4,11 +4,17 @@ MLflow, resumable from checkpoints.
 `--checkpoints` is the checkpoint store (pipeline.train.checkpoint): a relative path is taken from the
 root of the repository, also when DVC runs the stage in a temporary copy (`dvc exp run --temp/--queue`),
 so that every way of running an experiment finds its training's checkpoint. SIGINT (Ctrl-C) and
-SIGTERM stop it with one line saying where the next run resumes, and exit status 130 / 143."""
+SIGTERM stop it with one line saying where the next run resumes, and exit status 130 / 143.
+
+A training this machine cannot finish is refused before the stage writes anything: first from the
+counted FLOPs of its step (pipeline.feasibility: seconds, before the cache is read), then from
+measured steps on the real data (pipeline.train.preflight). Only this stage refuses for the cost of
+training: the data stages before it run on any machine."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from pipeline import arc, distributed, feasibility, tracking
@@ -25,11 +31,17 @@ log = logging.getLogger("train")
 
 
 def refusal(message: str, params_path: str) -> str:
-    """A pre-flight refusal with this run's own overrides (what its params.yaml changes from HEAD's) in
-    the CPU-scale command it suggests, and how to restore params.yaml where a `dvc exp run -S` left them."""
-    message = feasibility.with_own_overrides(message, params_path)
-    hint = committed.restore_hint(params_path)
-    return f"{message}\n{hint}" if hint else message
+    """A refusal of the run (either pre-flight's) with this run's own overrides (what its params.yaml
+    changes from HEAD's) in the CPU-scale command it suggests, each `-S` of the `dvc exp run` that runs
+    it (one that changes nothing says so), and HEAD's params.yaml put back where that command rewrote
+    it (or how to restore it where the user changed other keys by hand)."""
+    lines = [feasibility.with_own_overrides(message, params_path)]
+    sets = committed.set_params_of(runlock.dvc_args())
+    if sets:
+        lines.append(committed.describe_sets(sets, committed.committed_text(params_path)))
+    undone = committed.undo_set_params(params_path, sets)
+    lines.append(undone or committed.restore_hint(params_path))
+    return "\n".join(line for line in lines if line)
 
 
 def removed_model(model: str) -> str:
@@ -55,6 +67,9 @@ def main() -> None:
     setup_logging()
     tracking.install_signal_handlers()  # SIGINT and SIGTERM raise Terminated: one line, 130 / 143
     params = stage_params(args.params)
+    if "LOCAL_RANK" not in os.environ and (refused := feasibility.refusal(params)) is not None:
+        fail(refusal(refused + removed_model(args.model), args.params))  # before anything is written or read
+        return
     try:
         tracked = tracking.check_store(params.tracking)  # before any compute, within tracking.timeout_s
     except tracking.TrackingError as err:

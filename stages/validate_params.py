@@ -1,22 +1,16 @@
-"""Stage `validate_params`: params.yaml against the schema and the validation rules (docs/configuration.md), before any compute."""
+"""Stage `validate_params`: params.yaml against the schema and the validation rules (docs/configuration.md), before any compute.
+
+It checks what the params are, never what a training of them would cost on this machine: the stages
+that do not train (prepare, augment) wait for its stamp, and run on any machine. The cost of
+training is the train stage's to refuse (pipeline.feasibility, then pipeline.train.preflight)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from pipeline import feasibility
 from pipeline.experiments import runlock
-from pipeline.experiments.committed import (
-    changes_from_head,
-    committed_text,
-    describe_changes,
-    describe_sets,
-    restore_hint,
-    set_params_of,
-    undo_set_params,
-    yaml_value,
-)
+from pipeline.experiments.committed import changes_from_head, describe_changes, restore_hint, yaml_value
 from pipeline.io import write_json, write_text
 from pipeline.params import ParamsError, load_params
 from pipeline.rules import ACCEPT_KEY, check_rules, render_report, summary
@@ -29,19 +23,6 @@ def failure(message: str, params_path: str) -> str:
     """The message, and what differs from the committed params file with how to restore it."""
     hint = restore_hint(params_path)
     return f"{message}\n{hint}" if hint else message
-
-
-def early_refusal(message: str, params_path: str) -> str:
-    """The pre-flight refusal of a run this CPU cannot finish, with the user's overrides: in the CPU-scale
-    command it suggests, and each `-S` of the `dvc exp run` that runs it (one that changes nothing says so);
-    HEAD's params.yaml is put back where that command rewrote it."""
-    lines = [feasibility.with_own_overrides(message, params_path)]
-    sets = set_params_of(runlock.dvc_args())
-    if sets:
-        lines.append(describe_sets(sets, committed_text(params_path)))
-    undone = undo_set_params(params_path, sets)
-    lines.append(undone or restore_hint(params_path))
-    return "\n".join(line for line in lines if line)
 
 
 def changes_line(changes: dict[str, tuple[Any, Any]] | None) -> str:
@@ -82,9 +63,6 @@ def main() -> None:
     for v in violations:
         (log.error if v.severity == "error" else log.warning)(str(v))  # accepted errors are warnings
     counts = summary(violations, family=params.model.family)
-    if not counts["errors"] and (refused := feasibility.refusal(params)) is not None:
-        fail(early_refusal(refused, args.params))  # before any output is written: nothing is left changed
-        return
     write_json(args.metrics, {**counts, "schema_errors": 0, **differs})
     write_text(args.report, render_report(violations, family=params.model.family, preface=changes_line(changes)))
     if counts["errors"]:

@@ -1,4 +1,4 @@
-"""Before any compute: the first pre-flight (pipeline.feasibility) that validate_params makes, the
+"""Before any training: the first pre-flight (pipeline.feasibility) that the train stage makes, the
 user's `-S` overrides it reports and the params.yaml it puts back; the finished experiment the runner
 reuses (pipeline.experiments.reuse); the DVC warning the runner's DVC drops (dvc_cli)."""
 
@@ -43,9 +43,9 @@ def test_the_full_scale_on_a_cpu_is_refused_from_its_counted_flops():
     trm = params_with(train__device="cpu", model__family="trm")
     trm_flops, trm_batch, pairs, _ = feasibility.step_flops(trm)  # TRM trains pairs: 4 per synthetic sample
     assert trm_batch == trm.trm.global_batch_size // trm.train.grad_accumulation_steps and pairs == 4.0
-    assert trm_flops > 1e10 and "training refused before any data" in feasibility.refusal(trm)
+    assert trm_flops > 1e10 and "training refused before it starts" in feasibility.refusal(trm)
     message = feasibility.refusal(p)
-    assert message.startswith("training refused before any data is prepared: at least ")
+    assert message.startswith("training refused before it starts: at least ")
     assert "more than train.max_cpu_hours=12" in message and "--scale cpu stable fixed" in message
     assert feasibility.refusal(params_with(train__device="cpu", train__max_cpu_hours=1e9)) is None
 

@@ -1,5 +1,5 @@
 """The named experiments end to end, with the real dvc commands at the tiny scale: seed repeats made by
-hand in the workspace, a CPU refusal before any data that leaves every file as it was and names the
+hand in the workspace, a CPU refusal before any training that leaves params.yaml as it was and names the
 user's overrides, the runner interrupted and resumed, and your own experiment reusing the baseline.
 (The queue of mixed scales: tests/test_queue_e2e.py; `make run`: tests/test_make_run_e2e.py.)"""
 
@@ -84,33 +84,28 @@ def test_seed_repeats_by_hand_each_run_exactly_the_baseline_plus_their_overrides
     assert "stable-s1 (1 seed(s)) vs stable-s2 (1 seed(s)), scale tiny" in table and "spread unknown (one seed)" in table
 
 
-def workspace_state(repo) -> tuple[str, bytes, bool]:
-    """What a refused run must leave as it was: git's view of the workspace, params.yaml, dvc.lock."""
-    status = run(["git", "status", "--porcelain", "--untracked-files=all"], repo).stdout
-    return status, (repo / "params.yaml").read_bytes(), (repo / "dvc.lock").exists()
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the full scale runs on a GPU: nothing to refuse")
 @pytest.mark.parametrize("value", ["0.05", "0.1"])  # an override, and the committed value (changes nothing)
-def test_a_cpu_refusal_comes_before_any_data_and_leaves_every_file_as_it_was(repo, value):
-    """The command this pipeline is for, on a CPU at full scale: validate_params refuses it, before
-    prepare and augment, naming the cpu-scale run with the user's override and each -S; DVC's rewrite of
-    params.yaml is undone, no dvc.lock or metrics file is left."""
+def test_a_cpu_refusal_comes_before_any_training_and_leaves_params_as_they_were(repo, value):
+    """The command this pipeline is for, on a CPU at full scale: the data stages run, then the train
+    stage refuses it before training, naming the cpu-scale run with the user's override and each -S;
+    DVC's rewrite of params.yaml is undone, no model or training metrics are left."""
     run(["git", "checkout", "--", "params.yaml"], repo)  # (the hand-made runs left their params there)
-    before = workspace_state(repo)
+    before = (repo / "params.yaml").read_bytes()
     started = time.monotonic()
     failed = run(DVC + ["exp", "run", "-S", f"model.hyperlora_init_scale={value}"], repo, check=False, timeout=600)
     took = time.monotonic() - started
     out = failed.stdout + failed.stderr
-    assert failed.returncode != 0 and "training refused before any data is prepared" in out, out
-    assert "Running stage 'prepare'" not in out and "Traceback" not in out
+    assert failed.returncode != 0 and "training refused before it starts" in out, out
+    assert "Running stage 'train'" in out and "pipeline.train.loop" not in out and "Traceback" not in out
     if value == "0.05":
         assert "python -m pipeline.experiments run --scale cpu -S model.hyperlora_init_scale=0.05)" in out
         assert "your overrides: -S model.hyperlora_init_scale=0.05\n" in out
     else:
         assert "your overrides: -S model.hyperlora_init_scale=0.1 (HEAD's value already: it changes nothing)" in out
     assert "params.yaml is HEAD's again" in out
-    assert workspace_state(repo) == before
+    assert (repo / "params.yaml").read_bytes() == before
+    assert not (repo / "models" / "model.pt").exists() and not (repo / "metrics" / "train.json").exists()
     print(f"refused in {took:.1f} s")
 
 

@@ -263,7 +263,9 @@ def test_train_stage_refuses_a_cpu_run_longer_than_the_limit(tmp_path):
     proc = subprocess.run(train_cmd(ws, tmp_path / "out"), cwd=REPO, env=tool_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0
-    assert "training refused: projected" in proc.stderr and "train.max_cpu_hours=1e-07" in proc.stderr
+    # the first pre-flight (counted FLOPs) refuses it before the cache is read; nothing is written
+    assert "training refused before it starts" in proc.stderr and "train.max_cpu_hours=1e-07" in proc.stderr
+    assert not (tmp_path / "out").exists()
     assert "--scale cpu" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "model.pt").exists()
 

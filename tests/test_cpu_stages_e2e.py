@@ -1,0 +1,62 @@
+"""Every stage that does not train runs on a CPU machine from a fresh clone, at the full scale; only
+the train stage refuses a training the CPU cannot finish, before it writes anything.
+
+What it catches: a refusal for the cost of training made by a stage that does not train
+(validate_params, prepare, augment: `dvc repro prepare` and `dvc repro augment` failing on a CPU),
+or a train stage that starts training, writes its model or a checkpoint, or leaves `-S` overrides in
+params.yaml before refusing."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import commit_all, copy_repo, run
+
+DVC = [sys.executable, "-m", "dvc"]
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the full scale trains: nothing to refuse")]
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("cpu"))
+    commit_all(repo, "fresh clone")
+    return repo
+
+
+def test_prepare_and_augment_run_at_full_scale_on_a_cpu(clone):
+    prepared = run(DVC + ["repro", "prepare"], clone, timeout=600)
+    assert "training refused" not in prepared.stdout + prepared.stderr
+    counts = json.loads((clone / "metrics" / "prepare.json").read_text())
+    assert counts["train"]["tasks"] == 400 and counts["eval"]["tasks"] == 400  # every ARC-AGI-1 task
+    assert (clone / "data" / "raw" / "pairs.parquet").is_file()
+    run(DVC + ["repro", "augment"], clone, timeout=600)
+    manifest = json.loads((clone / "data" / "cache" / "manifest.json").read_text())
+    assert manifest["samples"] == 800 * 500  # the 400K-sample cache of params.yaml
+    assert json.loads((clone / "metrics" / "augment.json").read_text())["samples"] == 400_000
+    status = run(DVC + ["status", "prepare", "augment"], clone).stdout
+    assert "changed" not in status  # recorded in dvc.lock: a second repro runs nothing
+
+
+def test_the_train_stage_refuses_before_it_writes_anything(clone):
+    """`dvc exp run -S ...` at the full scale: the data stages run (or are up to date), the train
+    stage refuses in one line naming the override, puts HEAD's params.yaml back, and leaves no model,
+    checkpoint or MLflow run."""
+    if not (clone / "data" / "cache" / "manifest.json").exists():
+        run(DVC + ["repro", "augment"], clone, timeout=600)
+    head = (clone / "params.yaml").read_text()
+    failed = run(DVC + ["exp", "run", "-S", "model.hyperlora_init_scale=0.05"], clone, check=False, timeout=600)
+    out = failed.stdout + failed.stderr
+    refusals = [line for line in out.splitlines() if "training refused before it starts: at least " in line]
+    assert failed.returncode != 0 and len(refusals) == 1, out
+    assert "more than train.max_cpu_hours=12" in refusals[0] and "Traceback" not in out
+    assert "python -m pipeline.experiments run --scale cpu -S model.hyperlora_init_scale=0.05)" in refusals[0]
+    assert "your overrides: -S model.hyperlora_init_scale=0.05" in out and "params.yaml is HEAD's again" in out
+    assert "Running stage 'train'" in out and "pipeline.train.loop" not in out  # refused before the loop starts
+    assert (clone / "params.yaml").read_text() == head
+    assert not (clone / "models" / "model.pt").exists() and not (clone / "checkpoints").exists()
+    assert not (clone / "mlflow.db").exists() and not (clone / "metrics" / "train.json").exists()
