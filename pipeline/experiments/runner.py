@@ -125,7 +125,7 @@ SCALES: dict[str, Scale] = {
     "cpu": Scale({
         "model.hidden_dim": 32, "model.num_solver_steps": 3, "model.max_clues": 3, "model.spatial_downsample": 4,
         "model.dsc_num_heads": 2, "model.solver_context_heads": 2,
-        "data.max_tasks": 20, "augment.samples_per_task": 100,
+        "data.max_tasks": 20, "data.task_order": "size", "augment.samples_per_task": 100,
         "train.epochs": 10, "train.steps_per_epoch": 25, "train.batch_size": 16, "train.grad_accumulation_steps": 1,
         "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 1, "train.cpu_threads": 1,
         # a CPU's shortcut (rule loo-every-pair warns): one held-out pair per sample and one turned
