@@ -396,6 +396,25 @@ def test_cpu_threads_are_a_param_so_the_machine_does_not_change_the_bytes(tmp_pa
     assert checkpoint.fingerprint(two, [ws["cache"]]) != checkpoint.fingerprint(params, [ws["cache"]])
 
 
+def test_preflight_cost_of_meta_learning_does_not_depend_on_the_load(tmp_path, monkeypatch):
+    """The ratio the run clock starts from (a meta-learning step over a plain one) is a FLOP count:
+    two experiments side by side get the same one however their timed steps compete for the cores."""
+    from pipeline.loader import AugmentedCache
+    from pipeline.model import family as families
+    from pipeline.train.sampler import Sampler
+
+    ws = tiny_workspace(tmp_path)
+    params = load_params(ws["params"])
+    tp, cpu = params.train, torch.device("cpu")
+    run = families.get("rlan").training(params, AugmentedCache(ws["cache"]), cpu)
+    sampler = Sampler(run.items, tp.seed, run.micro_batch, tp.grad_accumulation_steps, 1)
+    _, quiet = loop.preflight_check(run, sampler, tp, cpu, 100, 1)
+    measure, rng = preflight.measure, np.random.default_rng(0)
+    monkeypatch.setattr(preflight, "measure", lambda *a: (measure(*a)[0] * rng.uniform(1, 5), measure(*a)[1]))
+    _, loaded = loop.preflight_check(run, sampler, tp, cpu, 100, 1)
+    assert loaded == quiet > 1.5  # leave-one-out and equivariance passes: well over one plain step's work
+
+
 def test_run_clock_counts_meta_learning_epochs_at_their_own_cost():
     """The time to the end: plain epochs at their measured rate, meta-learning epochs at the pre-flight's
     ratio until one is timed, then at their own; the evaluations still to come at their mean time."""

@@ -421,9 +421,11 @@ def _train(params: Params, cache: AugmentedCache, heldout: dict[str, list], path
 def preflight_check(run: families.Training, sampler: Sampler, tp: TrainParams, device: torch.device, samples: int,
                     world_size: int) -> tuple[str | None, float]:
     """Project the run from measured steps (the family's heaviest step) and log it; (the reason to
-    refuse it or None, the time of a heaviest step over that of a first-epoch step on the same
-    micro-batch: what a meta-learning epoch costs more). Runs forward and backward only: the weights
-    do not change."""
+    refuse it or None, the FLOPs of a heaviest step over those of a first-epoch step on the same
+    samples: what a meta-learning epoch costs more, until one has been timed). A FLOP count, not a
+    timing: two experiments started side by side time their steps while competing for the same cores,
+    and a single timed step varied 2x between them; a count is the same for the same params and data.
+    Runs forward and backward only: the weights do not change."""
     model = run.model
     first = sampler.micro_batches(sampler.order(0), 0, 0, 0)[0]
 
@@ -441,10 +443,8 @@ def preflight_check(run: families.Training, sampler: Sampler, tp: TrainParams, d
                                        max_cpu_hours=tp.max_cpu_hours)
         ratio = 1.0
         if projection.hours <= 2 * tp.max_cpu_hours or device.type != "cpu":  # not refused on time anyway
-            n = min(run.micro_batch, 16)
-            heavy, _ = preflight.measure(step, n, device)
-            plain, _ = preflight.measure(lambda k: step(k, 1), n, device)
-            ratio = max(heavy / max(plain, 1e-9), 1.0)
+            n = min(run.micro_batch, 2)
+            ratio = max(preflight.flops(step, n) / max(preflight.flops(lambda k: step(k, 1), n), 1.0), 1.0)
     finally:
         model.zero_grad(set_to_none=True)  # also after a step that ran out of memory half way
     log.info("pre-flight: %s", projection.describe())

@@ -124,6 +124,15 @@ def measure(step: Callable[[int], None], n: int, device: torch.device) -> tuple[
     return seconds, rss.peak
 
 
+def flops(step: Callable[[int], None], n: int) -> float:
+    """The floating-point operations torch counts in `step(n)` (matrix products and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(n)
+    return float(counter.get_total_flops())
+
+
 def out_of_memory(err: BaseException) -> bool:
     """An allocation failure: CUDA's OutOfMemoryError, the CPU allocator's error, or Python's MemoryError."""
     if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
