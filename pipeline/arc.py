@@ -26,6 +26,7 @@ import json
 import re
 import reprlib
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,8 +192,7 @@ def load_path(path: str | Path, max_bytes: int | None = None) -> tuple[list[Task
         raise TaskError(f"{path}: no such file or directory")
     if not tasks:
         raise TaskError(f"{path}: no tasks found")
-    ids = [t.id for t in tasks]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = sorted(i for i, n in Counter(t.id for t in tasks).items() if n > 1)
     if dupes:
         raise TaskError(f"{path}: task ids appear more than once: {', '.join(dupes[:5])}")
     return tasks, {"source": str(path)}

@@ -161,6 +161,32 @@ def test_prepare_stage_with_input(tmp_path):
     assert [t.id for t in arc.read_raw(tmp_path / "raw" / "pairs.parquet")] == ["aaa", "bbb"]
 
 
+HOSTILE = {
+    "a 31x31 grid": ("big", bad("train.0.input", [[1] * 31] * 31), "task big: train pair 0 input: 31 rows, more than 30"),
+    "colour 10": ("hue", bad("test.0.input", [[0, 10]]), "task hue: test pair 0 input: cell (0, 1) is 10"),
+    "no demonstrations": ("bare", bad("train", []), "task bare: needs at least one demonstration pair"),
+    "ragged rows": ("rag", bad("train.0.output", [[1, 2], [3]]), "task rag: train pair 0 output: not rectangular"),
+    "an id that climbs out": ("../../escape", GOOD, "task '../../escape': id must be"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_prepare_stage_names_a_hostile_task_in_one_line_and_writes_nothing(tmp_path, case):
+    """One bad task among good ones in a user's JSON file: one line naming it, no traceback, and no
+    raw data, metrics or temporary folder left behind (a directory cannot hold the climbing id: a file)."""
+    task_id, task, message = HOSTILE[case]
+    src = tmp_path / "mine.json"
+    src.write_text(json.dumps({"train": {"aaa": GOOD, task_id: task}, "eval": {"bbb": GOOD}}))
+    proc = _prepare(tmp_path, "--input", str(src))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "bad ARC input" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "prepare.json").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name not in {"params.yaml", "mine.json"}]
+
+
 @pytest.mark.slow
 def test_prepare_stage_broken_input_fails_cleanly(tmp_path):
     src = tmp_path / "mine"
