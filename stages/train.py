@@ -24,7 +24,7 @@ from pipeline.model.io import ModelFileError
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker, lineage, mlflow_model
 from pipeline.tracking.client import TrackingLost, unless_required
-from pipeline.train.loop import TrainPaths, train
+from pipeline.train.loop import NonFiniteLossError, TrainPaths, train
 from pipeline.train.preflight import PreflightError
 
 log = logging.getLogger("train")
@@ -100,6 +100,11 @@ def main() -> None:
     except tracking.Terminated as err:  # SIGINT or SIGTERM: where it stopped and resumes, no traceback
         tracker.end("KILLED")
         fail(f"train: {err}{removed_model(args.model)}", err.code)
+        return
+    except NonFiniteLossError as err:  # diverged: no model written, so none reaches evaluate or the registry
+        tracker.end("FAILED")
+        fail(f"train: stopped, the loss diverged: {err}; no model was written. Lower train.learning_rate (or "
+             f"train.hyperlora_lr_multiplier, train.gradient_clip), then run again{removed_model(args.model)}")
         return
     except BaseException as err:
         tracker.end(tracking.end_status(err))

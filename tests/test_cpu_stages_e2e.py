@@ -4,17 +4,21 @@ the train stage refuses a training the CPU cannot finish, before it writes anyth
 What it catches: a refusal for the cost of training made by a stage that does not train
 (validate_params, prepare, augment: `dvc repro prepare` and `dvc repro augment` failing on a CPU),
 or a train stage that starts training, writes its model or a checkpoint, or leaves `-S` overrides in
-params.yaml before refusing."""
+params.yaml before refusing; a cache build killed half way (SIGKILL: no handler runs) that leaves a
+partial cache behind, or makes the next `dvc repro` keep or build anything but the uninterrupted
+cache."""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import time
 
 import pytest
 import torch
 
-from tests.helpers import commit_all, copy_repo, run
+from tests.helpers import commit_all, copy_repo, interrupt_when, run
 
 DVC = [sys.executable, "-m", "dvc"]
 pytestmark = [pytest.mark.e2e,
@@ -60,3 +64,39 @@ def test_the_train_stage_refuses_before_it_writes_anything(clone):
     assert (clone / "params.yaml").read_text() == head
     assert not (clone / "models" / "model.pt").exists() and not (clone / "checkpoints").exists()
     assert not (clone / "mlflow.db").exists() and not (clone / "metrics" / "train.json").exists()
+
+
+def _lock_md5(repo, stage: str, out: str) -> str:
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == out)
+
+
+def test_augment_killed_half_way_then_repro_builds_the_same_cache(clone):
+    """SIGKILL to `dvc repro -f augment` (DVC and the stage at once) while the 400K cache is being
+    written; the next `dvc repro augment` removes the dead writer's temporary folder and builds the
+    cache whose hash dvc.lock held before, byte for byte; nothing stale is left."""
+    if not (clone / "data" / "cache" / "manifest.json").exists():
+        run(DVC + ["repro", "augment"], clone, timeout=600)
+    before = _lock_md5(clone, "augment", "data/cache")
+
+    def writing() -> bool:  # the stage has written part of its temporary cache folder
+        return any(f.is_file() for tmp in (clone / "data").glob("cache.tmp-*") for f in tmp.rglob("*"))
+
+    started = time.monotonic()
+    code, out = interrupt_when(DVC + ["repro", "-f", "augment"], clone, writing, signum=signal.SIGKILL)
+    assert code == -signal.SIGKILL, out
+    assert list((clone / "data").glob("cache.tmp-*")), "killed before the temporary cache was written"
+    assert not (clone / "data" / "cache" / "manifest.json").exists()  # DVC removed the old one: no stale cache
+    status = run(DVC + ["status", "augment"], clone).stdout
+    assert "changed" in status or "deleted" in status  # DVC sees the stage is not done
+
+    again = run(DVC + ["repro", "augment"], clone, timeout=600)
+    said = again.stdout + again.stderr
+    assert "Running stage 'augment'" in said and "left by a stage that was killed" in said
+    assert _lock_md5(clone, "augment", "data/cache") == before
+    assert json.loads((clone / "data" / "cache" / "manifest.json").read_text())["samples"] == 400_000
+    assert not list((clone / "data").glob("cache.tmp-*"))  # the killed writer's folder is gone
+    assert "changed" not in run(DVC + ["status", "augment"], clone).stdout
+    assert time.monotonic() - started < 600

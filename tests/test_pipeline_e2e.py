@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import sqlite3
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -149,3 +153,71 @@ def test_experiment_runs_are_named_in_mlflow(repo):
                                "where runs.name = 'small'"))
     assert "small" in names
     assert tags["dvc_exp_name"] == "small" and len(tags["dvc_baseline_rev"]) == 40
+
+
+def stage_running(module: str, cwd: Path, for_s: float):
+    """A predicate: a process of `python -m <module>` in `cwd` has run for `for_s` seconds."""
+    seen: dict[int, float] = {}
+
+    def ready() -> bool:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                here = os.readlink(proc / "cwd") == str(cwd)
+            except OSError:
+                continue
+            if here and b"-m" in cmd and module.encode() in cmd:
+                first = seen.setdefault(int(proc.name), time.monotonic())
+                if time.monotonic() - first >= for_s:
+                    return True
+        return False
+    return ready
+
+
+def test_evaluate_killed_then_repro_gives_the_uninterrupted_result(repo):
+    """SIGKILL to `dvc repro` (DVC and the evaluate stage at once) while it evaluates: no output is
+    left half-written, DVC sees the stage as not done, and the same command run again gives the
+    bytes of the uninterrupted evaluation (a plain `dvc repro` would restore them from DVC's cache: the
+    killed run never reached dvc.lock)."""
+    run(DVC + ["repro"], repo)
+    outs = ["metrics/eval.json", "metrics/submission.json", "metrics/eval_tasks.csv", "metrics/eval_candidates.json"]
+    whole = {p: (repo / p).read_bytes() for p in outs}
+    code, out = interrupt_when(DVC + ["repro", "-f", "evaluate"], repo,
+                               stage_running("stages.evaluate", repo, 2.0), signum=signal.SIGKILL)
+    assert code == -signal.SIGKILL, out
+    for p in outs:  # DVC removed the outputs before the stage ran; a killed stage wrote none of them
+        assert not (repo / p).exists() or (repo / p).read_bytes() == whole[p], p
+    assert "evaluate" in run(DVC + ["status"], repo).stdout
+    again = run(DVC + ["repro", "-f", "evaluate"], repo)  # the command that was killed, once more
+    assert "Running stage 'evaluate'" in again.stdout
+    assert {p: (repo / p).read_bytes() for p in outs} == whole
+    assert not [p for p in (repo / "metrics").iterdir() if ".tmp-" in p.name]
+    assert "changed" not in run(DVC + ["status"], repo).stdout
+
+
+def test_a_diverging_training_stops_in_one_line_and_no_model_reaches_evaluate_or_the_registry(repo):
+    """An absurd learning rate (within the schema's bounds): the loss turns NaN/Inf, training stops
+    after train.max_consecutive_nonfinite skipped steps with one line saying what to lower; no model
+    file, no evaluation, no registered model version of that experiment."""
+    def versions() -> list[tuple]:
+        if not (repo / "mlflow.db").exists():
+            return []
+        with sqlite3.connect(repo / "mlflow.db") as db:
+            return list(db.execute("select name, version, run_id from model_versions"))
+
+    registered = versions()
+    absurd = ["-S", "train.learning_rate=1.0", "-S", "train.hyperlora_lr_multiplier=1000",
+              "-S", "train.gradient_clip=1000000", "-S", "train.max_consecutive_nonfinite=2"]
+    failed = run(DVC + ["exp", "run", "-n", "diverged", *absurd], repo, check=False)
+    said = failed.stdout + failed.stderr
+    try:
+        assert failed.returncode != 0
+        [line] = [ln for ln in said.splitlines() if "the loss diverged" in ln]
+        assert "consecutive optimizer steps with a NaN/Inf loss" in line and "Lower train.learning_rate" in line
+        assert "Traceback" not in said and "Running stage 'evaluate'" not in said
+        assert not (repo / "models" / "model.pt").exists()
+        assert versions() == registered
+        assert [r[1] for r in mlflow_runs(repo) if r[0] == "diverged"] == ["FAILED"]
+    finally:
+        run(["git", "checkout", "--", "."], repo)
+        run(DVC + ["checkout", "-f"], repo, check=False)
