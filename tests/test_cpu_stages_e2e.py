@@ -100,3 +100,18 @@ def test_augment_killed_half_way_then_repro_builds_the_same_cache(clone):
     assert not list((clone / "data").glob("cache.tmp-*"))  # the killed writer's folder is gone
     assert "changed" not in run(DVC + ["status", "augment"], clone).stdout
     assert time.monotonic() - started < 600
+
+
+def test_the_gpu_checks_carry_is_made_on_a_cpu(clone):
+    """`make gpu-carry` (benchmarks.gpu_carry) from the fresh clone: the wheels the device lacks, for
+    its Python and this one, and the prepared tasks, with the command to run there."""
+    made = run([sys.executable, "-m", "benchmarks.gpu_carry"], clone, timeout=600)
+    carry = clone / ".gpu-carry"
+    wheels = [w.name for w in (carry / "wheels").glob("*.whl")]
+    assert any(w.startswith("pydantic_core-") and "cp312" in w for w in wheels), wheels
+    assert (carry / "wheels" / "requirements.txt").read_text().startswith("pydantic==")
+    from pipeline.arc import read_raw
+
+    assert len(read_raw(carry / "raw" / "pairs.parquet")) == 800
+    assert "python3 -m benchmarks.gpu --raw .gpu-carry/raw" in made.stdout and "travel (limit 64 MiB)" in made.stdout
+    assert "training refused" not in made.stdout + made.stderr
