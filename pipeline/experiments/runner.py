@@ -126,7 +126,7 @@ SCALES: dict[str, Scale] = {
         "model.hidden_dim": 32, "model.num_solver_steps": 3, "model.max_clues": 3, "model.spatial_downsample": 4,
         "model.dsc_num_heads": 2, "model.solver_context_heads": 2,
         "data.max_tasks": 20, "data.task_order": "size", "augment.samples_per_task": 100,
-        "train.epochs": 10, "train.steps_per_epoch": 25, "train.batch_size": 16, "train.grad_accumulation_steps": 1,
+        "train.epochs": 16, "train.steps_per_epoch": 25, "train.batch_size": 16, "train.grad_accumulation_steps": 1,
         "train.heldout_tasks": 20, "train.device": "cpu", "train.save_every": 1, "train.cpu_threads": 1,
         # a CPU's shortcut (rule loo-every-pair warns): one held-out pair per sample and one turned
         # context for equivariance, a cheaper meta-learning step than every pair and four
@@ -587,7 +587,7 @@ def heartbeat(status: str, waited: float, silent: float) -> str:
 def check_params(planned: list[Planned], rev: str, cwd: Path) -> None:
     """Fail, naming the experiment and the keys, unless `dvc params diff rev <exp>` shows exactly the
     overrides of each experiment that change a value of the baseline."""
-    revs = experiment_revs(cwd)
+    revs = experiment_revs(cwd, rev)  # the commit they were queued from, even if HEAD moved since
     missing = [p.name for p in planned if p.name not in revs]
     if missing:
         status = _dvc(["queue", "status"], cwd).stdout
@@ -610,9 +610,21 @@ def finished(shown: list[dict[str, Any]]) -> dict[str, str]:
             if exp.get("name") and exp.get("revs") and (exp.get("executor") or {}).get("state", "success") == "success"}
 
 
-def experiment_revs(cwd: Path) -> dict[str, str]:
-    """Name -> commit of every finished experiment of the current baseline."""
-    return finished(json.loads(_dvc(["exp", "show", "--json"], cwd).stdout))
+def experiment_revs(cwd: Path, baseline: str | None = None) -> dict[str, str]:
+    """Name -> commit of every finished experiment of `baseline` (default HEAD)."""
+    return finished(json.loads(_dvc(["exp", "show", "--json", *(["--rev", baseline] if baseline else [])],
+                                    cwd).stdout))
+
+
+def earlier_baselines(cwd: Path) -> list[str]:
+    """The commits before HEAD on its first-parent line that hold experiments (DVC keeps a finished
+    experiment as refs/exps/<baseline, split 2/38>/<name>), newest first."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=cwd, capture_output=True,
+                          text=True).stdout.split()
+    held = {m[1] + m[2] for r in refs if (m := re.fullmatch(r"refs/exps/([0-9a-f]{2})/([0-9a-f]{38})/[^/]+", r))}
+    line = subprocess.run(["git", "rev-list", "--first-parent", "HEAD"], cwd=cwd, capture_output=True,
+                          text=True).stdout.split()
+    return [c for c in line[1:] if c in held]
 
 
 # --- comparing: experiments by group, one scale ----------------------------------------------------
@@ -669,10 +681,28 @@ def groups_of(names: list[str], scale: str | None, cwd: Path) -> dict[str, Group
     groups: dict[str, Group] = {}
     for name in names:
         for n in GROUPS.get(name, [name]):
-            g = group_of(n, scale, revs, cwd)
+            try:
+                g = group_of(n, scale, revs, cwd)
+            except ExperimentError:
+                g = from_earlier_baseline(n, scale, cwd)
             groups[g.label] = g
     one_scale(groups)
     return groups
+
+
+def from_earlier_baseline(name: str, scale: str | None, cwd: Path) -> Group:
+    """`name`'s group from the newest earlier commit that has it, when HEAD has none (a commit made
+    after the experiments ran, or while they ran in the queue); said in the log, since the code may
+    have changed since. The error of HEAD when no earlier commit has it either."""
+    for baseline in earlier_baselines(cwd):
+        try:
+            g = group_of(name, scale, experiment_revs(cwd, baseline), cwd)
+        except ExperimentError:
+            continue
+        log.info("%s: HEAD has none of its experiments; those of the earlier commit %s (what changed since: "
+                 "`git diff %s HEAD`)", g.label, baseline[:7], baseline[:7])
+        return g
+    return group_of(name, scale, experiment_revs(cwd), cwd)
 
 
 def one_scale(groups: dict[str, Group]) -> None:
