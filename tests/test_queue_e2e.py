@@ -154,3 +154,26 @@ def test_a_stopped_or_killed_runner_leaves_no_queue_running_and_its_rerun_ends(r
     with sqlite3.connect(repo / "mlflow.db") as db:
         assert db.execute("select count(*) from runs where status = 'RUNNING'").fetchone() == (0,)
     assert "stable_tiny" in experiment_revs(repo)
+
+
+def test_a_commit_made_while_the_queue_runs_leaves_the_run_and_its_comparison_whole(repo, tmp_path):
+    """The user commits while their experiments run in the queue (HEAD moves): the runner still finds
+    its experiments at the commit they were queued from (not "did not finish"), and `compare` finds
+    them at that earlier commit, saying so, since HEAD has none."""
+    out = tmp_path / "runner.log"
+    runner = start_runner(repo, out)
+    try:
+        wait_until(training(out), what="the queued experiment to train")
+        queued_from = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+        (repo / "NOTES.md").write_text("an unrelated note, committed while the queue runs\n")
+        run(["git", "add", "NOTES.md"], repo)
+        run(["git", "commit", "-q", "-m", "a note"], repo)
+        assert runner.wait(timeout=900) == 0, out.read_text()[-4000:]
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+    log = out.read_text()
+    assert "did not finish" not in log and f"ran from {queued_from[:7]} at the tiny scale" in log
+    compared = run(EXPERIMENTS + ["compare", "--scale", "tiny", "stable"], repo)
+    assert f"HEAD has none of its experiments; those of the earlier commit {queued_from[:7]}" in compared.stderr
+    assert "stable_tiny" in compared.stdout
