@@ -134,8 +134,9 @@ SCALES: dict[str, Scale] = {
         "evaluate.device": "cpu", "evaluate.batch_size": 128, "evaluate.max_versions": 8,
         "trm.hidden_size": 32, "trm.num_heads": 2, "trm.h_cycles": 2, "trm.l_cycles": 2, "trm.puzzle_emb_len": 4,
         "trm.halt_max_steps": 3, "trm.global_batch_size": 16, "trm.lr_warmup_steps": 10,
-    }, "20+20 tasks, 100 versions each, a 32-wide model, 10 epochs (7 with meta-learning) of 25 steps of 16 samples; "
-       "8 minutes for both in the queue on a quiet 2-core machine (measured: `make run`, 474 s)"),
+    }, "the 20+20 tasks of the smallest grids, 100 versions each, a 32-wide model, 16 epochs (13 with "
+       "meta-learning) of 25 steps of 16 samples; about 14 minutes for both in the queue on 2 cores (measured: "
+       "13 and 15 min per pair of the three-seed study)"),
     "tiny": Scale({
         "model.hidden_dim": 16, "model.num_solver_steps": 2, "model.max_clues": 2, "model.spatial_downsample": 2,
         "model.dsc_num_heads": 2, "model.solver_context_heads": 2, "model.msre_encoding_dim": 8,
