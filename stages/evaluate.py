@@ -19,7 +19,7 @@ from pipeline.integrity import IntegrityError, file_md5
 from pipeline.io import write_json, write_text
 from pipeline.model import family as families
 from pipeline.model.io import ModelFileError, load_model
-from pipeline.params import PUBLIC_FORMS, differences
+from pipeline.params import differences
 from pipeline.runtime import use_cpu
 from pipeline.stage import fail, parser, run, setup_logging, stage_params
 from pipeline.tracking import Tracker, lineage
@@ -65,14 +65,13 @@ def main() -> None:
         setup_logging(logging.WARNING)
 
     try:
-        forms = {k: getattr(params.model, k) for k in PUBLIC_FORMS} if params.model.family == "rlan" else None
-        model, meta = load_model(args.model, world.device, forms)
+        model, meta = load_model(args.model, world.device, families.get(params.model.family).forms(params))
     except ModelFileError as err:
         fail(str(err))
         return
-    section = "trm" if model.FAMILY == "trm" else "model"  # the params section the model was built from
-    recorded = model.config()
-    other = differences({section: recorded.get("trm") if section == "trm" else recorded},
+    family = families.of(model)
+    section = family.section  # the params section the model was built from
+    other = differences({section: family.built_with(model)},
                         {section: getattr(params, section).model_dump()}, ("the model has", "params.yaml"))
     if model.FAMILY != params.model.family:
         other.insert(0, f"model.family: the model has {model.FAMILY!r}, params.yaml {params.model.family!r}")
@@ -82,7 +81,7 @@ def main() -> None:
              f"{f'; and {len(other) - 3} more' if len(other) > 3 else ''}): train it with these params first "
              f"(`dvc repro`), or evaluate it with the params.yaml it was trained with")
         return
-    predict = families.of(model).predictor(model, meta, ep, world.device, params.train.precision)
+    predict = family.predictor(model, meta, ep, world.device, params.train.precision)
     tasks = arc.read_raw(Path(args.raw) / "pairs.parquet")
     versions = None
     if ep.views == "cache":

@@ -115,3 +115,16 @@ def test_the_gpu_checks_carry_is_made_on_a_cpu(clone):
     assert len(read_raw(carry / "raw" / "pairs.parquet")) == 800
     assert "python3 -m benchmarks.gpu --raw .gpu-carry/raw" in made.stdout and "travel (limit 64 MiB)" in made.stdout
     assert "training refused" not in made.stdout + made.stderr
+
+
+def test_the_flop_count_runs_on_a_cpu(clone):
+    """`python -m benchmarks.train --flops-only` from the fresh clone (its 400K cache): the counts on
+    the meta device and the projected H100-hours, never a refusal for the cost of training."""
+    if not (clone / "data" / "cache" / "manifest.json").exists():
+        run(DVC + ["repro", "augment"], clone, timeout=600)
+    counted = run([sys.executable, "-m", "benchmarks.train", "--flops-only", "--flop-batches", "1"], clone,
+                  timeout=900)
+    assert "Training cost (counted on the meta device)" in counted.stdout
+    [line] = [ln for ln in counted.stdout.splitlines() if "stable run (80M samples) at 40% of H100 bf16 peak" in ln]
+    assert float(line.split("|")[2].replace(",", "")) > 1  # H100-hours, counted
+    assert "training refused" not in counted.stdout + counted.stderr

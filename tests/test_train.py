@@ -33,7 +33,7 @@ from tests.helpers import (
 def test_tiny_model_learns_four_tasks_told_apart_by_their_demonstrations():
     """benchmarks.learning's `four` toy (recolourings no one colour map solves) with params.yaml's
     context injector (`ffn`) and solver candidate, support tokens unpooled: every task solved exactly
-    on its fresh test inputs within 600 steps (seed 0: 300 steps, about 30 s on one thread; seeds
+    on its fresh test inputs within 600 steps (seed 0: 100 steps, about 15 s on one thread; seeds
     0-2 at 1, 2 and 4 threads are in docs/model.md's learning table), and the demonstrations then
     matter: another task's make the answers wrong (context gain). Fails with the tokens pooled to one
     per pair, or a context that does not reach the query."""
@@ -50,7 +50,7 @@ def test_tiny_model_learns_four_tasks_told_apart_by_their_demonstrations():
 def test_tiny_model_tells_apart_two_tasks_of_the_same_grids_with_swapped_maps():
     """benchmarks.learning's `swapped` toy: {1:2, 3:4} and {1:4, 3:2} on the same grids, so that only
     the pairing of input and output cells in the demonstrations tells them apart. With params.yaml's
-    pair encoder (`cells`) both solved within 600 steps (seed 0: 250 steps on one thread); the public
+    pair encoder (`cells`) both solved within 600 steps (seed 0: 225 steps on one thread); the public
     encoder (`pair_encoder: public`) stays on the context-blind answer at this seed."""
     from benchmarks.learning import toy_params, train_toy
 
@@ -421,8 +421,8 @@ def test_run_clock_counts_meta_learning_epochs_at_their_own_cost():
     from pipeline.train.loop import RunClock
 
     tp = params_with(train__epochs=10, train__meta_learning_start_epoch=3, train__eval_every=5).train
-    clock = RunClock(tp, steps_per_epoch=25)
-    clock.meta_ratio = 2.0
+    clock = RunClock(tp, steps_per_epoch=25, heavy=lambda epoch: schedule.meta_learning_active(tp, epoch))
+    clock.heavy_ratio = 2.0
     clock.trained(1, 25, 50.0)
     clock.trained(2, 25, 50.0)  # 2 s a plain step
     assert clock.eta(2) == pytest.approx(25 * 2.0 + 7 * 25 * 4.0)  # epoch 3 plain, 4..10 at 2 x 2 s

@@ -3,7 +3,8 @@
     pipeline/model/family.py   the interface the training loop and the evaluator call, and the registry
     pipeline/model/rlan/       RLAN: context encoder, DSC, MSRE, HyperLoRA, recursive solver
     pipeline/model/trm/        TRM: the tiny recursive network, puzzle embeddings, deep supervision
-    pipeline/model/stablemax.py, ema.py, io.py   shared: probabilities, the averaged weights, model files
+    pipeline/model/stablemax.py, io.py   shared: probabilities (stablemax), model files
+      (the averaged weights are torch's AveragedModel, built by the training loop)
 
 The canvas both families read and write is `pipeline.canvas` (TRM's tokens: PAD 0, EOS 1, colour c as c + 2).
 """

@@ -58,6 +58,20 @@ class Training(ABC):
     def set_learning_rate(self, optimizer: Any, step: int, total: int) -> float:
         """Set the learning rates of optimizer step `step` (0-based) of `total`; returns the base rate."""
 
+    def temperature(self, progress: float) -> float:
+        """The temperature the objective gets at `progress` (0 at the first step, 1 at the last) of the
+        run; a family whose objective takes none ignores it."""
+        return 1.0
+
+    def heavy(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (from 1) runs the family's heaviest step (what the pre-flight measures):
+        its time per step is then tracked apart from the other epochs'."""
+        return False
+
+    def model_meta(self) -> dict[str, Any]:
+        """What the trained model file records beside the weights for the family's predictor."""
+        return {}
+
     @abstractmethod
     def prepare(self, mb: Any, epoch: int | None) -> Batch:
         """Micro-batch `mb` (pipeline.train.sampler.MicroBatch) of `epoch` (from 1) on the host; `None`
@@ -74,6 +88,16 @@ class Training(ABC):
 
 class Family(ABC):
     name: str
+    section: str  # the params.yaml section its models are built from (`model`, `trm`)
+
+    def built_with(self, model: nn.Module) -> dict[str, Any]:
+        """The values of `section` that `model` was built from (what evaluate checks params.yaml against)."""
+        return model.config()
+
+    def forms(self, params: Params) -> dict[str, str] | None:
+        """The module forms (key: form) a model file must have been built with to match `params`;
+        None for a family without form options."""
+        return None
 
     @abstractmethod
     def build(self, config: dict[str, Any]) -> nn.Module:

@@ -40,7 +40,7 @@ from pipeline.model.io import ModelFileError, save_model
 from pipeline.params import Params, TrainParams
 from pipeline.runtime import autocast, resolve_device, seed_everything, use_cpu
 from pipeline.tracking import Terminated, Tracker, health_tags
-from pipeline.train import checkpoint, preflight, schedule
+from pipeline.train import checkpoint, preflight
 from pipeline.train.batches import Prefetcher
 from pipeline.train.sampler import MicroBatch, Sampler
 
@@ -278,12 +278,12 @@ def _train(params: Params, cache: AugmentedCache, heldout: dict[str, list], path
     objective = run.objective
 
     # -- pre-flight: project the remaining run on this machine; refuse what it cannot finish
-    clock = RunClock(tp, steps_per_epoch)
+    clock = RunClock(tp, steps_per_epoch, run.heavy)
     if not restored:
         remaining = (total_steps - at.epoch * steps_per_epoch - at.step) * per_step
         error = None
         if world.is_main:
-            error, clock.meta_ratio = preflight_check(run, sampler, tp, device, remaining, world.size)
+            error, clock.heavy_ratio = preflight_check(run, sampler, tp, device, remaining, world.size)
         error = distributed.broadcast_from_main(world, error)
         if error is not None:
             raise preflight.PreflightError(error)
@@ -333,7 +333,7 @@ def _train(params: Params, cache: AugmentedCache, heldout: dict[str, list], path
             for step in range(at.step if epoch == at.epoch + 1 else 0, steps_per_epoch):
                 # -- schedules
                 progress = ((epoch - 1) * steps_per_epoch + step) / max(total_steps - 1, 1)
-                tau = schedule.temperature(tp, progress)  # RLAN's DSC temperature
+                tau = run.temperature(progress)
                 lr = run.set_learning_rate(opt, (epoch - 1) * steps_per_epoch + step, total_steps)
 
                 # -- forward and backward over this rank's micro-batches; gradients meet on the last one
@@ -412,7 +412,7 @@ def _train(params: Params, cache: AugmentedCache, heldout: dict[str, list], path
     # -- the EMA weights are the trained model (also rebuilt here from a finished run's checkpoint)
     final = final_metrics(history, metrics)
     write_series(history, paths.plots, metrics)
-    save_model(paths.model, ema.module, {"temperature": schedule.temperature(tp, 1.0), "epochs": tp.epochs,
+    save_model(paths.model, ema.module, {**run.model_meta(), "epochs": tp.epochs,
                                          "fingerprint": fp})
     write_json(paths.metrics, final)
     return final
@@ -433,7 +433,7 @@ def preflight_check(run: families.Training, sampler: Sampler, tp: TrainParams, d
         mb = MicroBatch(first.index, first.ids[:n], first.key)
         tb = run.prepare(mb, epoch).to(device)
         with autocast(device, tp.precision):
-            loss, _ = run.objective(tb, tp.temperature_start)
+            loss, _ = run.objective(tb, run.temperature(0.0))
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -457,32 +457,32 @@ def preflight_check(run: families.Training, sampler: Sampler, tp: TrainParams, d
 
 class RunClock:
     """The time to the end of a training from what its epochs took: seconds per step measured apart
-    for epochs with and without meta-learning (a meta-learning step costs `meta_ratio` times a plain
-    one, measured by the pre-flight, until one has been timed), plus the held-out evaluations still
-    to come at the mean time of those done."""
+    for the family's heavy epochs (RLAN's with meta-learning) and the others (a heavy step costs
+    `heavy_ratio` times another, counted by the pre-flight, until one has been timed), plus the
+    held-out evaluations still to come at the mean time of those done."""
 
-    def __init__(self, tp: TrainParams, steps_per_epoch: int):
-        self.tp, self.steps_per_epoch, self.meta_ratio = tp, steps_per_epoch, 1.0
-        self.spent = {False: [0.0, 0], True: [0.0, 0]}  # meta -> [seconds, steps]
+    def __init__(self, tp: TrainParams, steps_per_epoch: int, heavy: Callable[[int], bool]):
+        self.tp, self.steps_per_epoch, self.heavy, self.heavy_ratio = tp, steps_per_epoch, heavy, 1.0
+        self.spent = {False: [0.0, 0], True: [0.0, 0]}  # heavy -> [seconds, steps]
         self.evals: list[float] = []
 
     def trained(self, epoch: int, steps: int, seconds: float) -> None:
-        kind = self.spent[schedule.meta_learning_active(self.tp, epoch)]
+        kind = self.spent[self.heavy(epoch)]
         kind[0], kind[1] = kind[0] + seconds, kind[1] + steps
 
     def evaluated(self, seconds: float) -> None:
         self.evals.append(seconds)
 
-    def per_step(self, meta: bool) -> float:
-        (s_plain, n_plain), (s_meta, n_meta) = self.spent[False], self.spent[True]
-        if meta:
-            return s_meta / n_meta if n_meta else s_plain / max(n_plain, 1) * self.meta_ratio
-        return s_plain / n_plain if n_plain else s_meta / max(n_meta, 1) / self.meta_ratio
+    def per_step(self, heavy: bool) -> float:
+        (s_plain, n_plain), (s_heavy, n_heavy) = self.spent[False], self.spent[True]
+        if heavy:
+            return s_heavy / n_heavy if n_heavy else s_plain / max(n_plain, 1) * self.heavy_ratio
+        return s_plain / n_plain if n_plain else s_heavy / max(n_heavy, 1) / self.heavy_ratio
 
     def eta(self, epoch: int) -> float:
         """Seconds from the end of `epoch` to the end of the training."""
         later = range(epoch + 1, self.tp.epochs + 1)
-        train = sum(self.per_step(schedule.meta_learning_active(self.tp, e)) for e in later) * self.steps_per_epoch
+        train = sum(self.per_step(self.heavy(e)) for e in later) * self.steps_per_epoch
         evals = sum(1 for e in later if e % self.tp.eval_every == 0 or e == self.tp.epochs)
         return train + evals * (sum(self.evals) / len(self.evals) if self.evals else 0.0)
 

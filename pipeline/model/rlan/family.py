@@ -16,7 +16,7 @@ from pipeline.model.family import Family, Training
 from pipeline.model.rlan.dsc import attention_entropy
 from pipeline.model.rlan.model import RLAN
 from pipeline.model.stablemax import log_stablemax
-from pipeline.params import EvaluateParams, Params, TrainParams
+from pipeline.params import PUBLIC_FORMS, EvaluateParams, Params, TrainParams
 from pipeline.runtime import autocast, to_device
 from pipeline.train import context_gain, schedule
 from pipeline.train.batches import TrainBatch, prepare
@@ -106,8 +106,17 @@ class RLANTraining(Training):
             g["lr"] = lr * g["lr_mult"]
         return lr
 
+    def temperature(self, progress: float) -> float:
+        return schedule.temperature(self.tp, progress)  # the DSC's, decayed from temperature_start
+
+    def heavy(self, epoch: int) -> bool:
+        return schedule.meta_learning_active(self.tp, epoch)  # leave-one-out and equivariance passes
+
+    def model_meta(self) -> dict[str, Any]:
+        return {"temperature": schedule.temperature(self.tp, 1.0)}  # the predictor's, the run's last
+
     def prepare(self, mb: Any, epoch: int | None) -> TrainBatch:
-        meta = epoch is None or schedule.meta_learning_active(self.tp, epoch)  # the pre-flight: meta on, the heaviest
+        meta = epoch is None or self.heavy(epoch)  # the pre-flight: meta on, the heaviest
         return prepare(self.cache, mb, self.tp, meta, self.use_hyperlora, self.slots)
 
     def measure_heldout(self, model: nn.Module, heldout: dict[str, list], temperature: float, device: torch.device,
@@ -137,7 +146,10 @@ def model_predictor(model: RLAN, temperature: float, best_step: bool, device: to
 
 
 class RLANFamily(Family):
-    name = "rlan"
+    name, section = "rlan", "model"
+
+    def forms(self, params: Params) -> dict[str, str]:
+        return {k: getattr(params.model, k) for k in PUBLIC_FORMS}
 
     def build(self, config: dict[str, Any]) -> RLAN:
         return RLAN.from_config(config)

@@ -248,7 +248,10 @@ class TRMPredictor(nn.Module):
 
 
 class TRMFamily(Family):
-    name = "trm"
+    name, section = "trm", "trm"
+
+    def built_with(self, model: nn.Module) -> dict[str, Any]:
+        return model.config()["trm"]  # the rest of its config is the size of the puzzle table
 
     def build(self, config: dict[str, Any]) -> TRM:
         return TRM.from_config(config)
