@@ -119,8 +119,8 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "full": Scale({}, "params.yaml as committed: 400K samples, 200 epochs of the 17.9M-parameter model (every "
-                      "context pair held out for leave-one-out), on a GPU: about 41 H100-hours at 40% of the bf16 "
+    "full": Scale({}, "params.yaml as committed: 400K samples, 200 epochs of the 18.1M-parameter model (every "
+                      "context pair held out for leave-one-out), on a GPU: about 49 H100-hours at 40% of the bf16 "
                       "peak, projected from its FLOPs"),
     "cpu": Scale({
         "model.hidden_dim": 32, "model.num_solver_steps": 3, "model.max_clues": 3, "model.spatial_downsample": 4,
