@@ -96,6 +96,7 @@ def uncovered(files: set[Path], deps: list[str]) -> list[str]:
     return sorted(rel for rel in (f.relative_to(REPO).as_posix() for f in files) if not covered(rel))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", list(stage_scripts()))
 def test_every_module_a_stage_loads_is_one_of_its_deps(stage):
     module = stage_scripts()[stage]
@@ -111,6 +112,7 @@ def test_every_code_dep_exists():
     assert not gone, f"dvc.yaml deps that do not exist: {', '.join(gone)}"
 
 
+@pytest.mark.slow
 def test_the_check_sees_a_lazy_import_and_the_family_modules():
     """The static view follows an import inside a function (feasibility's); the runtime view loads
     the family modules that importlib finds by name."""

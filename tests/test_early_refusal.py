@@ -20,7 +20,7 @@ CPU = {k.replace(".", "__"): v for k, v in SCALES["cpu"].overrides.items()}
 
 def test_planned_samples_count_the_steps_or_one_pass_over_the_data():
     assert feasibility.planned_samples(params_with(**TINY)) == 3 * 2 * 3 * 2  # epochs x steps x batch x accumulation
-    assert feasibility.planned_samples(params_with(**CPU)) == 10 * 25 * 16
+    assert feasibility.planned_samples(params_with(**CPU)) == 16 * 25 * 16
     full = params_with()  # one pass over 400 + 400 tasks of 500 versions, in steps of 75 x 4
     assert feasibility.planned_samples(full) == 200 * (800 * 500 // 300) * 300
     assert feasibility.planned_samples(params_with(data__max_tasks=10)) == 200 * (20 * 500 // 300) * 300

@@ -283,7 +283,7 @@ def test_plan_names_each_repeat_and_the_users_own_experiments(caplog):
     kept = [v for v in variants if not is_baseline(v, "cpu", base)]
     assert kept == [variants[0], variants[2]]
     assert "-S model.hyperlora_init_scale=0.1 is the committed value (HEAD) already" in caplog.text
-    assert is_baseline({"train.epochs": 10}, "cpu", base) and "the cpu scale's value already" in caplog.text
+    assert is_baseline({"train.epochs": 16}, "cpu", base) and "the cpu scale's value already" in caplog.text
     planned = plan(["stable"], "cpu", [None, 43], kept)
     assert [(p.name, p.label) for p in planned] == [
         ("stable_cpu", "stable_cpu"), ("stable_cpu_s43", "stable_cpu"),

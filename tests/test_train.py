@@ -396,6 +396,7 @@ def test_cpu_threads_are_a_param_so_the_machine_does_not_change_the_bytes(tmp_pa
     assert checkpoint.fingerprint(two, [ws["cache"]]) != checkpoint.fingerprint(params, [ws["cache"]])
 
 
+@pytest.mark.slow
 def test_preflight_cost_of_meta_learning_does_not_depend_on_the_load(tmp_path, monkeypatch):
     """The ratio the run clock starts from (a meta-learning step over a plain one) is a FLOP count:
     two experiments side by side get the same one however their timed steps compete for the cores."""
