@@ -100,11 +100,10 @@ def _setup(name: str, device: torch.device, batch: int, cache_dir: Path = CACHE)
 
 def count_flops(name: str, batches: int, cache_dir: Path = CACHE) -> dict:
     """GFLOP per sample of training's forward and backward, meta-learning off and on (meta device)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from pipeline.model import RLAN
     from pipeline.train.batches import prepare
     from pipeline.train.losses import training_losses
+    from pipeline.train.preflight import flops
 
     meta_dev = torch.device("meta")
     p, cache, sampler, order = _setup(name, torch.device("cpu"), load_batch_size(name), cache_dir)
@@ -114,14 +113,17 @@ def count_flops(name: str, batches: int, cache_dir: Path = CACHE) -> dict:
            **{f"params_{m}": sum(x.numel() for x in getattr(model, m).parameters()) for m in ("solver", "inject", "hyperlora")}}
     for meta in (False, True):
         total, samples = 0, 0
-        for step in range(batches):
-            mb = sampler.micro_batches(order, 0, step, 0)[0]
+        for k in range(batches):
+            mb = sampler.micro_batches(order, 0, k, 0)[0]
             tb = prepare(cache, mb, p.train, meta, p.model.use_hyperlora).to(meta_dev)
-            with FlopCounterMode(display=False) as fc:
+
+            def objective_step(_: int) -> None:
                 loss, _ = training_losses(model, tb, p.train.temperature_start, p.train)
                 loss.backward()
+
+            counted = flops(objective_step, tb.size)
             model.zero_grad(set_to_none=True)
-            total, samples = total + fc.get_total_flops(), samples + tb.size
+            total, samples = total + counted, samples + tb.size
         out["gflop_meta" if meta else "gflop_task"] = total / samples / 1e9
     return out
 
@@ -131,10 +133,9 @@ def count_trm_flops(segments: int) -> dict:
     per example (forward of h_cycles x (l_cycles + 1) network applications, backward of the last
     l_cycles + 1), and of one evaluated view (halt_max_steps segments, forward only). The sequence
     is always the 900 cells and the puzzle prefix, so the count does not depend on the data."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from pipeline.model.trm import TRM
     from pipeline.params import load_params
+    from pipeline.train.preflight import flops
 
     c = load_params(REPO / "params.yaml").trm
     B = 8
@@ -142,15 +143,16 @@ def count_trm_flops(segments: int) -> dict:
         model = TRM(c, num_puzzles=B + 1).train()
         inputs, puzzle = torch.zeros(B, 900, dtype=torch.long), torch.arange(1, B + 1)
         carry = model.initial_carry(B, torch.device("meta"))
-    with FlopCounterMode(display=False) as fc:
+    def train_segments(_: int) -> None:
+        nonlocal carry
         for _ in range(segments):
             carry, seg = model.segment(carry, inputs, inputs, puzzle)
             (seg.logits.float().mean() + seg.q_halt.mean()).backward()
-    train = fc.get_total_flops() / (segments * B) / 1e9
+
+    train = flops(train_segments, B) / (segments * B) / 1e9
     model.eval()
-    with FlopCounterMode(display=False) as fc:
-        model.solve(inputs, puzzle)
-    return {"gflop_segment": train, "gflop_view": fc.get_total_flops() / B / 1e9, "halt_max_steps": c.halt_max_steps,
+    view = flops(lambda _: model.solve(inputs, puzzle), B) / B / 1e9
+    return {"gflop_segment": train, "gflop_view": view, "halt_max_steps": c.halt_max_steps,
             "global_batch": c.global_batch_size, "params": sum(p.numel() for p in model.parameters())}
 
 

@@ -69,7 +69,7 @@ def step_flops(params: Params) -> tuple[float, int, float, int]:
     """(FLOPs per item of the heaviest training step, items per micro-batch, items per cache sample,
     items of the synthetic cache), counted on the meta device: nothing is computed."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from pipeline.train import preflight
 
     from pipeline.cache import build_cache
     from pipeline.loader import AugmentedCache
@@ -87,10 +87,11 @@ def step_flops(params: Params) -> tuple[float, int, float, int]:
         first = sampler.micro_batches(sampler.order(0), 0, 0, 0)[0]
         n = min(2, run.micro_batch)
         batch = run.prepare(MicroBatch(first.index, first.ids[:n], first.key), None).to(meta)
-        with FlopCounterMode(display=False) as counter:
+        def step(_: int) -> None:
             loss, _ = run.objective(batch, params.train.temperature_start)
             loss.backward()
-        return counter.get_total_flops() / n, run.micro_batch, run.items / len(cache), run.items
+
+        return preflight.flops(step, n) / n, run.micro_batch, run.items / len(cache), run.items
 
 
 def matmul_flops_per_s(threads: int, seconds: float = 0.3, flush_denormals: bool = True) -> float:

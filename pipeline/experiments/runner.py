@@ -684,17 +684,17 @@ def groups_of(names: list[str], scale: str | None, cwd: Path) -> dict[str, Group
         for n in GROUPS.get(name, [name]):
             try:
                 g = group_of(n, scale, revs, cwd)
-            except ExperimentError:
-                g = from_earlier_baseline(n, scale, cwd)
+            except ExperimentError as err:
+                g = from_earlier_baseline(n, scale, cwd, err)
             groups[g.label] = g
     one_scale(groups)
     return groups
 
 
-def from_earlier_baseline(name: str, scale: str | None, cwd: Path) -> Group:
+def from_earlier_baseline(name: str, scale: str | None, cwd: Path, at_head: ExperimentError) -> Group:
     """`name`'s group from the newest earlier commit that has it, when HEAD has none (a commit made
     after the experiments ran, or while they ran in the queue); said in the log, since the code may
-    have changed since. The error of HEAD when no earlier commit has it either."""
+    have changed since. HEAD's error `at_head` when no earlier commit has it either."""
     for baseline in earlier_baselines(cwd):
         try:
             g = group_of(name, scale, experiment_revs(cwd, baseline), cwd)
@@ -703,7 +703,7 @@ def from_earlier_baseline(name: str, scale: str | None, cwd: Path) -> Group:
         log.info("%s: HEAD has none of its experiments; those of the earlier commit %s (what changed since: "
                  "`git diff %s HEAD`)", g.label, baseline[:7], baseline[:7])
         return g
-    return group_of(name, scale, experiment_revs(cwd), cwd)
+    raise at_head
 
 
 def one_scale(groups: dict[str, Group]) -> None:
